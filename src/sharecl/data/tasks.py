@@ -1,0 +1,121 @@
+"""Tasks and task streams.
+
+A :class:`Task` is one classification problem: a name, its class names, and fixed train
+and test splits (texts and integer labels). A :class:`Stream` is an ordered list of tasks
+with the seed that drew their splits.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+__all__ = ["Task", "Stream", "split_task", "check_task_name"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def check_task_name(name: str) -> str:
+    """Return ``name`` if it is a valid task name, else raise ``ValueError`` saying why.
+
+    Task names become file and module keys: letters, digits, ``_`` and ``-``, at most 64.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"invalid task name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit")
+    return name
+
+
+@dataclass
+class Task:
+    """One classification task.
+
+    Attributes:
+        name: task name (see :func:`check_task_name`).
+        classes: class names; label ``i`` means ``classes[i]``.
+        train_inputs, test_inputs: input texts.
+        train_labels, test_labels: ints in ``[0, len(classes))``.
+        meta: where the data came from, the seed, caps: recorded in run manifests.
+    """
+
+    name: str
+    classes: list[str]
+    train_inputs: list
+    train_labels: list[int]
+    test_inputs: list
+    test_labels: list[int]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_task_name(self.name)
+        if len(self.classes) < 2:
+            raise ValueError(f"task {self.name!r} has {len(self.classes)} class(es); a classification task needs at least 2")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"task {self.name!r} has duplicate class names")
+        for split, xs, ys in (("train", self.train_inputs, self.train_labels), ("test", self.test_inputs, self.test_labels)):
+            if len(xs) != len(ys):
+                raise ValueError(f"task {self.name!r}: {len(xs)} {split} inputs but {len(ys)} labels")
+            bad = [y for y in ys if not (isinstance(y, int) and 0 <= y < len(self.classes))]
+            if bad:
+                raise ValueError(f"task {self.name!r}: {split} label {bad[0]!r} is outside 0..{len(self.classes) - 1}")
+        if not self.train_inputs:
+            raise ValueError(f"task {self.name!r} has no training examples")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def describe(self) -> dict:
+        """JSON-ready summary: name, classes, sizes, meta."""
+        return {"name": self.name, "classes": list(self.classes), "train_size": len(self.train_inputs),
+                "test_size": len(self.test_inputs), **self.meta}
+
+
+@dataclass
+class Stream:
+    """An ordered sequence of tasks."""
+
+    name: str
+    tasks: list[Task]
+    seed: int
+    scenario: str = "til"
+
+    def __post_init__(self):
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stream {self.name!r} repeats a task name: {names}")
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+    def __len__(self):
+        return len(self.tasks)
+
+
+def split_task(name: str, examples: dict[str, list], *, seed: int, train_per_class: int | None,
+               test_per_class: int | None, test_fraction: float = 0.2, meta: dict | None = None) -> Task:
+    """Build a task from ``{class_name: [inputs]}`` with a seeded per-class split.
+
+    Each class's examples are shuffled with ``random.Random(seed)`` (after sorting, so the
+    result depends on nothing but the data and the seed). With caps, the first
+    ``test_per_class`` go to test and the next ``train_per_class`` to train; without caps a
+    ``test_fraction`` of each class is held out. Classes are sorted by name.
+    """
+    rng = random.Random(f"{seed}:{name}")
+    classes = sorted(examples)
+    tr_x, tr_y, te_x, te_y = [], [], [], []
+    for label, cls in enumerate(classes):
+        xs = sorted(examples[cls])
+        rng.shuffle(xs)
+        n_test = test_per_class if test_per_class is not None else max(1, round(len(xs) * test_fraction))
+        test, rest = xs[:n_test], xs[n_test:]
+        train = rest[:train_per_class] if train_per_class is not None else rest
+        te_x += test
+        te_y += [label] * len(test)
+        tr_x += train
+        tr_y += [label] * len(train)
+    order = list(range(len(tr_x)))
+    rng.shuffle(order)
+    tr_x, tr_y = [tr_x[i] for i in order], [tr_y[i] for i in order]
+    info = {"seed": seed, "train_per_class": train_per_class, "test_per_class": test_per_class, **(meta or {})}
+    return Task(name, classes, tr_x, tr_y, te_x, te_y, info)

@@ -1,0 +1,90 @@
+"""Find the linear layers to adapt by name, with PEFT's matching rules, and wrap them.
+
+``target_modules`` follows ``peft.LoraConfig``: a string is a regular expression that must
+match the *whole* module name (``re.fullmatch``); a list matches a module whose name equals
+an entry or ends with ``"." + entry``. Defaults per architecture family come from
+:data:`DEFAULT_TARGETS` (transformers 5.x names).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+__all__ = ["DEFAULT_TARGETS", "default_targets", "match_target", "find_targets", "wrap_targets", "set_submodule"]
+
+#: Default LoRA targets (query and value projections) per ``config.model_type``.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "mpnet": ["q", "v"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "dinov2": ["q_proj", "v_proj"],
+    "vit": ["q_proj", "v_proj"],
+}
+
+
+def match_target(name: str, target_modules: str | Sequence[str]) -> bool:
+    """Whether module ``name`` is selected by ``target_modules`` under PEFT's rules."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Default targets for a transformers model, from its ``config.model_type``.
+
+    Falls back to whichever of the known query/value names the model's linear layers use.
+
+    Raises:
+        ValueError: if no default is known and no known naming is found; pass
+            ``target_modules`` explicitly then.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return list(DEFAULT_TARGETS[model_type])
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for pair in (["q_proj", "v_proj"], ["query", "value"], ["q", "v"], ["q_lin", "v_lin"]):
+        if set(pair) <= names:
+            return pair
+    raise ValueError(
+        f"no default LoRA targets for model_type={model_type!r}; pass target_modules "
+        f"(for example ['q_proj', 'v_proj']); linear layer names found: {sorted(names)[:20]}"
+    )
+
+
+def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """Names of the ``nn.Linear`` modules of ``model`` selected by ``target_modules``, in order.
+
+    Raises:
+        ValueError: if nothing matches (the message lists some linear layer names).
+    """
+    found = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and match_target(n, target_modules)]
+    if not found:
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear; some linear layers: {linear[:8]}")
+    return found
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def wrap_targets(model: nn.Module, target_modules: str | Sequence[str], factory: Callable[[nn.Linear], nn.Module]) -> dict[str, nn.Module]:
+    """Replace every selected linear layer by ``factory(layer)``; returns ``{name: wrapper}``."""
+    wrapped = {}
+    for name in find_targets(model, target_modules):
+        new = factory(model.get_submodule(name))
+        set_submodule(model, name, new)
+        wrapped[name] = new
+    return wrapped

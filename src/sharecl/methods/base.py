@@ -1,0 +1,125 @@
+"""What every continual method provides, and the registry of methods.
+
+A method owns one backbone (an :class:`~sharecl.backbone.Encoder`) and the per-task heads.
+For each task the shared loop calls :meth:`ContinualMethod.begin_task` (returns parameter
+groups to train), trains through :meth:`ContinualMethod.logits`, then calls
+:meth:`ContinualMethod.end_task` (between-task work: merges, memories). Evaluation calls
+:meth:`ContinualMethod.logits` with ``training=False``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from sharecl.backbone import Encoder, TaskHeads
+from sharecl.data.tasks import Task
+from sharecl.train import PeakRSS, TrainConfig, train_steps
+
+__all__ = ["ContinualMethod", "METHODS", "register", "build_method", "UnsupportedScenarioError"]
+
+
+class UnsupportedScenarioError(ValueError):
+    """A method was asked to run a scenario it does not support."""
+
+
+class ContinualMethod(ABC):
+    """Base class: one backbone, per-task heads, a task list.
+
+    Class attributes:
+        name: registry name (``share``, ``lora-per-task``, …).
+        scenarios: supported scenarios, a subset of ``("til", "cil")``.
+    """
+
+    name: ClassVar[str]
+    scenarios: ClassVar[tuple[str, ...]] = ("til",)
+
+    def __init__(self, encoder: Encoder, seed: int = 0):
+        self.encoder = encoder
+        self.heads = TaskHeads(encoder.hidden_size)
+        self.task_names: list[str] = []
+        self.task_classes: dict[str, list[str]] = {}
+        self.seed = seed
+
+    # -- the per-task protocol -------------------------------------------------
+    def check_scenario(self, scenario: str) -> None:
+        if scenario not in self.scenarios:
+            raise UnsupportedScenarioError(
+                f"method {self.name!r} supports {list(self.scenarios)}, not {scenario!r}; pick another method or stream")
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """A CPU generator seeded from the method seed, the task count and ``salt``."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + len(self.task_names) * 1_009 + salt)
+
+    def _add_task(self, task: Task) -> nn.Linear:
+        if task.name in self.task_classes:
+            raise ValueError(f"task {task.name!r} already exists; choose another name")
+        head = self.heads.add(task.name, task.num_classes, self.generator(7))
+        self.task_names.append(task.name)
+        self.task_classes[task.name] = list(task.classes)
+        return head
+
+    @abstractmethod
+    def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
+        """Prepare to train ``task``; returns AdamW parameter groups (adapter and head)."""
+
+    @abstractmethod
+    def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
+        """Between-task work after training ``task``; returns JSON-ready info."""
+
+    @abstractmethod
+    def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
+        """Logits ``(N, num_classes of task)`` for raw inputs under ``task_name``'s adapter and head."""
+
+    def learn(self, task: Task, cfg: TrainConfig, *, rss: PeakRSS | None = None, progress: bool = True) -> dict:
+        """Train one task end to end (begin, train, end). Restores nothing on failure: callers
+        that must keep old state (the store) work on a loaded copy."""
+        groups = self.begin_task(task, cfg)
+        losses = train_steps(lambda xs: self.logits(xs, task.name, training=True), groups, task, cfg,
+                             desc=f"{self.name} · {task.name}", generator=self.generator(11), rss=rss, progress=progress)
+        info = self.end_task(task, cfg, rss=rss, progress=progress)
+        return {"final_loss": losses[-1] if losses else None, **info}
+
+    # -- accounting (numbers, not bytes; float32 storage = 4 bytes each) -------
+    @abstractmethod
+    def adapter_numbers_per_task(self) -> float:
+        """Numbers stored per task for the adapter (no head)."""
+
+    def shared_numbers(self) -> int:
+        """Numbers stored once, whatever the number of tasks."""
+        return 0
+
+    @abstractmethod
+    def trainable_numbers_last_task(self) -> int:
+        """Adapter parameters trained for the most recent task (no head)."""
+
+    def head_numbers_per_task(self) -> float:
+        sizes = [sum(p.numel() for p in self.heads.heads[n].parameters()) for n in self.task_names]
+        return sum(sizes) / max(len(sizes), 1)
+
+    def _encode_head(self, inputs: list, task_name: str) -> torch.Tensor:
+        batch = self.encoder.tokenize(inputs)
+        return self.heads(self.encoder.encode(batch), task_name)
+
+    def check_task(self, task_name: str) -> None:
+        if task_name not in self.task_classes:
+            raise KeyError(f"unknown task {task_name!r}; known tasks: {self.task_names}")
+
+
+METHODS: dict[str, type[ContinualMethod]] = {}
+
+
+def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
+    """Class decorator adding a method to :data:`METHODS` under ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(name: str, encoder: Encoder, seed: int = 0, **config) -> ContinualMethod:
+    """Instantiate a registered method. Raises ``KeyError`` listing the known names."""
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
+    return METHODS[name](encoder, seed=seed, **config)

@@ -1,0 +1,134 @@
+"""The LoRA baselines, on real PEFT LoRA adapters (METHODS.md §5).
+
+- ``lora-per-task``: a separate PEFT LoRA per task, chosen by task id (the task-incremental
+  reference; storage grows with the number of tasks).
+- ``seq-lora``: one PEFT LoRA trained through all tasks in order (the forgetting floor).
+
+Both use the same rank, targets, scaling, steps and seed as Share; heads are per task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from sharecl.backbone import Encoder
+from sharecl.data.tasks import Task
+from sharecl.inject import default_targets, find_targets
+from sharecl.methods.base import ContinualMethod, register
+from sharecl.train import PeakRSS, TrainConfig
+
+__all__ = ["LoRAConfig", "LoRAPerTaskMethod", "SeqLoRAMethod"]
+
+
+@dataclass
+class LoRAConfig:
+    """PEFT LoRA settings shared by the LoRA baselines.
+
+    Attributes:
+        target_modules: PEFT-style targets; None = the family default.
+        r: LoRA rank.
+        lora_alpha: scaling numerator (``s = lora_alpha / r``).
+        lora_dropout: dropout on the LoRA input.
+    """
+
+    target_modules: list[str] | str | None = None
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _PeftLoRA(ContinualMethod):
+    """Common PEFT plumbing: one ``PeftModel`` around the backbone, adapters by name."""
+
+    def __init__(self, encoder: Encoder, seed: int = 0, config: LoRAConfig | None = None, **overrides):
+        super().__init__(encoder, seed)
+        self.config = config or LoRAConfig(**overrides)
+        self.config.target_modules = self.config.target_modules or default_targets(encoder.model)
+        self._targets = find_targets(encoder.model, self.config.target_modules)
+        self.peft_model = None
+
+    def _lora_config(self):
+        from peft import LoraConfig
+
+        c = self.config
+        return LoraConfig(r=c.r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=c.target_modules)
+
+    def _ensure_adapter(self, adapter: str) -> list[torch.nn.Parameter]:
+        """Create PEFT adapter ``adapter`` if missing (seeded init); make only it trainable."""
+        from peft import get_peft_model
+
+        torch.manual_seed(self.seed * 100_003 + len(self.task_names))
+        if self.peft_model is None:
+            self.peft_model = get_peft_model(self.encoder.model, self._lora_config(), adapter_name=adapter)
+            self.encoder.model = self.peft_model
+        elif adapter not in self.peft_model.peft_config:
+            self.peft_model.add_adapter(adapter, self._lora_config())
+        self.peft_model.set_adapter(adapter)
+        params = []
+        for n, p in self.peft_model.named_parameters():
+            mine = f".{adapter}." in n and ("lora_A" in n or "lora_B" in n)
+            p.requires_grad_(mine)
+            if mine:
+                params.append(p)
+        return params
+
+    def _adapter_of(self, task_name: str) -> str:
+        raise NotImplementedError
+
+    def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
+        self.check_task(task_name)
+        self.peft_model.set_adapter(self._adapter_of(task_name))
+        return self._encode_head(inputs, task_name)
+
+    def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
+        head = self._add_task(task)
+        params = self._ensure_adapter(self._adapter_of(task.name))
+        return [{"params": params, "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
+
+    def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
+        for p in self.peft_model.parameters():
+            p.requires_grad_(False)
+        return {}
+
+    def _one_adapter_numbers(self) -> int:
+        r = self.config.r
+        return sum(r * (m.in_features + m.out_features) for m in
+                   (self.encoder.model.get_base_model() if self.peft_model else self.encoder.model).modules()
+                   if hasattr(m, "lora_A") and hasattr(m, "in_features")) if self.peft_model else 0
+
+    def trainable_numbers_last_task(self) -> int:
+        return self._one_adapter_numbers()
+
+
+@register
+class LoRAPerTaskMethod(_PeftLoRA):
+    """A separate PEFT LoRA adapter for each task, selected by task id at test time."""
+
+    name = "lora-per-task"
+
+    def _adapter_of(self, task_name: str) -> str:
+        return task_name
+
+    def adapter_numbers_per_task(self) -> float:
+        return float(self._one_adapter_numbers())
+
+
+@register
+class SeqLoRAMethod(_PeftLoRA):
+    """One PEFT LoRA adapter trained on every task in turn (no protection against forgetting)."""
+
+    name = "seq-lora"
+
+    def _adapter_of(self, task_name: str) -> str:
+        return "seq"
+
+    def adapter_numbers_per_task(self) -> float:
+        return 0.0
+
+    def shared_numbers(self) -> int:
+        return self._one_adapter_numbers()

@@ -1,0 +1,277 @@
+"""Share: one shared LoRA subspace per layer, a few hundred numbers per task.
+
+Kaushik, Vaidya, Chaudhari, Chellappa, Yuille, "Shared LoRA Subspaces for almost Strict
+Continual Learning", arXiv 2602.06043 (2026). Follows METHODS.md §1: bases initialised
+from the first task's rank-r LoRA (or from PEFT adapters, data-free), frozen while a task
+trains its coefficients plus φ temporary directions, then a data-free merge that
+re-projects *every* task (not only the previous one, as the authors' code does), in the
+small space, with balanced factors, no centring by default and no null-space padding.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from sharecl.adapters.share import ShareLinear
+from sharecl.backbone import Encoder
+from sharecl.data.tasks import Task, check_task_name
+from sharecl.inject import default_targets, wrap_targets
+from sharecl.methods.base import ContinualMethod, register
+from sharecl.subspace import merge_subspace
+from sharecl.train import PeakRSS, TrainConfig, train_steps
+
+__all__ = ["ShareConfig", "ShareMethod"]
+
+
+@dataclass
+class ShareConfig:
+    """Share's hyper-parameters (names follow PEFT and METHODS.md §1).
+
+    Attributes:
+        target_modules: PEFT-style targets; None = the family default (BERT query/value).
+        r: rank of the LoRA trained on the first task to seed the subspace.
+        lora_alpha: ``s = lora_alpha / r`` scales every task's ``ΔW``.
+        p: pseudo-rank: columns of each task's coefficients ``(k, p)``.
+        k: fixed basis size per side (exclusive with ``energy``).
+        energy: keep the smallest k reaching this fraction of the stack's squared norm.
+        k_max: cap on k under the energy rule.
+        phi: temporary directions per side while a task trains (``φ``).
+        init: "zero" (ΔW = 0 at step 0) or "previous" (warm start from the last task).
+        merge_finetune_steps: steps fine-tuning the new task's coefficients on the merged basis.
+        lr: learning rate for the coefficients and temporary directions (None = TrainConfig.lr).
+    """
+
+    target_modules: list[str] | str | None = None
+    r: int = 8
+    lora_alpha: float = 16.0
+    p: int = 2
+    k: int | None = 10
+    energy: float | None = None
+    k_max: int | None = None
+    phi: int = 2
+    init: str = "zero"
+    merge_finetune_steps: int = 0
+    lr: float | None = None
+
+    def __post_init__(self):
+        if self.k is not None and self.energy is not None:
+            raise ValueError("ShareConfig: give k or energy, not both (set k=None to use the energy rule)")
+        if self.k is None and self.energy is None:
+            raise ValueError("ShareConfig: give a fixed k or an energy fraction")
+        for name in ("r", "p", "phi"):
+            if getattr(self, name) < (0 if name == "phi" else 1):
+                raise ValueError(f"ShareConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.p > self.r:
+            raise ValueError(f"ShareConfig: pseudo-rank p={self.p} cannot exceed the seed rank r={self.r}")
+        if self.init not in ("zero", "previous"):
+            raise ValueError(f"ShareConfig.init must be 'zero' or 'previous', got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@register
+class ShareMethod(ContinualMethod):
+    """Share on any transformers encoder; task-incremental (coefficients chosen by task id).
+
+    Attributes:
+        layers: ``{module name: ShareLinear}`` in model order.
+        drift: per merge, ``{"after_task", "per_task": {name: {"mean", "max"}}}`` (relative
+            Frobenius change of each old task's ΔW, over layers).
+        kinds: ``{task: "data" | "adapter"}``.
+    """
+
+    name = "share"
+    scenarios = ("til",)
+
+    def __init__(self, encoder: Encoder, seed: int = 0, config: ShareConfig | None = None, **overrides):
+        super().__init__(encoder, seed)
+        self.config = config or ShareConfig(**overrides)
+        targets = self.config.target_modules or default_targets(encoder.model)
+        self.config.target_modules = targets
+        cfg = self.config
+        self.layers: dict[str, ShareLinear] = wrap_targets(
+            encoder.model, targets, lambda lin: ShareLinear(lin, scaling=cfg.scaling, p=cfg.p))
+        self.drift: list[dict] = []
+        self.kinds: dict[str, str] = {}
+        self._last_trainable = 0
+
+    # ----------------------------------------------------------------- routing
+    def _route(self, *, task_index: int | None = None, row_tasks: torch.Tensor | None = None) -> None:
+        for layer in self.layers.values():
+            layer.task_index, layer.row_tasks = task_index, row_tasks
+
+    def index(self, task_name: str) -> int:
+        self.check_task(task_name)
+        return self.task_names.index(task_name)
+
+    # ---------------------------------------------------------------- training
+    def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
+        gen = self.generator(3)
+        states = [layer.begin_task(seed_rank=self.config.r, phi=self.config.phi, init=self.config.init, generator=gen)
+                  for layer in self.layers.values()]
+        head = self._add_task(task)
+        self.kinds[task.name] = "data"
+        adapter = [p for s in states for p in s.parameters()]
+        self._last_trainable = sum(p.numel() for p in adapter)
+        return [{"params": adapter, "lr": self.config.lr or cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
+
+    def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
+        if training:
+            self._route()
+        else:
+            self._route(task_index=self.index(task_name))
+        try:
+            return self._encode_head(inputs, task_name)
+        finally:
+            self._route()
+
+    def _merge_new(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], task_name: str) -> dict:
+        """Merge one new task's factors ``{layer: (B, A)}`` into every layer; record drift."""
+        old = list(self.task_names[:-1])
+        per_task = {n: [] for n in old}
+        energies = []
+        cfg = self.config
+        for name, layer in self.layers.items():
+            B, A = factors[name]
+            has = layer.num_tasks > 0
+            res = merge_subspace(layer.U if has else None, layer.V if has else None,
+                                 layer.coeff_B if has else None, layer.coeff_A if has else None,
+                                 B, A, p=cfg.p, k=cfg.k, energy=cfg.energy, k_max=cfg.k_max)
+            layer.apply_merge(res)
+            energies.append((res.energy_B, res.energy_A))
+            for n, d in zip(old, res.drift[:-1].tolist()):
+                per_task[n].append(d)
+        record = {"after_task": task_name,
+                  "per_task": {n: {"mean": sum(v) / len(v), "max": max(v)} for n, v in per_task.items()},
+                  "k": [list(layer.k) for layer in self.layers.values()],
+                  "kept_energy_min": min(min(e) for e in energies)}
+        self.drift.append(record)
+        return record
+
+    def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
+        factors = {name: layer.trained_factors() for name, layer in self.layers.items()}
+        record = self._merge_new(factors, task.name)
+        if self.config.merge_finetune_steps > 0:
+            idx = self.index(task.name)
+            states = [layer.begin_finetune(idx) for layer in self.layers.values()]
+            params = [p for s in states for p in s.parameters()]
+            head = list(self.heads.heads[task.name].parameters())
+            try:
+                train_steps(lambda xs: self.logits(xs, task.name, training=True),
+                            [{"params": params, "lr": self.config.lr or cfg.lr}, {"params": head, "lr": cfg.head_lr}],
+                            task, cfg, steps=self.config.merge_finetune_steps, desc=f"share · {task.name} · finetune",
+                            generator=self.generator(13), rss=rss, progress=progress)
+            finally:
+                for layer in self.layers.values():
+                    layer.end_finetune()
+        return {"merge": record}
+
+    # ------------------------------------------------------ adapter-only tasks
+    def add_adapter(self, name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float,
+                    classes: list[str] | None = None) -> dict:
+        """Fold a trained LoRA into the subspace without data (Share's "asynchronous" tasks).
+
+        Args:
+            name: new task name.
+            factors: ``{layer name: (lora_B (d_out, r), lora_A (r, d_in))}`` covering every
+                adapted layer of this model.
+            scaling: the adapter's own ``lora_alpha / r``; B is rescaled to this model's ``s``.
+            classes: class names, if a head will be attached later; stored for reference.
+
+        Raises:
+            ValueError: on a name clash, missing or extra layers, or shape mismatches.
+        """
+        check_task_name(name)
+        if name in self.task_classes:
+            raise ValueError(f"task {name!r} already exists; choose another name")
+        missing = sorted(set(self.layers) - set(factors))
+        extra = sorted(set(factors) - set(self.layers))
+        if missing or extra:
+            raise ValueError(f"adapter targets do not match this store's: missing {missing[:4]}, unexpected {extra[:4]}")
+        ratio = scaling / self.config.scaling
+        scaled = {}
+        for lname, (B, A) in factors.items():
+            layer = self.layers[lname]
+            if B.shape[0] != layer.out_features or A.shape[1] != layer.in_features or B.shape[1] != A.shape[0]:
+                raise ValueError(f"adapter layer {lname}: lora_B {tuple(B.shape)} / lora_A {tuple(A.shape)} do not fit "
+                                 f"a ({layer.out_features}, {layer.in_features}) weight")
+            scaled[lname] = (B.to(torch.float32) * ratio, A.to(torch.float32))
+        self.task_names.append(name)
+        self.task_classes[name] = list(classes or [])
+        self.kinds[name] = "adapter"
+        return self._merge_new(scaled, name)
+
+    # --------------------------------------------------------------- inference
+    @torch.no_grad()
+    def mixed_logits(self, inputs: list, task_names: list[str]) -> list[torch.Tensor]:
+        """One backbone forward for a batch whose rows belong to different tasks.
+
+        Each adapted layer gathers ``M_t = C_B[t] C_A[t]ᵀ`` per row (METHODS.md §1,
+        "Inference"); heads are applied per row. Returns one logits vector per row.
+        """
+        if len(inputs) != len(task_names):
+            raise ValueError(f"{len(inputs)} inputs but {len(task_names)} task names")
+        rows = torch.tensor([self.index(t) for t in task_names], dtype=torch.long)
+        self._route(row_tasks=rows)
+        try:
+            z = self.encoder.encode(self.encoder.tokenize(inputs))
+        finally:
+            self._route()
+        return [self.heads(z[i: i + 1], t)[0] for i, t in enumerate(task_names)]
+
+    def folded_model(self, task_name: str) -> nn.Module:
+        """A copy of the backbone with task ``task_name``'s ΔW folded into plain ``nn.Linear`` weights."""
+        idx = self.index(task_name)
+        model = copy.deepcopy(self.encoder.model)
+        for name in self.layers:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, getattr(parent, child).folded_linear(idx))
+        return model
+
+    # -------------------------------------------------------------- accounting
+    def adapter_numbers_per_task(self) -> float:
+        return float(sum((layer.k[0] + layer.k[1]) * layer.p for layer in self.layers.values()))
+
+    def shared_numbers(self) -> int:
+        return sum(layer.U.numel() + layer.V.numel() for layer in self.layers.values())
+
+    def trainable_numbers_last_task(self) -> int:
+        return self._last_trainable
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything a store needs besides the manifest: bases, coefficients, heads."""
+        out = {}
+        for name, layer in self.layers.items():
+            for key in ("U", "V", "coeff_B", "coeff_A"):
+                out[f"layers.{name}.{key}"] = getattr(layer, key).detach().contiguous()
+        for tname in self.task_names:
+            if tname in self.heads:
+                for key, val in self.heads.heads[tname].state_dict().items():
+                    out[f"heads.{tname}.{key}"] = val.detach().contiguous()
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], tasks: list[dict]) -> None:
+        """Inverse of :meth:`state_tensors`, given the manifest's task list (order matters)."""
+        for name, layer in self.layers.items():
+            for key in ("U", "V", "coeff_B", "coeff_A"):
+                setattr(layer, key, tensors[f"layers.{name}.{key}"].to(layer.base.weight.dtype))
+            layer._mix_cache = None
+        self.task_names, self.task_classes, self.kinds = [], {}, {}
+        for t in tasks:
+            self.task_names.append(t["name"])
+            self.task_classes[t["name"]] = list(t["classes"])
+            self.kinds[t["name"]] = t.get("kind", "data")
+            if f"heads.{t['name']}.weight" in tensors:
+                w = tensors[f"heads.{t['name']}.weight"]
+                head = self.heads.add(t["name"], w.shape[0])
+                head.load_state_dict({"weight": w, "bias": tensors[f"heads.{t['name']}.bias"]})

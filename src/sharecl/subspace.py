@@ -1,0 +1,278 @@
+"""Shared linear algebra for low-rank continual learning.
+
+Everything here is pure ``torch`` and task-agnostic: balanced (canonical) LoRA factors,
+rank selection by an energy rule, and the data-free merge of Share (arXiv 2602.06043,
+§"continual merging"), done in the small space spanned by the old basis and the new
+task's factors (METHODS.md §1, "[ours] Merge in the small space").
+
+Conventions (PEFT's): ``B`` is the up-projection ``(d_out, r)``, ``A`` the down-projection
+``(r, d_in)``; ``ΔW = B @ A``. Linear algebra runs in float64 and is cast back by callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "balanced_factors",
+    "choose_rank",
+    "numerical_rank",
+    "orthonormal_complement",
+    "MergeResult",
+    "merge_subspace",
+    "naive_merge_subspace",
+]
+
+_F = torch.float64
+
+
+def balanced_factors(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the balanced form ``(B', A')`` of a low-rank product ``B @ A``.
+
+    ``B @ A == (B R) @ (R⁻¹ A)`` for any invertible ``R``; this picks the representative
+    whose two factors carry equal singular values: thin QR of ``B`` and ``A.T``, SVD of the
+    core ``R_B @ R_A.T = X S Yᵀ``, then ``B' = Q_B X S^½`` and ``A' = (Q_A Y S^½)ᵀ``.
+    Columns are sorted by singular value, so ``B'[:, :p] @ A'[:p]`` is the best rank-p
+    approximation of ``B @ A`` (Eckart–Young). METHODS.md §1, "[ours] Canonicalise".
+
+    Args:
+        B: ``(d_out, r)`` float tensor.
+        A: ``(r, d_in)`` float tensor.
+
+    Returns:
+        ``(B', A')`` with the shapes and dtype of the inputs; ``B' @ A'`` equals ``B @ A``
+        to float rounding.
+
+    Raises:
+        ValueError: if the inner dimensions differ.
+    """
+    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"balanced_factors needs B (d_out, r) and A (r, d_in); got {tuple(B.shape)} and {tuple(A.shape)}")
+    dtype = B.dtype
+    qb, rb = torch.linalg.qr(B.to(_F))
+    qa, ra = torch.linalg.qr(A.to(_F).T)
+    x, s, yh = torch.linalg.svd(rb @ ra.T)
+    root = s.clamp_min(0).sqrt()
+    return (qb @ x * root).to(dtype), ((qa @ yh.T) * root).T.to(dtype)
+
+
+def numerical_rank(s: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> int:
+    """Number of singular values above ``max(shape) · eps(dtype) · s_max``.
+
+    The tolerance uses the eps of the dtype the factors were *stored* in (float32 by
+    default), so directions that are rounding noise never enter a basis.
+    """
+    if s.numel() == 0 or float(s[0]) <= 0:
+        return 0
+    tol = max(shape) * torch.finfo(dtype).eps * float(s[0])
+    return int((s > tol).sum())
+
+
+def choose_rank(s: torch.Tensor, *, k: int | None, energy: float | None, k_max: int | None, rank: int) -> int:
+    """Pick the basis size from singular values ``s`` (descending).
+
+    Either a fixed ``k`` or the smallest k whose ``Σ_{j<k} s_j² / Σ s_j²`` reaches
+    ``energy``; capped by ``k_max`` and by the numerical ``rank`` (no null-space padding).
+
+    Raises:
+        ValueError: if neither or both of ``k`` and ``energy`` are given, or they are out of range.
+    """
+    if (k is None) == (energy is None):
+        raise ValueError("give exactly one of k (fixed basis size) or energy (fraction in (0, 1])")
+    if k is not None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        chosen = k
+    else:
+        if not 0 < energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        e = s.to(_F) ** 2
+        cum = torch.cumsum(e, 0) / e.sum().clamp_min(torch.finfo(_F).tiny)
+        chosen = int((cum < energy - 1e-12).sum()) + 1
+    if k_max is not None:
+        chosen = min(chosen, k_max)
+    return max(0, min(chosen, rank))
+
+
+def orthonormal_complement(basis: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` random orthonormal columns orthogonal to the columns of ``basis`` ``(d, k)``.
+
+    Returns a ``(d, n)`` tensor in ``basis.dtype``. Used to start Share's temporary
+    directions ``U⁺``, ``V⁺`` outside the current subspace (METHODS.md §1, [ours]).
+
+    Raises:
+        ValueError: if ``k + n > d``.
+    """
+    d, k = basis.shape
+    if k + n > d:
+        raise ValueError(f"cannot find {n} directions orthogonal to a rank-{k} basis in dimension {d}")
+    g = torch.randn(d, n, generator=generator, dtype=_F)
+    b = basis.to(_F)
+    for _ in range(2):  # project twice for numerical orthogonality
+        g = g - b @ (b.T @ g)
+    q, _ = torch.linalg.qr(g)
+    return q.to(basis.dtype)
+
+
+@dataclass
+class MergeResult:
+    """Output of a Share merge for one adapted layer.
+
+    Attributes:
+        U: new output basis ``(d_out, k_B)``, orthonormal columns, float64.
+        V: new input basis ``(d_in, k_A)``, orthonormal columns, float64.
+        coeff_B: ``(T, k_B, p)`` coefficients of every task (old ones re-projected, new last).
+        coeff_A: ``(T, k_A, p)``.
+        drift: ``(T,)`` relative Frobenius change ``‖ΔW_i' − ΔW_i‖ / ‖ΔW_i‖`` of each task
+            caused by the truncation (0 for a task whose ΔW is 0).
+        energy_B, energy_A: fraction of the stack's squared Frobenius norm the bases keep.
+    """
+
+    U: torch.Tensor
+    V: torch.Tensor
+    coeff_B: torch.Tensor
+    coeff_A: torch.Tensor
+    drift: torch.Tensor
+    energy_B: float
+    energy_A: float
+
+
+def _canonical_batch(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balance a batch of factor pairs given column-wise: ``b`` (T, m, p), ``a`` (T, n, p)."""
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a)
+    x, s, yh = torch.linalg.svd(rb @ ra.transpose(1, 2))
+    root = s.clamp_min(0).sqrt().unsqueeze(1)
+    nb, na = (qb @ x) * root, (qa @ yh.transpose(1, 2)) * root
+    p = b.shape[2]
+    if nb.shape[2] < p:  # fewer rows than columns: pad with zero columns to keep p
+        nb = torch.nn.functional.pad(nb, (0, p - nb.shape[2]))
+        na = torch.nn.functional.pad(na, (0, p - na.shape[2]))
+    return nb, na
+
+
+def _drift(b_old, a_old, b_new, a_new) -> torch.Tensor:
+    """Relative Frobenius change of ``b aᵀ`` per task, all in one orthonormal coordinate system."""
+    old = b_old @ a_old.transpose(1, 2)
+    new = b_new @ a_new.transpose(1, 2)
+    denom = torch.linalg.matrix_norm(old)
+    diff = torch.linalg.matrix_norm(new - old)
+    return torch.where(denom > 0, diff / denom.clamp_min(torch.finfo(_F).tiny), torch.zeros_like(denom))
+
+
+def _truncate(stack: torch.Tensor, k, energy, k_max, store_dtype):
+    """Top singular vectors of ``stack`` (m, N) with the rank rule; returns (W (m, k), kept energy)."""
+    w, s, _ = torch.linalg.svd(stack, full_matrices=False)
+    rank = numerical_rank(s, tuple(stack.shape), store_dtype)
+    kk = choose_rank(s, k=k, energy=energy, k_max=k_max, rank=rank)
+    total = float((s**2).sum())
+    kept = float((s[:kk] ** 2).sum()) / total if total > 0 else 1.0
+    return w[:, :kk], kept
+
+
+def merge_subspace(
+    U: torch.Tensor | None,
+    V: torch.Tensor | None,
+    coeff_B: torch.Tensor | None,
+    coeff_A: torch.Tensor | None,
+    new_B: torch.Tensor,
+    new_A: torch.Tensor,
+    *,
+    p: int,
+    k: int | None = None,
+    energy: float | None = None,
+    k_max: int | None = None,
+    store_dtype: torch.dtype = torch.float32,
+) -> MergeResult:
+    """Share's data-free merge of one new task into one layer's subspace, in the small space.
+
+    Every old task ``i`` is ``B_i = U @ coeff_B[i]``, ``A_i.T = V @ coeff_A[i]``; the new
+    task is ``(new_B, new_A)``. All tasks are balanced, stacked side by side and truncated
+    to the top-k singular vectors per side, and every task is re-projected (METHODS.md §1,
+    "Merging after task t"). Because old tasks lie in ``span(U)``, the B-stack lies in
+    ``span([U, new_B])``: one thin QR of that ``(d_out, k + r)`` matrix gives coordinates in
+    which the whole stack is a ``(k + r, T·p)`` matrix; likewise for A. Cost
+    ``O(d·(k+r)² + T·p·(k+r)²)``, independent of ``d·T``.
+
+    Args:
+        U: ``(d_out, k_B)`` orthonormal, or None when the subspace is empty.
+        V: ``(d_in, k_A)`` orthonormal, or None.
+        coeff_B: ``(T_old, k_B, p)`` or None.
+        coeff_A: ``(T_old, k_A, p)`` or None.
+        new_B: ``(d_out, r)`` the new task's up-projection (any r ≥ 1).
+        new_A: ``(r, d_in)`` the new task's down-projection.
+        p: pseudo-rank kept per task; the new task is truncated to its best rank-p part.
+        k, energy, k_max: the rank rule of :func:`choose_rank`, applied per side.
+        store_dtype: dtype the factors are stored in; sets the numerical-rank tolerance.
+
+    Returns:
+        :class:`MergeResult` (float64 tensors).
+    """
+    r = new_B.shape[1]
+    if new_A.shape[0] != r:
+        raise ValueError(f"new_B {tuple(new_B.shape)} and new_A {tuple(new_A.shape)} disagree on the rank")
+    nb, na = new_B.to(_F), new_A.to(_F).T  # (d_out, r), (d_in, r)
+    d_out, d_in = nb.shape[0], na.shape[0]
+    if U is None:
+        U = nb.new_zeros(d_out, 0)
+        V = na.new_zeros(d_in, 0)
+        coeff_B = nb.new_zeros(0, 0, p)
+        coeff_A = na.new_zeros(0, 0, p)
+    U, V, cB, cA = U.to(_F), V.to(_F), coeff_B.to(_F), coeff_A.to(_F)
+    kb, ka = U.shape[1], V.shape[1]
+
+    qb, rb = torch.linalg.qr(torch.cat([U, nb], 1))  # (d_out, kb + r)
+    qa, ra = torch.linalg.qr(torch.cat([V, na], 1))
+    old_b = rb[:, :kb].unsqueeze(0) @ cB  # (T_old, kb + r, p): old tasks in small coordinates
+    old_a = ra[:, :ka].unsqueeze(0) @ cA
+    new_b, new_a = _canonical_batch(rb[:, kb:].unsqueeze(0), ra[:, ka:].unsqueeze(0))
+    new_b, new_a = new_b[:, :, :p], new_a[:, :, :p]
+    if new_b.shape[2] < p:  # rank r < p: pad with zero columns so every task has p columns
+        pad = p - new_b.shape[2]
+        new_b = torch.nn.functional.pad(new_b, (0, pad))
+        new_a = torch.nn.functional.pad(new_a, (0, pad))
+    all_b = torch.cat([old_b, new_b], 0)
+    all_a = torch.cat([old_a, new_a], 0)
+    if all_b.shape[0] > 1:
+        all_b, all_a = _canonical_batch(all_b, all_a)
+
+    T = all_b.shape[0]
+    wb, eb = _truncate(all_b.transpose(0, 1).reshape(all_b.shape[1], T * p), k, energy, k_max, store_dtype)
+    wa, ea = _truncate(all_a.transpose(0, 1).reshape(all_a.shape[1], T * p), k, energy, k_max, store_dtype)
+    cb_new = wb.T.unsqueeze(0) @ all_b  # (T, k_B', p)
+    ca_new = wa.T.unsqueeze(0) @ all_a
+    drift = _drift(all_b, all_a, wb.unsqueeze(0) @ cb_new, wa.unsqueeze(0) @ ca_new)
+    return MergeResult(qb @ wb, qa @ wa, cb_new, ca_new, drift, eb, ea)
+
+
+def naive_merge_subspace(U, V, coeff_B, coeff_A, new_B, new_A, *, p, k=None, energy=None, k_max=None,
+                         store_dtype: torch.dtype = torch.float32) -> MergeResult:
+    """Reference merge: reconstruct every task in full ``(d, p)`` and SVD the ``(d, T·p)`` stack.
+
+    Same contract as :func:`merge_subspace`; exists for tests and for the merge benchmark.
+    """
+    nb, na = balanced_factors(new_B.to(_F), new_A.to(_F))
+    nb, na = nb[:, :p], na[:p].T
+    if nb.shape[1] < p:
+        nb = torch.nn.functional.pad(nb, (0, p - nb.shape[1]))
+        na = torch.nn.functional.pad(na, (0, p - na.shape[1]))
+    bs, as_ = [], []
+    if U is not None:
+        for cb, ca in zip(coeff_B.to(_F), coeff_A.to(_F)):
+            b, a = balanced_factors(U.to(_F) @ cb, (V.to(_F) @ ca).T)
+            bs.append(b)
+            as_.append(a.T)
+    bs.append(nb)
+    as_.append(na)
+    SB, SA = torch.cat(bs, 1), torch.cat(as_, 1)
+    wb, eb = _truncate(SB, k, energy, k_max, store_dtype)
+    wa, ea = _truncate(SA, k, energy, k_max, store_dtype)
+    cb = torch.stack([wb.T @ b for b in bs])
+    ca = torch.stack([wa.T @ a for a in as_])
+    old = torch.stack([b @ a.T for b, a in zip(bs, as_)])
+    new = torch.stack([wb @ c1 @ c2.T @ wa.T for c1, c2 in zip(cb, ca)])
+    denom = torch.linalg.matrix_norm(old)
+    drift = torch.where(denom > 0, torch.linalg.matrix_norm(new - old) / denom.clamp_min(1e-300), torch.zeros_like(denom))
+    return MergeResult(wb, wa, cb, ca, drift, eb, ea)
