@@ -98,6 +98,9 @@ def load_encoder(path: str | None = None, *, max_length: int = 128) -> Encoder:
         FileNotFoundError: if ``path`` does not exist or holds no config.
     """
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     path = str(path or default_model_path())
     if not Path(path, "config.json").exists():

@@ -50,12 +50,8 @@ def balanced_factors(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, to
     """
     if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(f"balanced_factors needs B (d_out, r) and A (r, d_in); got {tuple(B.shape)} and {tuple(A.shape)}")
-    dtype = B.dtype
-    qb, rb = torch.linalg.qr(B.to(_F))
-    qa, ra = torch.linalg.qr(A.to(_F).T)
-    x, s, yh = torch.linalg.svd(rb @ ra.T)
-    root = s.clamp_min(0).sqrt()
-    return (qb @ x * root).to(dtype), ((qa @ yh.T) * root).T.to(dtype)
+    b, a = _canonical_batch(B.to(_F).unsqueeze(0), A.to(_F).T.unsqueeze(0))
+    return b[0].to(B.dtype), a[0].T.to(A.dtype)
 
 
 def numerical_rank(s: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> int:
@@ -143,7 +139,7 @@ def _canonical_batch(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, to
     """Balance a batch of factor pairs given column-wise: ``b`` (T, m, p), ``a`` (T, n, p)."""
     qb, rb = torch.linalg.qr(b)
     qa, ra = torch.linalg.qr(a)
-    x, s, yh = torch.linalg.svd(rb @ ra.transpose(1, 2))
+    x, s, yh = torch.linalg.svd(rb @ ra.transpose(1, 2), full_matrices=False)
     root = s.clamp_min(0).sqrt().unsqueeze(1)
     nb, na = (qb @ x) * root, (qa @ yh.transpose(1, 2)) * root
     p = b.shape[2]

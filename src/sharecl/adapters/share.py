@@ -35,7 +35,8 @@ class ShareTrainState(nn.Module):
     ``U_plus`` ``(d_out, φ)`` and ``V_plus`` ``(d_in, φ)`` (orthonormal, orthogonal to ``U``/``V``
     at start) and their coefficients ``E_B``, ``E_A`` ``(φ, p)``. ``init="zero"`` gives
     ``ΔW = 0`` at step 0 (B-side zero, A-side small random); ``init="previous"`` copies the
-    previous task's coefficients (forward transfer).
+    previous task's coefficients with ``E_A = E_B = 0``, so ``ΔW_t = ΔW_{t-1}`` at step 0
+    (forward transfer).
     """
 
     def __init__(self, kind: str, tensors: dict[str, torch.Tensor]):
@@ -134,7 +135,8 @@ class ShareLinear(nn.Module):
             phi_a = min(phi, d_in - ka)
             phi = min(phi_b, phi_a)
             std = 1.0 / math.sqrt(max(ka + phi, 1))
-            if init == "previous" and self.num_tasks:
+            previous = init == "previous" and self.num_tasks > 0
+            if previous:  # ΔW_t starts at ΔW_{t-1}; E_A = E_B = 0 still get gradients since A, B ≠ 0
                 cB, cA = self.coeff_B[-1].clone(), self.coeff_A[-1].clone()
             elif init in ("zero", "previous"):
                 cB = w.new_zeros(kb, p)
@@ -147,7 +149,7 @@ class ShareLinear(nn.Module):
                 "U_plus": orthonormal_complement(self.U, phi, generator).to(w),
                 "V_plus": orthonormal_complement(self.V, phi, generator).to(w),
                 "E_B": w.new_zeros(phi, p),
-                "E_A": (torch.randn(phi, p, generator=generator) * std).to(w),
+                "E_A": w.new_zeros(phi, p) if previous else (torch.randn(phi, p, generator=generator) * std).to(w),
             })
         self.train_state = state
         return state

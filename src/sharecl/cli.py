@@ -1,0 +1,275 @@
+"""The ``sharecl`` command line (typer + rich).
+
+``sharecl run`` learns a task stream with several methods side by side; ``learn``,
+``add-adapter``, ``predict``, ``export`` and ``info`` work on a store (see
+:mod:`sharecl.store`). Every user error exits non-zero with one line saying what was wrong
+and what to do, and leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Continual parameter-efficient fine-tuning: Share (shared LoRA subspaces) and its peers.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _user_errors(fn):
+    """Turn the library's user-facing errors into one red line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from safetensors import SafetensorError
+
+        from sharecl.interop.peft import AdapterError
+        from sharecl.store import StoreError
+        from sharecl.train import NonFiniteLossError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, KeyError, FileNotFoundError, FileExistsError, StoreError, AdapterError,
+                NonFiniteLossError, SafetensorError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            err.print(f"[bold red]error:[/] {msg}", highlight=False)
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def _setup_torch(threads: Optional[int]) -> None:
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _share_overrides(k, p, energy, k_max, r, phi, init, finetune) -> dict:
+    out = {"k": None if energy is not None else k, "p": p, "energy": energy, "k_max": k_max, "r": r, "phi": phi, "init": init,
+           "merge_finetune_steps": finetune}
+    return {key: v for key, v in out.items() if v is not None or key in ("k", "energy")}
+
+
+KOpt = Annotated[int, typer.Option(help="Share: basis size k per side (ignored with --energy).")]
+POpt = Annotated[int, typer.Option(help="Share: pseudo-rank p, columns of each task's coefficients.")]
+EOpt = Annotated[Optional[float], typer.Option(help="Share: choose k by kept energy fraction instead of a fixed k.")]
+
+
+@app.command()
+@_user_errors
+def run(
+    stream: Annotated[str, typer.Option(help="Task stream to learn.")] = "text5",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "share,lora-per-task,seq-lora",
+    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/text5"),
+    model: Annotated[Optional[str], typer.Option(help="Local transformers model directory (default: packaged all-MiniLM-L6-v2).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps per task.")] = 80,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate (adapters and heads).")] = 5e-3,
+    seed: Annotated[int, typer.Option(help="Seed for splits, inits and batch order.")] = 0,
+    train_per_class: Annotated[int, typer.Option(help="Training examples per class.")] = 48,
+    test_per_class: Annotated[int, typer.Option(help="Test examples per class.")] = 30,
+    k: KOpt = 10, p: POpt = 2, energy: EOpt = None,
+    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r (baselines, and Share's first-task seed).")] = 8,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """Learn a stream task after task with several methods and report the accuracy matrix side by side."""
+    _setup_torch(threads)
+    from sharecl.data.streams import get_stream
+    from sharecl.runner import run_stream
+    from sharecl.train import TrainConfig
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    from sharecl.methods import METHODS
+
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    s = get_stream(stream, seed=seed, train_per_class=train_per_class, test_per_class=test_per_class)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed)
+    configs = {m: {"r": rank} for m in names}
+    if "share" in configs:
+        configs["share"].update(_share_overrides(k, p, energy, None, rank, None, None, None))
+    console.print(f"stream [bold]{s.name}[/]: " + ", ".join(f"{t.name} ({t.num_classes} classes, {len(t.train_inputs)} train)" for t in s))
+    results = run_stream(s, names, cfg, out, model_path=model, method_configs=configs, progress=progress, log=console.print)
+    _print_results(results)
+    console.print(f"results in [bold]{out}[/] (results.json and accuracy_matrix.png per method)")
+
+
+def _print_results(results: dict[str, dict]) -> None:
+    for name, res in results.items():
+        t = Table(title=f"{name}: accuracy matrix (%), row = after learning task i")
+        t.add_column("after")
+        for n in res["tasks"]:
+            t.add_column(n, justify="right")
+        for n, row in zip(res["tasks"], res["accuracy_matrix"]):
+            t.add_row(n, *["" if v is None else f"{100 * v:.1f}" for v in row])
+        console.print(t)
+    s = Table(title="summary")
+    for col in ("method", "final acc %", "avg incr acc %", "forgetting", "BWT", "adapter bytes/task", "head bytes/task",
+                "shared bytes", "train s"):
+        s.add_column(col, justify="right")
+    for name, r in results.items():
+        s.add_row(name, f"{100 * r['final_average_accuracy']:.2f}", f"{100 * r['average_incremental_accuracy']:.2f}",
+                  f"{100 * r['forgetting']:.2f}", f"{100 * r['bwt']:.2f}", f"{r['bytes_per_task']:,.0f}",
+                  f"{r['head_bytes_per_task']:,.0f}", f"{r['bytes_shared']:,}", f"{r['train_seconds_total']:.0f}")
+    console.print(s)
+
+
+@app.command()
+@_user_errors
+def learn(
+    store: Annotated[Path, typer.Argument(help="Store directory (created if missing).")],
+    task: Annotated[str, typer.Option(help="New task name.")],
+    data: Annotated[Path, typer.Option(help="CSV/JSONL file or datasets directory with text and label columns.")],
+    model: Annotated[Optional[str], typer.Option(help="Base model directory for a new store (default: packaged MiniLM).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 80,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-3,
+    seed: Annotated[int, typer.Option(help="Seed (split, init, batch order).")] = 0,
+    k: KOpt = 10, p: POpt = 2, energy: EOpt = None,
+    rank: Annotated[int, typer.Option("--rank", "-r", help="Rank of the first task's seeding LoRA (new store).")] = 8,
+    text_column: str = "text", label_column: str = "label",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """Teach a store one new task from a labelled file (creates the store on first use)."""
+    _setup_torch(None)
+    from sharecl.backbone import load_encoder
+    from sharecl.data.files import load_task_file
+    from sharecl.data.tasks import check_task_name
+    from sharecl.methods.share import ShareMethod
+    from sharecl.store import load_store, save_store, store_lock
+    from sharecl.train import TrainConfig, evaluate
+
+    check_task_name(task)
+    with store_lock(store):
+        if (store / "manifest.json").exists():
+            method = load_store(store)
+        else:
+            method = ShareMethod(load_encoder(model), seed=seed, **_share_overrides(k, p, energy, None, rank, None, None, None))
+        if task in method.task_classes:
+            raise ValueError(f"task {task!r} already exists in {store}; choose another name")
+        t = load_task_file(data, task, seed=seed, text_column=text_column, label_column=label_column)
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed, max_length=method.encoder.max_length)
+        method.learn(t, cfg, progress=progress)
+        acc = evaluate(lambda xs: method.logits(xs, task), t, 64)
+        manifest = save_store(method, store)
+    console.print(f"learned [bold]{task}[/] ({t.num_classes} classes, {len(t.train_inputs)} train): "
+                  f"held-out accuracy {100 * acc:.1f}% on {len(t.test_inputs)} examples; store version {manifest['version']}")
+
+
+@app.command("add-adapter")
+@_user_errors
+def add_adapter(
+    store: Annotated[Path, typer.Argument(help="Existing store directory.")],
+    adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.")],
+    task: Annotated[str, typer.Option(help="New task name.")],
+    any_rank: Annotated[bool, typer.Option(help="Accept an adapter whose rank differs from the store's r.")] = False,
+):
+    """Fold a PEFT LoRA adapter trained elsewhere into the store, without data."""
+    _setup_torch(None)
+    from sharecl.backbone import weights_hash
+    from sharecl.interop.peft import AdapterError, read_lora_adapter
+    from sharecl.store import load_store, read_manifest, save_store, store_lock
+
+    with store_lock(store):
+        manifest = read_manifest(store)
+        lora = read_lora_adapter(adapter)
+        base = lora.config.get("base_model_name_or_path")
+        if base and Path(base).is_dir() and weights_hash(base) != manifest["base_model"]["sha256"]:
+            raise AdapterError(f"{adapter} was trained on {base}, whose weights differ from this store's base model")
+        if lora.rank != manifest["config"]["r"] and not any_rank:
+            raise AdapterError(f"{adapter} has rank {lora.rank}, the store was built for rank {manifest['config']['r']}; "
+                               f"pass --any-rank to fold it anyway (it is truncated to p={manifest['config']['p']})")
+        method = load_store(store)
+        rec = method.add_adapter(task, lora.factors, lora.scaling)
+        manifest = save_store(method, store)
+    worst = max((v["max"] for v in rec["per_task"].values()), default=0.0)
+    console.print(f"folded {adapter} as task [bold]{task}[/]; largest drift of an old task {100 * worst:.3f}%; "
+                  f"store version {manifest['version']}")
+
+
+@app.command()
+@_user_errors
+def predict(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
+    task: Annotated[str, typer.Option(help="Task whose adapter and head answer.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+):
+    """Classify texts with one task of a store."""
+    _setup_torch(None)
+    import torch
+
+    from sharecl.store import load_store
+
+    method = load_store(store)
+    method.check_task(task)
+    if task not in method.heads:
+        raise ValueError(f"task {task!r} was added as an adapter only and has no classification head; it can be exported, not predicted")
+    with torch.no_grad():
+        probs = method.logits(list(texts), task).softmax(-1)
+    classes = method.task_classes[task]
+    for text, pr in zip(texts, probs):
+        i = int(pr.argmax())
+        if as_json:
+            print(json.dumps({"text": text, "label": classes[i], "probability": round(float(pr[i]), 6)}))
+        else:
+            console.print(f"{classes[i]}\t{float(pr[i]):.3f}\t{text[:80]}", highlight=False)
+
+
+@app.command()
+@_user_errors
+def export(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    out: Annotated[Path, typer.Argument(help="New directory for the PEFT adapter.")],
+    task: Annotated[str, typer.Option(help="Task to export.")],
+):
+    """Write one task as a plain PEFT LoRA adapter (loads with peft.PeftModel.from_pretrained)."""
+    _setup_torch(None)
+    from sharecl.interop.peft import export_task
+    from sharecl.store import load_store
+
+    method = load_store(store)
+    path = export_task(method, task, out)
+    console.print(f"wrote PEFT LoRA adapter for [bold]{task}[/] (rank {method.config.p}) to {path}")
+
+
+@app.command()
+@_user_errors
+def info(store: Annotated[Path, typer.Argument(help="Store directory.")]):
+    """Describe a store: base model, config, tasks, sizes, last merge drift."""
+    from sharecl.store import read_manifest
+
+    m = read_manifest(store)
+    console.print(f"[bold]{store}[/]  version {m['version']}  method {m['method']}  base {m['base_model']['path']} "
+                  f"(sha256 {m['base_model']['sha256'][:12]}…)")
+    console.print("config: " + ", ".join(f"{k}={v}" for k, v in m["config"].items()))
+    t = Table(title=f"{len(m['tasks'])} task(s)")
+    for col in ("task", "kind", "classes"):
+        t.add_column(col)
+    for task in m["tasks"]:
+        t.add_row(task["name"], task["kind"], ", ".join(task["classes"]) or "-")
+    console.print(t)
+    size = sum(f.stat().st_size for f in Path(store).iterdir() if f.is_file())
+    console.print(f"on disk: {size:,} bytes")
+    if m.get("merges"):
+        last = m["merges"][-1]
+        worst = max((v["max"] for v in last["per_task"].values()), default=0.0)
+        console.print(f"last merge (after {last['after_task']}): k per side {last['k'][0]}, largest old-task drift {100 * worst:.3f}%")
+
+
+def main() -> None:  # pragma: no cover
+    app(sys.argv[1:])

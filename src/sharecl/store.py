@@ -1,0 +1,217 @@
+"""The on-disk store of a continual Share model: ``manifest.json`` + safetensors, atomic.
+
+Layout of a store directory::
+
+    manifest.json              format, version, method config, base model (path, sha256),
+                               tasks (name, classes, kind), merges, file checksums, versions
+    state-v<N>.safetensors     bases U/V and coefficients of every layer, and every head
+    .lock                      advisory lock held by a writer
+
+Every change writes a new ``state-v<N+1>`` file (temporary name, fsync, rename), then the
+manifest the same way, last. A process killed at any instant leaves either the previous
+manifest (pointing at the previous, untouched state file) or the new one. Old state files
+and temporary debris are removed after the new manifest is in place. Every file is
+checked against the sha256 recorded in the manifest before it is read; nothing is ever
+unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "StoreError", "StoreLockedError", "save_store", "load_store", "read_manifest",
+           "store_lock", "library_versions"]
+
+FORMAT = "sharecl-store"
+FORMAT_VERSION = 1
+_STATE = re.compile(r"^state-v(\d+)\.safetensors$")
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be read or written; the message names the problem and the fix."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store's write lock."""
+
+
+def library_versions() -> dict[str, str]:
+    import peft
+    import safetensors
+    import transformers
+
+    import sharecl
+
+    return {"sharecl": sharecl.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write ``path`` via ``write(tmp_path)`` to a temporary name, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def store_lock(path: str | Path, wait: bool = False):
+    """Hold the store's exclusive write lock (``fcntl.flock`` on ``STORE/.lock``).
+
+    Raises:
+        StoreLockedError: if another process holds it and ``wait`` is False.
+    """
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    fh = open(p / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError as exc:
+            raise StoreLockedError(f"store {p} is being written by another process; wait for it to finish and retry") from exc
+        yield
+    finally:
+        fh.close()
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Read and validate ``STORE/manifest.json``.
+
+    Raises:
+        StoreError: no store, unreadable JSON, unknown format or version, or file entries
+            that point outside the store directory.
+    """
+    p = Path(path)
+    mf = p / "manifest.json"
+    if not mf.is_file():
+        raise StoreError(f"{p} is not a sharecl store (no manifest.json); create one with `sharecl learn {p} --task NAME --data FILE`")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{mf} is not valid JSON ({exc}); restore it from a backup") from exc
+    if manifest.get("format") != FORMAT:
+        raise StoreError(f"{mf} is not a sharecl store manifest (format={manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{mf} has format_version {manifest.get('format_version')!r}; this sharecl reads version "
+                         f"{FORMAT_VERSION}: use the sharecl release that wrote it")
+    state = manifest.get("files", {}).get("state", {})
+    name = state.get("name", "")
+    if not _STATE.match(name) or Path(name).name != name:
+        raise StoreError(f"{mf} points at {name!r}, which is not a state file inside the store; the manifest was tampered with")
+    return manifest
+
+
+def _state_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    entry = manifest["files"]["state"]
+    f = path / entry["name"]
+    if not f.is_file():
+        raise StoreError(f"{f} is missing; the store is damaged (restore the directory from a backup)")
+    if _sha256(f) != entry["sha256"]:
+        raise StoreError(f"{f} does not match its sha256 in the manifest: the file is truncated, corrupted or "
+                         f"was replaced; restore the store from a backup")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError) as exc:
+        raise StoreError(f"cannot read {f}: {exc}") from exc
+
+
+def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
+    """Write ``method`` (a :class:`~sharecl.methods.share.ShareMethod`) as the next store version.
+
+    Call under :func:`store_lock` when other writers may exist. Returns the manifest.
+    """
+    from sharecl.backbone import weights_hash
+
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    previous = read_manifest(p) if (p / "manifest.json").exists() else None
+    version = (previous["version"] + 1) if previous else 1
+    base = previous["base_model"] if previous else {
+        "path": method.encoder.path, "sha256": weights_hash(method.encoder.path),
+        "model_type": getattr(method.encoder.model.config, "model_type", None)}
+    state_name = f"state-v{version}.safetensors"
+    tensors = method.state_tensors()
+    _atomic_write(p / state_name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "version": str(version)}))
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "version": version, "method": method.name,
+        "config": method.config.to_dict(), "seed": method.seed, "max_length": method.encoder.max_length,
+        "base_model": base, "targets": list(method.layers),
+        "tasks": [{"name": n, "classes": method.task_classes[n], "kind": method.kinds.get(n, "data"),
+                   "head": n in method.heads} for n in method.task_names],
+        "merges": method.drift,
+        "files": {"state": {"name": state_name, "sha256": _sha256(p / state_name)}},
+        "library_versions": library_versions(),
+        **(extra or {}),
+    }
+    _atomic_write(p / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    for f in p.iterdir():  # old versions and debris of killed writers
+        if (_STATE.match(f.name) and f.name != state_name) or f.name.startswith(".state-v") or f.name.startswith(".manifest.json.tmp"):
+            f.unlink(missing_ok=True)
+    return manifest
+
+
+def load_store(path: str | Path, *, model_path: str | None = None):
+    """Load a store as a ready :class:`~sharecl.methods.share.ShareMethod`.
+
+    Args:
+        model_path: base model directory, if it moved since the store was written; its
+            weights must hash to the manifest's ``base_model.sha256``.
+
+    Raises:
+        StoreError: see :func:`read_manifest`; a damaged state file; a base model whose
+            weights differ from the one the store was built on.
+    """
+    from sharecl.backbone import load_encoder, weights_hash
+    from sharecl.methods.share import ShareConfig, ShareMethod
+
+    p = Path(path)
+    manifest = read_manifest(p)
+    if manifest.get("method") != "share":
+        raise StoreError(f"{p} holds method {manifest.get('method')!r}; this sharecl stores only 'share'")
+    base = model_path or manifest["base_model"]["path"]
+    if not Path(base).is_dir():
+        raise StoreError(f"base model {base} (from the manifest) is missing; pass --model PATH to its new location")
+    if weights_hash(base) != manifest["base_model"]["sha256"]:
+        raise StoreError(f"base model at {base} differs from the one this store was built on (sha256 mismatch); "
+                         f"use the original base model")
+    tensors = _state_tensors(p, manifest)
+    encoder = load_encoder(base, max_length=manifest.get("max_length", 128))
+    method = ShareMethod(encoder, seed=manifest.get("seed", 0), config=ShareConfig(**manifest["config"]))
+    if list(method.layers) != manifest["targets"]:
+        raise StoreError(f"the base model's target layers do not match the store's ({len(method.layers)} vs {len(manifest['targets'])})")
+    method.load_state_tensors(tensors, manifest["tasks"])
+    method.drift = list(manifest.get("merges", []))
+    return method

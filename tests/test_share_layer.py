@@ -1,0 +1,77 @@
+"""ShareLinear: folding, mixed-task batches, initialisation (METHODS.md §1 "Inference")."""
+
+import torch
+from torch import nn
+
+from sharecl.adapters.share import ShareLinear
+from sharecl.subspace import merge_subspace
+
+
+def layer_with_tasks(T=4, d_in=24, d_out=20, p=2, k=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(d_in, d_out)
+    layer = ShareLinear(base, scaling=1.5, p=p)
+    U = V = cB = cA = None
+    for t in range(T):
+        B, A = torch.randn(d_out, p, generator=g), torch.randn(p, d_in, generator=g)
+        res = merge_subspace(U, V, cB, cA, B, A, p=p, k=k)
+        U, V, cB, cA = res.U, res.V, res.coeff_B, res.coeff_A
+    layer.apply_merge(res)
+    return layer
+
+
+def test_fold_equals_adapter_forward():
+    layer = layer_with_tasks()
+    x = torch.randn(3, 5, 24)
+    for t in range(layer.num_tasks):
+        layer.task_index = t
+        want = layer(x)
+        got = layer.folded_linear(t)(x)
+        assert torch.allclose(got, want, atol=1e-5)
+    layer.task_index = None
+    assert torch.allclose(layer(x), layer.base(x))
+
+
+def test_mixed_task_forward_equals_per_task_forwards():
+    layer = layer_with_tasks()
+    x = torch.randn(6, 7, 24)
+    rows = torch.tensor([2, 0, 3, 3, 1, 0])
+    layer.row_tasks = rows
+    mixed = layer(x)
+    layer.row_tasks = None
+    for i, t in enumerate(rows.tolist()):
+        layer.task_index = t
+        assert torch.allclose(mixed[i], layer(x[i: i + 1])[0], atol=1e-5)
+
+
+def test_task_factors_match_delta_weight():
+    layer = layer_with_tasks()
+    B, A = layer.task_factors(1)
+    assert torch.allclose(layer.scaling * B @ A, layer.delta_weight(1), atol=1e-6)
+
+
+def test_zero_init_leaves_the_model_unchanged_and_temporaries_start_outside_the_basis():
+    layer = layer_with_tasks()
+    g = torch.Generator().manual_seed(1)
+    st = layer.begin_task(seed_rank=4, phi=2, init="zero", generator=g)
+    x = torch.randn(2, 24)
+    assert torch.allclose(layer(x), layer.base(x))
+    assert (layer.U.T @ st.U_plus).abs().max() < 1e-5 and (layer.V.T @ st.V_plus).abs().max() < 1e-5
+    names = {n for n, _ in st.named_parameters()}
+    assert names == {"coeff_B", "coeff_A", "U_plus", "V_plus", "E_B", "E_A"}
+    assert not any(p.requires_grad for p in layer.base.parameters())
+
+
+def test_previous_init_starts_from_the_last_task():
+    layer = layer_with_tasks()
+    layer.begin_task(seed_rank=4, phi=2, init="previous", generator=torch.Generator().manual_seed(0))
+    B, A = layer.trained_factors()
+    B_last, A_last = layer.task_factors(layer.num_tasks - 1)
+    assert torch.allclose(B @ A, B_last @ A_last, atol=1e-5)
+
+
+def test_seed_state_is_a_plain_lora():
+    layer = ShareLinear(nn.Linear(10, 8), scaling=2.0, p=2)
+    st = layer.begin_task(seed_rank=4, phi=2, init="zero", generator=torch.Generator().manual_seed(0))
+    assert st.kind == "seed" and st.lora_A.shape == (4, 10) and st.lora_B.shape == (8, 4)
+    assert float(st.lora_B.abs().max()) == 0.0

@@ -1,0 +1,141 @@
+"""ShareMethod on a tiny random BERT: learning, merging, adapter-only tasks, mixed batches."""
+
+import pytest
+import torch
+
+from conftest import make_task
+from sharecl.methods.share import ShareConfig
+from sharecl.train import NonFiniteLossError, TrainConfig, evaluate
+
+
+def test_two_tasks_learn_merge_and_keep_old_tasks(tiny_share, fast_cfg):
+    m = tiny_share
+    t1, t2 = make_task("first"), make_task("second", seed=1)
+    info = m.learn(t1, fast_cfg, progress=False)
+    assert info["merge"]["k"][0] == [2, 2]  # seed LoRA rank 4 truncated to p=2: k = 2, no padding
+    before = [m.logits(t1.test_inputs, "first").detach()]
+    m.learn(t2, fast_cfg, progress=False)
+    rec = m.drift[-1]
+    assert set(rec["per_task"]) == {"first"}
+    assert rec["k"][0] == [4, 4]  # 2 tasks × p=2 fit in k=4: nothing truncated
+    assert rec["per_task"]["first"]["max"] < 1e-4
+    after = m.logits(t1.test_inputs, "first").detach()
+    assert torch.allclose(before[0], after, atol=1e-4)  # first task unchanged by the merge
+    for layer in m.layers.values():
+        assert layer.coeff_B.shape == (2, 4, 2)
+        assert torch.allclose(layer.U.T @ layer.U, torch.eye(4), atol=1e-5)
+
+
+def test_truncating_merge_records_drift(tiny_model_dir, fast_cfg):
+    from sharecl.backbone import load_encoder
+    from sharecl.methods.share import ShareMethod
+
+    m = ShareMethod(load_encoder(tiny_model_dir, max_length=16), seed=0, r=4, lora_alpha=8, p=2, k=2, phi=2)
+    m.learn(make_task("a"), fast_cfg, progress=False)
+    m.learn(make_task("b", seed=1), fast_cfg, progress=False)
+    d = m.drift[-1]["per_task"]["a"]
+    assert 0 < d["mean"] <= d["max"] <= 1.0 + 1e-6
+    assert all(k == [2, 2] for k in m.drift[-1]["k"])
+
+
+def test_mixed_batch_equals_per_task_logits(tiny_share, fast_cfg):
+    m = tiny_share
+    tasks = [make_task("a"), make_task("b", seed=1), make_task("c", seed=2)]
+    for t in tasks:
+        m.learn(t, fast_cfg, progress=False)
+    inputs = [tasks[i % 3].test_inputs[i] for i in range(6)]
+    names = [tasks[i % 3].name for i in range(6)]
+    mixed = m.mixed_logits(inputs, names)
+    for x, n, got in zip(inputs, names, mixed):
+        want = m.logits([x], n)[0]
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_folded_model_matches_adapter(tiny_share, fast_cfg):
+    m = tiny_share
+    t = make_task("a")
+    m.learn(t, fast_cfg, progress=False)
+    batch = m.encoder.tokenize(t.test_inputs)
+    m._route(task_index=0)
+    want = m.encoder.model(**batch).last_hidden_state
+    m._route()
+    got = m.folded_model("a")(**batch).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_training_moves_only_coefficients_temporaries_and_head(tiny_share, fast_cfg):
+    m = tiny_share
+    m.learn(make_task("a"), fast_cfg, progress=False)
+    frozen = {n: p.detach().clone() for n, p in m.encoder.model.named_parameters()}
+    U0 = {n: (l.U.clone(), l.V.clone()) for n, l in m.layers.items()}
+    groups = m.begin_task(make_task("b", seed=1), fast_cfg)
+    names = {n for l in m.layers.values() for n, _ in l.train_state.named_parameters()}
+    assert names == {"coeff_B", "coeff_A", "U_plus", "V_plus", "E_B", "E_A"}
+    from sharecl.train import train_steps
+
+    train_steps(lambda xs: m.logits(xs, "b", training=True), groups, make_task("b", seed=1), fast_cfg, progress=False)
+    for n, p in m.encoder.model.named_parameters():
+        if "train_state" not in n:
+            assert torch.equal(p, frozen[n]), n
+    for n, l in m.layers.items():
+        assert torch.equal(l.U, U0[n][0]) and torch.equal(l.V, U0[n][1])
+
+
+def test_merge_finetune_keeps_basis_and_improves_nothing_else(tiny_model_dir, fast_cfg):
+    from sharecl.backbone import load_encoder
+    from sharecl.methods.share import ShareMethod
+
+    m = ShareMethod(load_encoder(tiny_model_dir, max_length=16), seed=0, r=4, lora_alpha=8, p=2, k=2,
+                    merge_finetune_steps=3)
+    m.learn(make_task("a"), fast_cfg, progress=False)
+    U = {n: l.U.clone() for n, l in m.layers.items()}
+    cA_old = {n: l.coeff_A[0].clone() for n, l in m.layers.items()}
+    m.learn(make_task("b", seed=1), fast_cfg, progress=False)
+    assert all(l.train_state is None for l in m.layers.values())
+    assert all(l.coeff_B.shape[0] == 2 for l in m.layers.values())
+
+
+def test_adapter_only_task_is_folded_without_data(tiny_share, fast_cfg):
+    m = tiny_share
+    m.learn(make_task("a"), fast_cfg, progress=False)
+    g = torch.Generator().manual_seed(0)
+    factors = {n: (torch.randn(l.out_features, 4, generator=g) * 0.1, torch.randn(4, l.in_features, generator=g) * 0.1)
+               for n, l in m.layers.items()}
+    rec = m.add_adapter("ext", factors, scaling=1.0)
+    assert m.kinds["ext"] == "adapter" and "a" in rec["per_task"]
+    with pytest.raises(ValueError, match="already exists"):
+        m.add_adapter("ext", factors, scaling=1.0)
+    bad = dict(list(factors.items())[1:])
+    with pytest.raises(ValueError, match="missing"):
+        m.add_adapter("ext2", bad, scaling=1.0)
+
+
+def test_nan_loss_is_refused(tiny_share, fast_cfg):
+    layer = next(iter(tiny_share.layers.values()))
+    layer.register_forward_hook(lambda mod, inp, out: out * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="loss became nan"):
+        tiny_share.learn(make_task("a"), fast_cfg, progress=False)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="not both"):
+        ShareConfig(k=4, energy=0.9)
+    with pytest.raises(ValueError, match="cannot exceed"):
+        ShareConfig(r=2, p=4)
+    with pytest.raises(ValueError, match="init"):
+        ShareConfig(init="random")
+
+
+def test_unknown_task_and_duplicate_name(tiny_share, fast_cfg):
+    tiny_share.learn(make_task("a"), fast_cfg, progress=False)
+    with pytest.raises(KeyError, match="unknown task 'zzz'"):
+        tiny_share.logits(["x"], "zzz")
+    with pytest.raises(ValueError, match="already exists"):
+        tiny_share.learn(make_task("a"), fast_cfg, progress=False)
+
+
+def test_learning_reaches_above_chance(tiny_share):
+    cfg = TrainConfig(steps=40, batch_size=8, lr=2e-2, head_lr=2e-2, max_length=16)
+    t = make_task("a", n_per_class=20)
+    tiny_share.learn(t, cfg, progress=False)
+    assert evaluate(lambda xs: tiny_share.logits(xs, "a"), t, 32) > 0.6  # 3 classes: chance is 1/3

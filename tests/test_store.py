@@ -1,0 +1,128 @@
+"""The store: exact reload, atomic writes, and refusal of damaged or hostile files."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from conftest import make_task
+from sharecl.store import StoreError, StoreLockedError, load_store, read_manifest, save_store, store_lock
+
+
+@pytest.fixture
+def store_dir(tiny_share, fast_cfg, tmp_path):
+    tiny_share.learn(make_task("a"), fast_cfg, progress=False)
+    tiny_share.learn(make_task("b", seed=1), fast_cfg, progress=False)
+    save_store(tiny_share, tmp_path / "store")
+    return tmp_path / "store"
+
+
+def test_reload_reproduces_predictions_exactly(tiny_share, store_dir):
+    loaded = load_store(store_dir)
+    for name in ("a", "b"):
+        xs = make_task(name, seed=0 if name == "a" else 1).test_inputs
+        assert torch.equal(loaded.logits(xs, name), tiny_share.logits(xs, name))
+    assert loaded.task_names == ["a", "b"] and loaded.config == tiny_share.config
+    m = read_manifest(store_dir)
+    assert m["version"] == 1 and m["base_model"]["sha256"] and m["library_versions"]["torch"]
+    assert [t["classes"] for t in m["tasks"]] == [tiny_share.task_classes["a"], tiny_share.task_classes["b"]]
+
+
+def test_new_version_replaces_old_files(tiny_share, store_dir, fast_cfg):
+    tiny_share.learn(make_task("c", seed=2), fast_cfg, progress=False)
+    save_store(tiny_share, store_dir)
+    names = sorted(os.listdir(store_dir))
+    assert names == [".lock", "manifest.json", "state-v2.safetensors"] or names == ["manifest.json", "state-v2.safetensors"]
+
+
+def test_failed_manifest_write_leaves_previous_version_loadable(tiny_share, store_dir, fast_cfg, monkeypatch):
+    tiny_share.learn(make_task("c", seed=2), fast_cfg, progress=False)
+    real_replace = os.replace
+
+    def boom(src, dst):
+        if str(dst).endswith("manifest.json"):
+            raise OSError("simulated crash before the manifest rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        save_store(tiny_share, store_dir)
+    monkeypatch.setattr(os, "replace", real_replace)
+    loaded = load_store(store_dir)
+    assert loaded.task_names == ["a", "b"] and read_manifest(store_dir)["version"] == 1
+    save_store(tiny_share, store_dir)  # the debris does not break the next write
+    assert load_store(store_dir).task_names == ["a", "b", "c"]
+
+
+def _state_file(store_dir):
+    return store_dir / read_manifest(store_dir)["files"]["state"]["name"]
+
+
+def test_truncated_state_file_is_refused(store_dir):
+    f = _state_file(store_dir)
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(StoreError, match="sha256"):
+        load_store(store_dir)
+
+
+def test_bit_flipped_state_file_is_refused(store_dir):
+    f = _state_file(store_dir)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="sha256"):
+        load_store(store_dir)
+
+
+def test_pickle_in_place_of_tensors_is_refused(store_dir):
+    _state_file(store_dir).write_bytes(pickle.dumps({"U": [1, 2, 3]}))
+    with pytest.raises(StoreError, match="sha256"):
+        load_store(store_dir)
+
+
+def test_wrong_format_version_is_refused(store_dir):
+    mf = store_dir / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["format_version"] = 99
+    mf.write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="format_version 99"):
+        load_store(store_dir)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "state-v1.safetensors/../../x"])
+def test_manifest_pointing_outside_is_refused(store_dir, name):
+    mf = store_dir / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["files"]["state"]["name"] = name
+    mf.write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="tampered"):
+        load_store(store_dir)
+
+
+def test_different_base_model_is_refused(store_dir, tmp_path, tiny_model_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    w = load_file(str(other / "model.safetensors"))
+    k = next(iter(w))
+    w[k] = w[k] + 1
+    save_file(w, str(other / "model.safetensors"))
+    with pytest.raises(StoreError, match="differs from the one this store was built on"):
+        load_store(store_dir, model_path=str(other))
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="not a sharecl store"):
+        load_store(tmp_path)
+
+
+def test_second_writer_is_refused(tmp_path):
+    with store_lock(tmp_path / "s"):
+        with pytest.raises(StoreLockedError, match="another process"):
+            with store_lock(tmp_path / "s"):
+                pass

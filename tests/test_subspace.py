@@ -1,0 +1,108 @@
+"""Property tests for the subspace maths (METHODS.md §1)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sharecl.subspace import (balanced_factors, choose_rank, merge_subspace, naive_merge_subspace,
+                              orthonormal_complement)
+
+
+def rand_lora(d_out, d_in, r, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(d_out, r, generator=g, dtype=torch.float64) * scale,
+            torch.randn(r, d_in, generator=g, dtype=torch.float64) / scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(d_out=st.integers(4, 40), d_in=st.integers(4, 40), r=st.integers(1, 6), seed=st.integers(0, 10_000),
+       scale=st.floats(1e-3, 1e3))
+def test_balanced_factors_reproduce_product_exactly(d_out, d_in, r, seed, scale):
+    B, A = rand_lora(d_out, d_in, r, seed, scale)
+    Bb, Ab = balanced_factors(B, A)
+    assert torch.allclose(Bb @ Ab, B @ A, atol=1e-9 * (B @ A).abs().max().item() + 1e-12)
+    # balanced: both factors carry the same column norms, sorted descending
+    nb, na = Bb.norm(dim=0), Ab.norm(dim=1)
+    assert torch.allclose(nb, na, rtol=1e-8, atol=1e-10)
+    assert torch.all(nb[:-1] >= nb[1:] - 1e-9)
+
+
+def test_balanced_factors_do_not_depend_on_factor_scaling():
+    B, A = rand_lora(20, 30, 4, 1)
+    R = torch.randn(4, 4, dtype=torch.float64) + 3 * torch.eye(4, dtype=torch.float64)
+    b1, a1 = balanced_factors(B, A)
+    b2, a2 = balanced_factors(B @ R, torch.linalg.solve(R, A))
+    # identical up to the sign of each column pair
+    sign = torch.sign((b1 * b2).sum(0))
+    assert torch.allclose(b1, b2 * sign, atol=1e-8) and torch.allclose(a1, a2 * sign[:, None], atol=1e-8)
+
+
+def test_choose_rank_rules():
+    s = torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    assert choose_rank(s, k=3, energy=None, k_max=None, rank=4) == 3
+    assert choose_rank(s, k=10, energy=None, k_max=None, rank=4) == 4  # never pad past the rank
+    assert choose_rank(s, k=None, energy=0.76, k_max=None, rank=4) == 2  # 16/21.25 = 0.753 < 0.76
+    assert choose_rank(s, k=None, energy=0.75, k_max=None, rank=4) == 1
+    assert choose_rank(s, k=None, energy=0.99, k_max=2, rank=4) == 2
+    with pytest.raises(ValueError):
+        choose_rank(s, k=2, energy=0.5, k_max=None, rank=4)
+
+
+def _stack_merges(T, d_out, d_in, r, p, k, seed, merge=merge_subspace):
+    U = V = cB = cA = None
+    tasks = []
+    for t in range(T):
+        B, A = rand_lora(d_out, d_in, r, seed + t)
+        tasks.append((B, A))
+        res = merge(U, V, cB, cA, B, A, p=p, k=k)
+        U, V, cB, cA = res.U, res.V, res.coeff_B, res.coeff_A
+    return res, tasks
+
+
+def test_reprojection_changes_nothing_without_truncation():
+    p = 3
+    res, tasks = _stack_merges(4, 30, 25, p, p, 4 * p, 0)
+    assert torch.all(res.drift < 1e-10)
+    for t, (B, A) in enumerate(tasks):
+        got = res.U @ res.coeff_B[t] @ res.coeff_A[t].T @ res.V.T
+        assert torch.allclose(got, B @ A, atol=1e-9)
+    assert torch.allclose(res.U.T @ res.U, torch.eye(res.U.shape[1], dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("k", [2, 5, 9])
+def test_small_space_merge_equals_naive_merge(k):
+    small, _ = _stack_merges(5, 40, 33, 4, 3, k, 7)
+    naive, _ = _stack_merges(5, 40, 33, 4, 3, k, 7, merge=naive_merge_subspace)
+    assert small.U.shape == naive.U.shape
+    assert torch.allclose(small.U @ small.U.T, naive.U @ naive.U.T, atol=1e-8)  # same subspace
+    assert torch.allclose(small.V @ small.V.T, naive.V @ naive.V.T, atol=1e-8)
+    for t in range(5):
+        ds = small.U @ small.coeff_B[t] @ small.coeff_A[t].T @ small.V.T
+        dn = naive.U @ naive.coeff_B[t] @ naive.coeff_A[t].T @ naive.V.T
+        assert torch.allclose(ds, dn, atol=1e-8)
+    assert torch.allclose(small.drift, naive.drift, atol=1e-8)
+    assert small.drift[:-1].max() > 0  # k < T·p truncates, so old tasks drift
+
+
+def test_truncation_drift_is_reported_exactly():
+    res, tasks = _stack_merges(3, 20, 20, 2, 2, 3, 3)
+    for t, (B, A) in enumerate(tasks[-1:], start=2):  # the newest task: its rank-2 LoRA vs its reconstruction
+        got = res.U @ res.coeff_B[t] @ res.coeff_A[t].T @ res.V.T
+        rel = ((got - B @ A).norm() / (B @ A).norm()).item()
+        assert abs(rel - res.drift[t].item()) < 1e-9
+
+
+def test_no_null_space_padding():
+    B, A = rand_lora(30, 30, 2, 0)
+    res = merge_subspace(None, None, None, None, B, A, p=2, k=16)
+    assert res.U.shape[1] == 2 and res.V.shape[1] == 2
+
+
+def test_orthonormal_complement():
+    U = torch.linalg.qr(torch.randn(20, 5, dtype=torch.float64))[0]
+    C = orthonormal_complement(U, 3, torch.Generator().manual_seed(0))
+    assert torch.allclose(C.T @ C, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    assert (U.T @ C).abs().max() < 1e-12
+    with pytest.raises(ValueError):
+        orthonormal_complement(U, 16)
