@@ -21,8 +21,8 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Continual parameter-efficient fine-tuning: Share (shared LoRA subspaces) and its peers.")
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _user_errors(fn):

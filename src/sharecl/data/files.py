@@ -39,6 +39,9 @@ def read_labelled_file(path: str | Path, *, text_column: str = "text", label_col
         elif p.suffix.lower() == ".csv":
             if p.stat().st_size == 0:
                 raise DataFileError(f"data file {p} is empty; it needs a header row with '{text_column}' and '{label_column}'")
+            with open(p, encoding="utf-8", errors="replace") as fh:
+                if sum(1 for line in fh if line.strip()) < 2:
+                    raise DataFileError(f"{p} has no rows below its header")
             ds = datasets.load_dataset("csv", data_files=str(p), split="train")
         elif p.suffix.lower() in (".jsonl", ".json"):
             if p.stat().st_size == 0:

@@ -96,6 +96,9 @@ def split_task(name: str, examples: dict[str, list], *, seed: int, train_per_cla
                test_per_class: int | None, test_fraction: float = 0.2, meta: dict | None = None) -> Task:
     """Build a task from ``{class_name: [inputs]}`` with a seeded per-class split.
 
+    Duplicate inputs are kept once, and inputs listed under two classes are dropped, so
+    no test input is also a training input.
+
     Each class's examples are shuffled with ``random.Random(seed)`` (after sorting, so the
     result depends on nothing but the data and the seed). With caps, the first
     ``test_per_class`` go to test and the next ``train_per_class`` to train; without caps a
@@ -103,9 +106,13 @@ def split_task(name: str, examples: dict[str, list], *, seed: int, train_per_cla
     """
     rng = random.Random(f"{seed}:{name}")
     classes = sorted(examples)
+    owners: dict = {}
+    for cls in classes:
+        for x in set(examples[cls]):
+            owners[x] = owners.get(x, 0) + 1
     tr_x, tr_y, te_x, te_y = [], [], [], []
     for label, cls in enumerate(classes):
-        xs = sorted(examples[cls])
+        xs = sorted(x for x in set(examples[cls]) if owners[x] == 1)  # no duplicates, no ambiguous inputs
         rng.shuffle(xs)
         n_test = test_per_class if test_per_class is not None else max(1, round(len(xs) * test_fraction))
         test, rest = xs[:n_test], xs[n_test:]

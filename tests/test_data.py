@@ -1,0 +1,59 @@
+"""Tasks, streams and file loaders: the packaged real data and users' own files."""
+
+import json
+
+import pytest
+
+from sharecl.data.files import DataFileError, load_task_file
+from sharecl.data.streams import get_stream
+from sharecl.data.tasks import Task, split_task
+
+
+def test_text5_is_real_fixed_and_seeded():
+    s = get_stream("text5", seed=0)
+    assert [t.name for t in s] == ["bbc-topic", "wordnet-noun", "fortune-topic", "wordnet-verb", "fortune-language"]
+    assert [t.num_classes for t in s] == [5, 8, 6, 8, 5]
+    assert s.tasks[0].classes == ["business", "entertainment", "politics", "sports", "tech"]
+    assert s.tasks[4].classes == ["de", "en", "es", "it", "pt"]
+    for t in s:
+        assert len(t.test_inputs) == 30 * t.num_classes and len(t.train_inputs) == 48 * t.num_classes
+        assert not set(t.train_inputs) & set(t.test_inputs)
+    again = get_stream("text5", seed=0)
+    other = get_stream("text5", seed=1)
+    assert again.tasks[1].train_inputs == s.tasks[1].train_inputs
+    assert other.tasks[1].train_inputs != s.tasks[1].train_inputs
+    with pytest.raises(KeyError, match="known streams"):
+        get_stream("nope")
+
+
+def test_csv_jsonl_and_saved_dataset(tmp_path):
+    import datasets
+
+    rows = [{"text": f"item {i} {'cat' if i % 2 else 'dog'}", "label": "cat" if i % 2 else "dog"} for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "d.csv").write_text("text,label\n" + "\n".join(f"{r['text']},{r['label']}" for r in rows))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    tasks = [load_task_file(tmp_path / n, "t", seed=3) for n in ("d.jsonl", "d.csv", "hf")]
+    for t in tasks:
+        assert t.classes == ["cat", "dog"] and len(t.train_inputs) + len(t.test_inputs) == 20
+    assert tasks[0].train_inputs == tasks[1].train_inputs == tasks[2].train_inputs
+    with pytest.raises(DataFileError, match="label 'cat' is not one of"):
+        load_task_file(tmp_path / "d.csv", "t", classes=["dog", "bird"])
+
+
+@pytest.mark.parametrize("content,suffix,msg", [("", ".csv", "is empty"), ("text,label\n", ".csv", "has no rows"),
+                                                ("text\nhello\n", ".csv", "lacks column"), ("{not json", ".jsonl", "cannot read"),
+                                                ("a,b", ".txt", "unsupported data file"),
+                                                ("text,label\nhi,a\nhi,a\n", ".csv", "at least 2")])
+def test_bad_files(tmp_path, content, suffix, msg):
+    f = tmp_path / f"bad{suffix}"
+    f.write_text(content)
+    with pytest.raises(DataFileError, match=msg):
+        load_task_file(f, "t")
+
+
+def test_task_validation():
+    with pytest.raises(ValueError, match="outside"):
+        Task("t", ["a", "b"], ["x"], [2], [], [])
+    with pytest.raises(ValueError, match="invalid task name"):
+        split_task("a b", {"a": ["x"], "b": ["y"]}, seed=0, train_per_class=None, test_per_class=0)
