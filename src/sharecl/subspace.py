@@ -185,9 +185,9 @@ def merge_subspace(
     """Share's data-free merge of one new task into one layer's subspace, in the small space.
 
     Every old task ``i`` is ``B_i = U @ coeff_B[i]``, ``A_i.T = V @ coeff_A[i]``; the new
-    task is ``(new_B, new_A)``. All tasks are balanced, stacked side by side and truncated
-    to the top-k singular vectors per side, and every task is re-projected (METHODS.md §1,
-    "Merging after task t"). Because old tasks lie in ``span(U)``, the B-stack lies in
+    task is ``(new_B, new_A)``, balanced (:func:`balanced_factors`) and cut to its best
+    rank-p part. All tasks are stacked side by side, truncated to the top-k singular
+    vectors per side, and every task is re-projected (METHODS.md §1, "Merging after task t"). Because old tasks lie in ``span(U)``, the B-stack lies in
     ``span([U, new_B])``: one thin QR of that ``(d_out, k + r)`` matrix gives coordinates in
     which the whole stack is a ``(k + r, T·p)`` matrix; likewise for A. Cost
     ``O(d·(k+r)² + T·p·(k+r)²)``, independent of ``d·T``.
@@ -229,10 +229,8 @@ def merge_subspace(
         pad = p - new_b.shape[2]
         new_b = torch.nn.functional.pad(new_b, (0, pad))
         new_a = torch.nn.functional.pad(new_a, (0, pad))
-    all_b = torch.cat([old_b, new_b], 0)
-    all_a = torch.cat([old_a, new_a], 0)
-    if all_b.shape[0] > 1:
-        all_b, all_a = _canonical_batch(all_b, all_a)
+    all_b = torch.cat([old_b, new_b], 0)  # old tasks were balanced when they were new; only
+    all_a = torch.cat([old_a, new_a], 0)  # the new task is canonicalised (METHODS.md §1)
 
     T = all_b.shape[0]
     wb, eb = _truncate(all_b.transpose(0, 1).reshape(all_b.shape[1], T * p), k, energy, k_max, store_dtype)
@@ -257,9 +255,8 @@ def naive_merge_subspace(U, V, coeff_B, coeff_A, new_B, new_A, *, p, k=None, ene
     bs, as_ = [], []
     if U is not None:
         for cb, ca in zip(coeff_B.to(_F), coeff_A.to(_F)):
-            b, a = balanced_factors(U.to(_F) @ cb, (V.to(_F) @ ca).T)
-            bs.append(b)
-            as_.append(a.T)
+            bs.append(U.to(_F) @ cb)
+            as_.append(V.to(_F) @ ca)
     bs.append(nb)
     as_.append(na)
     SB, SA = torch.cat(bs, 1), torch.cat(as_, 1)
