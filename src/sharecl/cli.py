@@ -56,10 +56,9 @@ def _setup_torch(threads: Optional[int]) -> None:
         torch.set_num_threads(threads)
 
 
-def _share_overrides(k, p, energy, k_max, r, phi, init, finetune) -> dict:
-    out = {"k": None if energy is not None else k, "p": p, "energy": energy, "k_max": k_max, "r": r, "phi": phi, "init": init,
-           "merge_finetune_steps": finetune}
-    return {key: v for key, v in out.items() if v is not None or key in ("k", "energy")}
+def _share_options(k: int, p: int, energy: Optional[float], rank: int) -> dict:
+    """ShareConfig overrides from the command line: a fixed k unless --energy is given."""
+    return {"k": None if energy is not None else k, "energy": energy, "p": p, "r": rank}
 
 
 KOpt = Annotated[int, typer.Option(help="Share: basis size k per side (ignored with --energy).")]
@@ -101,7 +100,7 @@ def run(
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed)
     configs = {m: {"r": rank} for m in names}
     if "share" in configs:
-        configs["share"].update(_share_overrides(k, p, energy, None, rank, None, None, None))
+        configs["share"].update(_share_options(k, p, energy, rank))
     console.print(f"stream [bold]{s.name}[/]: " + ", ".join(f"{t.name} ({t.num_classes} classes, {len(t.train_inputs)} train)" for t in s))
     results = run_stream(s, names, cfg, out, model_path=model, method_configs=configs, progress=progress, log=console.print)
     _print_results(results)
@@ -158,7 +157,7 @@ def learn(
         if (store / "manifest.json").exists():
             method = load_store(store)
         else:
-            method = ShareMethod(load_encoder(model), seed=seed, **_share_overrides(k, p, energy, None, rank, None, None, None))
+            method = ShareMethod(load_encoder(model), seed=seed, **_share_options(k, p, energy, rank))
         if task in method.task_classes:
             raise ValueError(f"task {task!r} already exists in {store}; choose another name")
         t = load_task_file(data, task, seed=seed, text_column=text_column, label_column=label_column)

@@ -1,0 +1,77 @@
+"""Share's accuracy against bytes per task on text5, over basis size k and pseudo-rank p.
+
+Each setting runs the full text5 stream (same steps, seed and data as `sharecl run`) and
+records final average accuracy, forgetting, BWT, adapter bytes per task and the largest
+drift any old task suffered at a merge. Writes results/share_curve.json and a plot
+results/share_curve.png (accuracy vs. bytes per task, LoRA-per-task bytes marked).
+
+    python benchmarks/bench_share_curve.py [--settings 2x2,4x2,10x2,5x1,16x4,32x8] [--steps 80]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from _common import RESULTS, table, write
+from sharecl.data.streams import get_stream
+from sharecl.runner import run_method
+from sharecl.train import TrainConfig
+
+LORA_BYTES_PER_TASK = 12 * 8 * (384 + 384) * 4  # rank-8 LoRA on MiniLM's 12 query/value layers, float32
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--settings", default="2x2,4x2,10x2,5x1,16x4,32x8", help="comma-separated KxP")
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    stream = get_stream("text5", seed=a.seed)
+    cfg = TrainConfig(steps=a.steps, seed=a.seed)
+    rows = []
+    for setting in a.settings.split(","):
+        k, p = (int(v) for v in setting.split("x"))
+        with tempfile.TemporaryDirectory() as d:
+            res = run_method("share", stream, cfg, Path(d), method_config={"k": k, "p": p}, progress=False,
+                             log=lambda *x: None)
+        worst = max((v["max"] for m in res["merges"] for v in m["per_task"].values()), default=0.0)
+        rows.append({"k": k, "p": p, "final_acc": 100 * res["final_average_accuracy"],
+                     "forgetting": 100 * res["forgetting"], "bwt": 100 * res["bwt"],
+                     "bytes_per_task": res["bytes_per_task"], "pct_of_lora": 100 * res["bytes_per_task"] / LORA_BYTES_PER_TASK,
+                     "bytes_shared": res["bytes_shared"], "max_drift_pct": 100 * worst,
+                     "final_k": res["merges"][-1]["k"][0], "accuracy_matrix": res["accuracy_matrix"]})
+        print(f"k={k} p={p}: final {rows[-1]['final_acc']:.2f}%, forgetting {rows[-1]['forgetting']:.2f}, "
+              f"{res['bytes_per_task']:.0f} B/task ({rows[-1]['pct_of_lora']:.2f}% of LoRA)", flush=True)
+    print(table(rows, ["k", "p", "final_acc", "forgetting", "bwt", "bytes_per_task", "pct_of_lora", "max_drift_pct"]))
+    print(write("share_curve", {"steps": a.steps, "seed": a.seed, "lora_bytes_per_task": LORA_BYTES_PER_TASK, "rows": rows}))
+    plot(rows)
+
+
+def plot(rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.scatter([r["bytes_per_task"] for r in rows], [r["final_acc"] for r in rows], c="C0")
+    for r in rows:
+        ax.annotate(f"k={r['k']}, p={r['p']}", (r["bytes_per_task"], r["final_acc"]), textcoords="offset points",
+                    xytext=(5, -10), fontsize=8)
+    ax.axvline(LORA_BYTES_PER_TASK / 100, color="C3", ls="--", lw=1, label="1% of a LoRA's bytes")
+    ax.set_xscale("log")
+    ax.set_xlabel("adapter bytes stored per task (log)")
+    ax.set_ylabel("final average accuracy on text5 (%)")
+    ax.set_title("Share: accuracy vs. bytes per task")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "share_curve.png", dpi=110)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
