@@ -103,14 +103,14 @@ def test_killed_learn_leaves_a_loadable_store(cli_store, tmp_path):
     store = tmp_path / "store"
     seen = set()
     relearned = False
-    for trial in range(5):
+    for delay in (0.5, 3.0, 5.0, 7.0, 9.0):  # from start-up, through training, to the write
         if store.exists():
             shutil.rmtree(store)
         shutil.copytree(cli_store / "store", store)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
         proc = subprocess.Popen([sys.executable, "-m", "sharecl", *map(str, learn_b(store, tmp_path))],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        time.sleep(rng.uniform(1.0, 12.0))
+        time.sleep(delay + rng.uniform(0.0, 1.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         m = load_store(store)

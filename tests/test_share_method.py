@@ -81,18 +81,29 @@ def test_training_moves_only_coefficients_temporaries_and_head(tiny_share, fast_
         assert torch.equal(l.U, U0[n][0]) and torch.equal(l.V, U0[n][1])
 
 
-def test_merge_finetune_keeps_basis_and_improves_nothing_else(tiny_model_dir, fast_cfg):
+def test_merge_finetune_moves_only_the_new_tasks_coefficients(tiny_model_dir, fast_cfg):
     from sharecl.backbone import load_encoder
     from sharecl.methods.share import ShareMethod
 
-    m = ShareMethod(load_encoder(tiny_model_dir, max_length=16), seed=0, r=4, lora_alpha=8, p=2, k=2,
-                    merge_finetune_steps=3)
-    m.learn(make_task("a"), fast_cfg, progress=False)
-    U = {n: l.U.clone() for n, l in m.layers.items()}
-    cA_old = {n: l.coeff_A[0].clone() for n, l in m.layers.items()}
+    def fresh(steps, k):
+        return ShareMethod(load_encoder(tiny_model_dir, max_length=16), seed=0, r=4, lora_alpha=8, p=2, k=k,
+                           merge_finetune_steps=steps)
+
+    plain, tuned = fresh(0, 2), fresh(3, 2)
+    for m in (plain, tuned):
+        m.learn(make_task("a"), fast_cfg, progress=False)
+    assert all(l.train_state is None for l in tuned.layers.values())
+    for name in plain.layers:  # the merged basis is the same; only the task's coefficients moved
+        assert torch.equal(plain.layers[name].U, tuned.layers[name].U)
+        assert torch.equal(plain.layers[name].V, tuned.layers[name].V)
+    assert any(not torch.equal(plain.layers[n].coeff_A[0], tuned.layers[n].coeff_A[0]) for n in plain.layers)
+
+    m = fresh(3, 4)  # k = T·p: the merge truncates nothing, and fine-tuning b must not move a
+    a = make_task("a")
+    m.learn(a, fast_cfg, progress=False)
+    before = m.logits(a.test_inputs, "a").detach()
     m.learn(make_task("b", seed=1), fast_cfg, progress=False)
-    assert all(l.train_state is None for l in m.layers.values())
-    assert all(l.coeff_B.shape[0] == 2 for l in m.layers.values())
+    assert torch.allclose(m.logits(a.test_inputs, "a"), before, atol=1e-4)
 
 
 def test_adapter_only_task_is_folded_without_data(tiny_share, fast_cfg):

@@ -92,6 +92,7 @@ class ShareLinear(nn.Module):
         self.task_index: int | None = None
         self.row_tasks: torch.Tensor | None = None
         self._mix_cache: torch.Tensor | None = None
+        self._finetune_index: int | None = None
 
     # ----------------------------------------------------------------- shapes
     @property

@@ -49,7 +49,9 @@ class _PeftLoRA(ContinualMethod):
         super().__init__(encoder, seed)
         self.config = config or LoRAConfig(**overrides)
         self.config.target_modules = self.config.target_modules or default_targets(encoder.model)
-        self._targets = find_targets(encoder.model, self.config.target_modules)
+        targets = find_targets(encoder.model, self.config.target_modules)
+        dims = [encoder.model.get_submodule(n) for n in targets]
+        self._adapter_numbers = self.config.r * sum(m.in_features + m.out_features for m in dims)
         self.peft_model = None
 
     def _lora_config(self):
@@ -95,14 +97,8 @@ class _PeftLoRA(ContinualMethod):
             p.requires_grad_(False)
         return {}
 
-    def _one_adapter_numbers(self) -> int:
-        r = self.config.r
-        return sum(r * (m.in_features + m.out_features) for m in
-                   (self.encoder.model.get_base_model() if self.peft_model else self.encoder.model).modules()
-                   if hasattr(m, "lora_A") and hasattr(m, "in_features")) if self.peft_model else 0
-
     def trainable_numbers_last_task(self) -> int:
-        return self._one_adapter_numbers()
+        return self._adapter_numbers
 
 
 @register
@@ -115,7 +111,7 @@ class LoRAPerTaskMethod(_PeftLoRA):
         return task_name
 
     def adapter_numbers_per_task(self) -> float:
-        return float(self._one_adapter_numbers())
+        return float(self._adapter_numbers)
 
 
 @register
@@ -131,4 +127,4 @@ class SeqLoRAMethod(_PeftLoRA):
         return 0.0
 
     def shared_numbers(self) -> int:
-        return self._one_adapter_numbers()
+        return self._adapter_numbers
