@@ -71,7 +71,7 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
         pos += batch_size
 
 
-def train_steps(forward: Callable[[list, ], torch.Tensor], param_groups: Sequence[dict], task: Task, cfg: TrainConfig,
+def train_steps(forward: Callable[[list], torch.Tensor], param_groups: Sequence[dict], task: Task, cfg: TrainConfig,
                 *, steps: int | None = None, desc: str = "", generator: torch.Generator | None = None,
                 rss: PeakRSS | None = None, progress: bool = True) -> list[float]:
     """Train on ``task``'s training split; returns the loss of every step.

@@ -108,7 +108,7 @@ class LoRAPerTaskMethod(_PeftLoRA):
     name = "lora-per-task"
 
     def _adapter_of(self, task_name: str) -> str:
-        return task_name
+        return f"task-{task_name}"  # a bare name like "a" would clash with PEFT's "lora_" prefix check
 
     def adapter_numbers_per_task(self) -> float:
         return float(self._adapter_numbers)

@@ -116,9 +116,9 @@ class ShareMethod(ContinualMethod):
     # ---------------------------------------------------------------- training
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
         gen = self.generator(3)
+        head = self._add_task(task)  # first: a duplicate name must fail before any layer changes
         states = [layer.begin_task(seed_rank=self.config.r, phi=self.config.phi, init=self.config.init, generator=gen)
                   for layer in self.layers.values()]
-        head = self._add_task(task)
         self.kinds[task.name] = "data"
         adapter = [p for s in states for p in s.parameters()]
         self._last_trainable = sum(p.numel() for p in adapter)
