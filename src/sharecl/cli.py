@@ -56,14 +56,18 @@ def _setup_torch(threads: Optional[int]) -> None:
         torch.set_num_threads(threads)
 
 
-def _share_options(k: int, p: int, energy: Optional[float], rank: int) -> dict:
+def _share_options(k: int, p: int, energy: Optional[float], rank: int, phi: int, init: str, finetune: int) -> dict:
     """ShareConfig overrides from the command line: a fixed k unless --energy is given."""
-    return {"k": None if energy is not None else k, "energy": energy, "p": p, "r": rank}
+    return {"k": None if energy is not None else k, "energy": energy, "p": p, "r": rank, "phi": phi, "init": init,
+            "merge_finetune_steps": finetune}
 
 
 KOpt = Annotated[int, typer.Option(help="Share: basis size k per side (ignored with --energy).")]
 POpt = Annotated[int, typer.Option(help="Share: pseudo-rank p, columns of each task's coefficients.")]
 EOpt = Annotated[Optional[float], typer.Option(help="Share: choose k by kept energy fraction instead of a fixed k.")]
+PhiOpt = Annotated[int, typer.Option(help="Share: temporary directions per side while a task trains (φ).")]
+InitOpt = Annotated[str, typer.Option(help="Share: coefficient init, 'zero' (ΔW = 0) or 'previous' (warm start).")]
+FtOpt = Annotated[int, typer.Option(help="Share: steps fine-tuning the new task's coefficients after the merge.")]
 
 
 @app.command()
@@ -79,7 +83,7 @@ def run(
     seed: Annotated[int, typer.Option(help="Seed for splits, inits and batch order.")] = 0,
     train_per_class: Annotated[int, typer.Option(help="Training examples per class.")] = 48,
     test_per_class: Annotated[int, typer.Option(help="Test examples per class.")] = 30,
-    k: KOpt = 10, p: POpt = 2, energy: EOpt = None,
+    k: KOpt = 10, p: POpt = 2, energy: EOpt = None, phi: PhiOpt = 2, init: InitOpt = "zero", merge_finetune_steps: FtOpt = 0,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r (baselines, and Share's first-task seed).")] = 8,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -100,7 +104,7 @@ def run(
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed)
     configs = {m: {"r": rank} for m in names}
     if "share" in configs:
-        configs["share"].update(_share_options(k, p, energy, rank))
+        configs["share"].update(_share_options(k, p, energy, rank, phi, init, merge_finetune_steps))
     console.print(f"stream [bold]{s.name}[/]: " + ", ".join(f"{t.name} ({t.num_classes} classes, {len(t.train_inputs)} train)" for t in s))
     results = run_stream(s, names, cfg, out, model_path=model, method_configs=configs, progress=progress, log=console.print)
     _print_results(results)
@@ -138,7 +142,7 @@ def learn(
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-3,
     seed: Annotated[int, typer.Option(help="Seed (split, init, batch order).")] = 0,
-    k: KOpt = 10, p: POpt = 2, energy: EOpt = None,
+    k: KOpt = 10, p: POpt = 2, energy: EOpt = None, phi: PhiOpt = 2, init: InitOpt = "zero", merge_finetune_steps: FtOpt = 0,
     rank: Annotated[int, typer.Option("--rank", "-r", help="Rank of the first task's seeding LoRA (new store).")] = 8,
     text_column: str = "text", label_column: str = "label",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -157,7 +161,7 @@ def learn(
         if (store / "manifest.json").exists():
             method = load_store(store)
         else:
-            method = ShareMethod(load_encoder(model), seed=seed, **_share_options(k, p, energy, rank))
+            method = ShareMethod(load_encoder(model), seed=seed, **_share_options(k, p, energy, rank, phi, init, merge_finetune_steps))
         if task in method.task_classes:
             raise ValueError(f"task {task!r} already exists in {store}; choose another name")
         t = load_task_file(data, task, seed=seed, text_column=text_column, label_column=label_column)
