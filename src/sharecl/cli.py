@@ -50,6 +50,9 @@ def _user_errors(fn):
 def _setup_torch(threads: Optional[int]) -> None:
     import torch
 
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")  # library deprecation noise
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if threads:
