@@ -116,6 +116,10 @@ def test_adapter_only_task_is_folded_without_data(tiny_share, fast_cfg):
     assert m.kinds["ext"] == "adapter" and "a" in rec["per_task"]
     with pytest.raises(ValueError, match="already exists"):
         m.add_adapter("ext", factors, scaling=1.0)
+    prefixed = {f"bert.{n}": f for n, f in factors.items()}  # as saved from BertForSequenceClassification
+    m.add_adapter("ext-prefixed", prefixed, scaling=1.0)
+    for layer in m.layers.values():
+        assert torch.allclose(layer.delta_weight(1), layer.delta_weight(2), atol=1e-5)
     bad = dict(list(factors.items())[1:])
     with pytest.raises(ValueError, match="missing"):
         m.add_adapter("ext2", bad, scaling=1.0)

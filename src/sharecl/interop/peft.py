@@ -93,7 +93,7 @@ def export_task(method, task_name: str, out_dir: str | Path) -> Path:
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
     out.mkdir(parents=True, exist_ok=True)
     p = method.config.p
-    modules = sorted({n.rsplit(".", 1)[-1] for n in method.layers})
+    modules = sorted(method.layers)  # full names: PEFT adapts exactly these layers
     LoraConfig(r=p, lora_alpha=method.config.scaling * p, lora_dropout=0.0, target_modules=modules,
                base_model_name_or_path=method.encoder.path).save_pretrained(str(out))
     tensors = {}

@@ -78,6 +78,25 @@ class ShareConfig:
         return asdict(self)
 
 
+def _align_to_layers(factors: dict, layers: list[str]) -> dict:
+    """Rename adapter modules to this model's layer names when they differ only by a prefix.
+
+    An adapter trained on, say, ``BertForSequenceClassification`` names its layers
+    ``bert.encoder.layer.0…`` where the bare encoder has ``encoder.layer.0…``. Each layer is
+    matched to the one adapter module equal to it or ending in ``"." + layer``; anything
+    ambiguous is left as it was, so the caller's check reports it.
+    """
+    if set(factors) == set(layers):
+        return factors
+    out = {}
+    for layer in layers:
+        hits = [k for k in factors if k == layer or k.endswith("." + layer)]
+        if len(hits) != 1:
+            return factors
+        out[layer] = factors[hits[0]]
+    return out if len(out) == len(factors) else factors
+
+
 @register
 class ShareMethod(ContinualMethod):
     """Share on any transformers encoder; task-incremental (coefficients chosen by task id).
@@ -193,6 +212,7 @@ class ShareMethod(ContinualMethod):
         check_task_name(name)
         if name in self.task_classes:
             raise ValueError(f"task {name!r} already exists; choose another name")
+        factors = _align_to_layers(factors, list(self.layers))
         missing = sorted(set(self.layers) - set(factors))
         extra = sorted(set(factors) - set(self.layers))
         if missing or extra:
