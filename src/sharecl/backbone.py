@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Encoder", "TaskHeads", "default_model_path", "load_encoder", "weights_hash"]
+__all__ = ["Encoder", "TaskHeads", "default_model_path", "load_encoder", "sha256_files", "weights_hash"]
 
 
 def default_model_path() -> str:
@@ -36,21 +36,29 @@ def default_model_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
+def sha256_files(paths) -> str:
+    """Hex sha256 over the bytes of ``paths`` read in order, 1 MiB at a time."""
+    h = hashlib.sha256()
+    for f in paths:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def weights_hash(path: str | os.PathLike) -> str:
     """sha256 over the model's weight files (``*.safetensors``/``*.bin``, sorted by name).
 
     Identifies a base model independently of where it is installed.
+
+    Raises:
+        FileNotFoundError: if ``path`` holds no weight files.
     """
     p = Path(path)
     files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin")) if p.is_dir() else []
     if not files:
         raise FileNotFoundError(f"no *.safetensors or *.bin weights in {path}")
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return sha256_files(files)
 
 
 @dataclass

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import platform
@@ -58,11 +57,9 @@ def library_versions() -> dict[str, str]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from sharecl.backbone import sha256_files
+
+    return sha256_files([path])
 
 
 def _fsync_dir(path: Path) -> None:
