@@ -100,9 +100,11 @@ class ContinualMethod(ABC):
         sizes = [sum(p.numel() for p in self.heads.heads[n].parameters()) for n in self.task_names]
         return sum(sizes) / max(len(sizes), 1)
 
-    def _encode_head(self, inputs: list, task_name: str) -> torch.Tensor:
+    def _encode_head(self, inputs: list, task_name: str, training: bool) -> torch.Tensor:
+        """Backbone + task head; builds an autograd graph only when ``training``."""
         batch = self.encoder.tokenize(inputs)
-        return self.heads(self.encoder.encode(batch), task_name)
+        with torch.set_grad_enabled(training and torch.is_grad_enabled()):
+            return self.heads(self.encoder.encode(batch), task_name)
 
     def check_task(self, task_name: str) -> None:
         if task_name not in self.task_classes:

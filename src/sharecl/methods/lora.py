@@ -85,7 +85,7 @@ class _PeftLoRA(ContinualMethod):
     def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
         self.check_task(task_name)
         self.peft_model.set_adapter(self._adapter_of(task_name))
-        return self._encode_head(inputs, task_name)
+        return self._encode_head(inputs, task_name, training)
 
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
         head = self._add_task(task)

@@ -44,7 +44,7 @@ class HeadOnlyMethod(ContinualMethod):
 
     def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
         self.check_task(task_name)
-        return self._encode_head(inputs, task_name)
+        return self._encode_head(inputs, task_name, training)
 
     def adapter_numbers_per_task(self) -> float:
         return 0.0

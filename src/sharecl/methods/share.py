@@ -149,7 +149,7 @@ class ShareMethod(ContinualMethod):
         else:
             self._route(task_index=self.index(task_name))
         try:
-            return self._encode_head(inputs, task_name)
+            return self._encode_head(inputs, task_name, training)
         finally:
             self._route()
 
