@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import psutil
 import torch
-from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
@@ -125,8 +124,3 @@ def evaluate(forward: Callable[[list], torch.Tensor], task: Task, batch_size: in
         return float("nan")
     pred = predict_logits(forward, task.test_inputs, batch_size).argmax(-1)
     return (pred == torch.tensor(task.test_labels)).float().mean().item()
-
-
-def trainable(module: nn.Module) -> list[nn.Parameter]:
-    """Parameters of ``module`` that require gradients."""
-    return [p for p in module.parameters() if p.requires_grad]

@@ -12,7 +12,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 

@@ -11,7 +11,7 @@ small space, with balanced factors, no centring by default and no null-space pad
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
