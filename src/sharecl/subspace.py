@@ -135,15 +135,19 @@ class MergeResult:
     energy_A: float
 
 
-def _canonical_batch(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balance a batch of factor pairs given column-wise: ``b`` (T, m, p), ``a`` (T, n, p)."""
+def _canonical_batch(b: torch.Tensor, a: torch.Tensor, p: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balance a batch of factor pairs given column-wise, ``b`` (T, m, r) and ``a`` (T, n, r).
+
+    Returns ``p`` columns per side (default ``r``): the top-p balanced columns, padded with
+    zero columns when the pair has fewer (rank below p, or fewer rows than columns).
+    """
+    p = b.shape[2] if p is None else p
     qb, rb = torch.linalg.qr(b)
     qa, ra = torch.linalg.qr(a)
     x, s, yh = torch.linalg.svd(rb @ ra.transpose(1, 2), full_matrices=False)
     root = s.clamp_min(0).sqrt().unsqueeze(1)
-    nb, na = (qb @ x) * root, (qa @ yh.transpose(1, 2)) * root
-    p = b.shape[2]
-    if nb.shape[2] < p:  # fewer rows than columns: pad with zero columns to keep p
+    nb, na = ((qb @ x) * root)[:, :, :p], ((qa @ yh.transpose(1, 2)) * root)[:, :, :p]
+    if nb.shape[2] < p:
         nb = torch.nn.functional.pad(nb, (0, p - nb.shape[2]))
         na = torch.nn.functional.pad(na, (0, p - na.shape[2]))
     return nb, na
@@ -223,12 +227,7 @@ def merge_subspace(
     qa, ra = torch.linalg.qr(torch.cat([V, na], 1))
     old_b = rb[:, :kb].unsqueeze(0) @ cB  # (T_old, kb + r, p): old tasks in small coordinates
     old_a = ra[:, :ka].unsqueeze(0) @ cA
-    new_b, new_a = _canonical_batch(rb[:, kb:].unsqueeze(0), ra[:, ka:].unsqueeze(0))
-    new_b, new_a = new_b[:, :, :p], new_a[:, :, :p]
-    if new_b.shape[2] < p:  # rank r < p: pad with zero columns so every task has p columns
-        pad = p - new_b.shape[2]
-        new_b = torch.nn.functional.pad(new_b, (0, pad))
-        new_a = torch.nn.functional.pad(new_a, (0, pad))
+    new_b, new_a = _canonical_batch(rb[:, kb:].unsqueeze(0), ra[:, ka:].unsqueeze(0), p)
     all_b = torch.cat([old_b, new_b], 0)  # old tasks were balanced when they were new; only
     all_a = torch.cat([old_a, new_a], 0)  # the new task is canonicalised (METHODS.md §1)
 
@@ -247,25 +246,12 @@ def naive_merge_subspace(U, V, coeff_B, coeff_A, new_B, new_A, *, p, k=None, ene
 
     Same contract as :func:`merge_subspace`; exists for tests and for the merge benchmark.
     """
-    nb, na = balanced_factors(new_B.to(_F), new_A.to(_F))
-    nb, na = nb[:, :p], na[:p].T
-    if nb.shape[1] < p:
-        nb = torch.nn.functional.pad(nb, (0, p - nb.shape[1]))
-        na = torch.nn.functional.pad(na, (0, p - na.shape[1]))
-    bs, as_ = [], []
+    bs, as_ = _canonical_batch(new_B.to(_F).unsqueeze(0), new_A.to(_F).T.unsqueeze(0), p)
     if U is not None:
-        for cb, ca in zip(coeff_B.to(_F), coeff_A.to(_F)):
-            bs.append(U.to(_F) @ cb)
-            as_.append(V.to(_F) @ ca)
-    bs.append(nb)
-    as_.append(na)
-    SB, SA = torch.cat(bs, 1), torch.cat(as_, 1)
-    wb, eb = _truncate(SB, k, energy, k_max, store_dtype)
-    wa, ea = _truncate(SA, k, energy, k_max, store_dtype)
-    cb = torch.stack([wb.T @ b for b in bs])
-    ca = torch.stack([wa.T @ a for a in as_])
-    old = torch.stack([b @ a.T for b, a in zip(bs, as_)])
-    new = torch.stack([wb @ c1 @ c2.T @ wa.T for c1, c2 in zip(cb, ca)])
-    denom = torch.linalg.matrix_norm(old)
-    drift = torch.where(denom > 0, torch.linalg.matrix_norm(new - old) / denom.clamp_min(1e-300), torch.zeros_like(denom))
-    return MergeResult(wb, wa, cb, ca, drift, eb, ea)
+        bs = torch.cat([U.to(_F) @ coeff_B.to(_F), bs])
+        as_ = torch.cat([V.to(_F) @ coeff_A.to(_F), as_])
+    T = bs.shape[0]
+    wb, eb = _truncate(bs.transpose(0, 1).reshape(bs.shape[1], T * p), k, energy, k_max, store_dtype)
+    wa, ea = _truncate(as_.transpose(0, 1).reshape(as_.shape[1], T * p), k, energy, k_max, store_dtype)
+    cb, ca = wb.T @ bs, wa.T @ as_
+    return MergeResult(wb, wa, cb, ca, _drift(bs, as_, wb @ cb, wa @ ca), eb, ea)
