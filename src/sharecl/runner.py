@@ -2,7 +2,8 @@
 
 For each method: learn the stream's tasks in order, evaluate every task seen so far after
 each one (the accuracy matrix), and write ``OUT/<method>/results.json`` and
-``OUT/<method>/accuracy_matrix.png``; Share also writes its store to ``OUT/share/store``.
+``OUT/<method>/accuracy_matrix.png``; a method with a store format (Share) also writes
+``OUT/<method>/store``.
 ``OUT/manifest.json`` records the stream (classes, sizes, seed), configs and versions.
 """
 
@@ -56,15 +57,14 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
         "bytes_shared": method.shared_numbers() * BYTES_PER_NUMBER,
         "train_seconds": seconds, "train_seconds_total": sum(seconds), "peak_rss_bytes": rss.peak,
         "config": method.config.to_dict(), "train_config": vars(cfg).copy(),
-        "task_info": [{k: v for k, v in inf.items() if k != "merge"} for inf in infos],
+        "task_info": [{k: v for k, v in inf.items() if k != "merge"} for inf in infos],  # merges are in report()
+        **method.report(),
     }
-    if method_name == "share":
-        results["merges"] = method.drift
     d = out_dir / method_name
     d.mkdir(parents=True, exist_ok=True)
     (d / "results.json").write_text(json.dumps(results, indent=2))
     accuracy_heatmap(R, results["tasks"], f"{method_name} on {stream.name} (accuracy %)", d / "accuracy_matrix.png")
-    if method_name == "share":
+    if method.storable:
         from sharecl.store import save_store
 
         save_store(method, d / "store", extra={"stream": stream.name})

@@ -32,10 +32,12 @@ class ContinualMethod(ABC):
     Class attributes:
         name: registry name (``share``, ``lora-per-task``, …).
         scenarios: supported scenarios, a subset of ``("til", "cil")``.
+        storable: whether :mod:`sharecl.store` can save this method.
     """
 
     name: ClassVar[str]
     scenarios: ClassVar[tuple[str, ...]] = ("til",)
+    storable: ClassVar[bool] = False
 
     def __init__(self, encoder: Encoder, seed: int = 0):
         self.encoder = encoder
@@ -95,6 +97,10 @@ class ContinualMethod(ABC):
     @abstractmethod
     def trainable_numbers_last_task(self) -> int:
         """Adapter parameters trained for the most recent task (no head)."""
+
+    def report(self) -> dict:
+        """Method-specific, JSON-ready entries for ``results.json`` (e.g. Share's merges)."""
+        return {}
 
     def head_numbers_per_task(self) -> float:
         sizes = [sum(p.numel() for p in self.heads.heads[n].parameters()) for n in self.task_names]

@@ -110,6 +110,7 @@ class ShareMethod(ContinualMethod):
 
     name = "share"
     scenarios = ("til",)
+    storable = True
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: ShareConfig | None = None, **overrides):
         super().__init__(encoder, seed)
@@ -261,6 +262,9 @@ class ShareMethod(ContinualMethod):
     # -------------------------------------------------------------- accounting
     def adapter_numbers_per_task(self) -> float:
         return float(sum((layer.k[0] + layer.k[1]) * layer.p for layer in self.layers.values()))
+
+    def report(self) -> dict:
+        return {"merges": self.drift}
 
     def shared_numbers(self) -> int:
         return sum(layer.U.numel() + layer.V.numel() for layer in self.layers.values())
