@@ -19,7 +19,7 @@ from torch import nn
 from sharecl.adapters.share import ShareLinear
 from sharecl.backbone import Encoder
 from sharecl.data.tasks import Task, check_task_name
-from sharecl.inject import default_targets, wrap_targets
+from sharecl.inject import default_targets, set_submodule, wrap_targets
 from sharecl.methods.base import ContinualMethod, register
 from sharecl.subspace import merge_subspace
 from sharecl.train import PeakRSS, TrainConfig, train_steps
@@ -254,9 +254,7 @@ class ShareMethod(ContinualMethod):
         idx = self.index(task_name)
         model = copy.deepcopy(self.encoder.model)
         for name in self.layers:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, getattr(parent, child).folded_linear(idx))
+            set_submodule(model, name, model.get_submodule(name).folded_linear(idx))
         return model
 
     # -------------------------------------------------------------- accounting
