@@ -32,6 +32,7 @@ def test_all_methods_two_tasks(tiny_model_dir, fast_cfg, tmp_path):
     assert results["lora-per-task"]["bytes_per_task"] == 4 * 8 * (32 + 32) * 4
     assert results["seq-lora"]["bytes_per_task"] == 0 and results["seq-lora"]["bytes_shared"] == 4 * 8 * 64 * 4
     assert results["head-only"]["forgetting"] == pytest.approx(0.0)
+    assert results["lora-per-task"]["forgetting"] == pytest.approx(0.0)  # one adapter per task: nothing moves
     assert load_store(tmp_path / "share" / "store").task_names == ["a", "b"]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert [t["name"] for t in manifest["tasks"]] == ["a", "b"] and manifest["tasks"][0]["seed"] == 0

@@ -84,7 +84,9 @@ class _PeftLoRA(ContinualMethod):
 
     def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
         self.check_task(task_name)
-        self.peft_model.set_adapter(self._adapter_of(task_name))
+        adapter = self._adapter_of(task_name)
+        if self.peft_model.active_adapter != adapter:  # set_adapter walks every module: not per step
+            self.peft_model.set_adapter(adapter)
         return self._encode_head(inputs, task_name, training)
 
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
