@@ -20,12 +20,14 @@ def test_all_methods_two_tasks(tiny_model_dir, fast_cfg, tmp_path):
     configs = {"share": {"r": 4, "k": 4, "p": 2}}
     results = run_stream(stream, sorted(METHODS), fast_cfg, tmp_path, model_path=tiny_model_dir,
                          method_configs=configs, progress=False, log=lambda *a: None)
-    assert set(results) == {"share", "lora-per-task", "seq-lora", "head-only"}
+    assert set(results) == {"share", "lora-per-task", "seq-lora", "head-only", "joint-lora", "inflora", "sd-lora",
+                            "sd-lora-rr", "sd-lora-kd", "dual-lora"}
     for name, res in results.items():
         on_disk = json.loads((tmp_path / name / "results.json").read_text())
         assert KEYS <= set(on_disk), KEYS - set(on_disk)
         R = on_disk["accuracy_matrix"]
         assert R[0][1] is None and all(0 <= v <= 1 for row in R for v in row if v is not None)
+        assert len(on_disk["adapter_bytes_after_task"]) == (1 if name == "joint-lora" else 2)
         assert (tmp_path / name / "accuracy_matrix.png").stat().st_size > 1000
         assert on_disk["head_bytes_per_task"] == (32 * 3 + 3) * 4
     assert results["share"]["bytes_per_task"] == 4 * (4 + 4) * 2 * 4  # 4 layers, k_B + k_A = 8, p = 2, float32
@@ -36,3 +38,33 @@ def test_all_methods_two_tasks(tiny_model_dir, fast_cfg, tmp_path):
     assert load_store(tmp_path / "share" / "store").task_names == ["a", "b"]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert [t["name"] for t in manifest["tasks"]] == ["a", "b"] and manifest["tasks"][0]["seed"] == 0
+
+
+def test_joint_lora_has_only_a_final_row(tiny_model_dir, fast_cfg, tmp_path):
+    stream = Stream("tiny2", [make_task("a"), make_task("b", seed=1)], seed=0)
+    res = run_stream(stream, ["joint-lora"], fast_cfg, tmp_path, model_path=tiny_model_dir, progress=False,
+                     log=lambda *a: None)["joint-lora"]
+    assert res["accuracy_matrix"][0] == [None, None] and None not in res["accuracy_matrix"][1]
+    assert res["final_average_accuracy"] is not None and res["forgetting"] is None
+    assert res["bytes_shared"] == 4 * 8 * 64 * 4 and res["bytes_per_task"] == 0
+
+
+def test_class_incremental_stream_reports_both_matrices(tiny_model_dir, fast_cfg, tmp_path):
+    stream = Stream("tiny2", [make_task("a"), make_task("b", seed=1)], seed=0, scenario="cil")
+    names = ["share", "inflora", "sd-lora", "dual-lora", "seq-lora", "head-only"]
+    results = run_stream(stream, names, fast_cfg, tmp_path, model_path=tiny_model_dir,
+                         method_configs={"share": {"r": 4, "k": 4, "p": 2}}, progress=False, log=lambda *a: None)
+    for name, res in results.items():
+        assert res["scenario"] == "cil"
+        assert len(res["til_accuracy_matrix"]) == 2 and res["til_final_average_accuracy"] is not None
+    # with one task seen, class-incremental and task-incremental accuracy coincide (same classes)
+    for name in ("inflora", "sd-lora", "seq-lora", "head-only", "share"):
+        assert results[name]["accuracy_matrix"][0][0] == pytest.approx(results[name]["til_accuracy_matrix"][0][0])
+
+
+def test_task_incremental_only_method_refuses_cil(tiny_model_dir, fast_cfg, tmp_path):
+    from sharecl.methods import UnsupportedScenarioError
+
+    stream = Stream("tiny2", [make_task("a"), make_task("b", seed=1)], seed=0, scenario="cil")
+    with pytest.raises(UnsupportedScenarioError, match="lora-per-task"):
+        run_stream(stream, ["lora-per-task"], fast_cfg, tmp_path, model_path=tiny_model_dir, progress=False, log=lambda *a: None)

@@ -114,6 +114,45 @@ def run(
     console.print(f"results in [bold]{out}[/] (results.json and accuracy_matrix.png per method)")
 
 
+@app.command()
+@_user_errors
+def compare(
+    stream: Annotated[str, typer.Option(help="Task stream: text5 (task-incremental) or wordnet-cil (class-incremental).")] = "text5",
+    methods: Annotated[str, typer.Option(help="'all' or comma-separated methods.")] = "all",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (splits, class order, inits, batches).")] = "0,1,2",
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default runs/compare-<stream>).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Local transformers model directory (default: packaged all-MiniLM-L6-v2).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps per task (joint-lora: steps × tasks).")] = 80,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate (adapters and heads), the same for every method.")] = 5e-3,
+    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r of every method (Share: first-task seed).")] = 8,
+    k: KOpt = 10, p: POpt = 2,
+    resume: Annotated[bool, typer.Option(help="Reuse results.json files already in OUT.")] = True,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """Run every method on one stream with the same backbone, targets, rank, budget and seeds; write compare.md/json and plots."""
+    _setup_torch(threads)
+    from sharecl.compare import ALL_METHODS
+    from sharecl.compare import compare as run_compare
+    from sharecl.train import TrainConfig
+
+    names = ALL_METHODS if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    out = out or Path(f"runs/compare-{stream}")
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr)
+    configs = {m: ({} if m == "head-only" else {"r": rank}) for m in names}
+    if "share" in configs:
+        configs["share"].update(_share_options(k, p, None, rank, 2, "zero", 0))
+    summary, md = run_compare(stream, names, seed_list, cfg, out, model_path=model, method_configs=configs,
+                              resume=resume, progress=progress, log=console.print)
+    console.print(md, highlight=False, markup=False)
+    console.print(f"written: {out}/compare.md, compare.json, accuracy_curve.png, bytes.png, seed-*/<method>/results.json")
+
+
 def _print_results(results: dict[str, dict]) -> None:
     for name, res in results.items():
         t = Table(title=f"{name}: accuracy matrix (%), row = after learning task i")
@@ -128,8 +167,9 @@ def _print_results(results: dict[str, dict]) -> None:
                 "shared bytes", "train s"):
         s.add_column(col, justify="right")
     for name, r in results.items():
-        s.add_row(name, f"{100 * r['final_average_accuracy']:.2f}", f"{100 * r['average_incremental_accuracy']:.2f}",
-                  f"{100 * r['forgetting']:.2f}", f"{100 * r['bwt']:.2f}", f"{r['bytes_per_task']:,.0f}",
+        pct = [("—" if r[key] is None else f"{100 * r[key]:.2f}")
+               for key in ("final_average_accuracy", "average_incremental_accuracy", "forgetting", "bwt")]
+        s.add_row(name, *pct, f"{r['bytes_per_task']:,.0f}",
                   f"{r['head_bytes_per_task']:,.0f}", f"{r['bytes_shared']:,}", f"{r['train_seconds_total']:.0f}")
     console.print(s)
 

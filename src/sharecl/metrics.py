@@ -50,8 +50,17 @@ def backward_transfer(R) -> float:
     return sum(R[T - 1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
 
 
-def summarize(R) -> dict[str, float]:
-    """All four metrics, keyed as in ``results.json``."""
+def summarize(R) -> dict[str, float | None]:
+    """All four metrics, keyed as in ``results.json``.
+
+    A matrix whose only filled row is the last (joint training, which is not continual) gets
+    the final average accuracy and ``None`` for the metrics that need earlier rows.
+    """
+    if len(R) > 1 and all(all(v is None for v in row) for row in R[:-1]):
+        if len(R[-1]) != len(R) or any(v is None or not 0.0 <= v <= 1.0 for v in R[-1]):
+            raise ValueError("the final row must hold a fraction in [0, 1] for every task")
+        return {"final_average_accuracy": sum(R[-1]) / len(R), "average_incremental_accuracy": None,
+                "forgetting": None, "bwt": None}
     return {"final_average_accuracy": final_average_accuracy(R),
             "average_incremental_accuracy": average_incremental_accuracy(R),
             "forgetting": forgetting(R), "bwt": backward_transfer(R)}

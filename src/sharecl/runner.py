@@ -10,6 +10,7 @@ each one (the accuracy matrix), and write ``OUT/<method>/results.json`` and
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -20,50 +21,106 @@ from sharecl.data.tasks import Stream
 from sharecl.methods.base import build_method
 from sharecl.metrics import summarize
 from sharecl.plots import accuracy_heatmap
-from sharecl.train import PeakRSS, TrainConfig, evaluate
+from sharecl.train import PeakRSS, TrainConfig, evaluate, predict_logits
 
-__all__ = ["run_method", "run_stream"]
+__all__ = ["run_method", "run_stream", "evaluate_cil"]
 
 BYTES_PER_NUMBER = 4  # float32 storage
 
 
+def evaluate_cil(method, task, offset: int, batch_size: int) -> float:
+    """Class-incremental accuracy (fraction) on ``task``'s test split: the argmax of
+    ``method.cil_logits`` over every class seen must be ``offset + label``."""
+    if not task.test_inputs:
+        return float("nan")
+    pred = predict_logits(method.cil_logits, task.test_inputs, batch_size).argmax(-1)
+    return (pred == torch.tensor(task.test_labels) + offset).float().mean().item()
+
+
+def _rows(method, stream: Stream, upto: int, cfg: TrainConfig) -> tuple[list[float], list[float] | None]:
+    """TIL accuracies of tasks ``0..upto``, and CIL accuracies on a class-incremental stream."""
+    seen = stream.tasks[: upto + 1]
+    til = [evaluate(lambda xs, n=t.name: method.logits(xs, n), t, cfg.eval_batch_size) for t in seen]
+    if stream.scenario != "cil":
+        return til, None
+    offsets = method.class_offsets()
+    return til, [evaluate_cil(method, t, offsets[t.name], cfg.eval_batch_size) for t in seen]
+
+
+def _json_safe(x):
+    """NaN → None, recursively (JSON has no NaN)."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path, *, model_path: str | None = None,
                method_config: dict | None = None, progress: bool = True, log=print) -> dict:
-    """Learn ``stream`` with one method; returns the results dict (also written to JSON)."""
+    """Learn ``stream`` with one method; returns the results dict (also written to JSON).
+
+    On a class-incremental stream ``accuracy_matrix`` holds class-incremental accuracies (no
+    task id) and ``til_accuracy_matrix`` the task-incremental ones; on a task-incremental
+    stream ``accuracy_matrix`` is task-incremental. A joint method (``joint-lora``) learns all
+    tasks at once and fills only the last row.
+
+    Raises:
+        UnsupportedScenarioError: if the method does not support the stream's scenario.
+    """
     torch.manual_seed(cfg.seed)
     encoder = load_encoder(model_path, max_length=cfg.max_length)
     method = build_method(method_name, encoder, seed=cfg.seed, **(method_config or {}))
     method.check_scenario(stream.scenario)
+    method.begin_stream(len(stream))
     rss = PeakRSS()
     T = len(stream)
-    R: list[list[float | None]] = []
-    seconds, infos = [], []
-    for i, task in enumerate(stream):
+    R: list[list[float | None]] = [[None] * T for _ in range(T)]
+    R_til: list[list[float | None]] = [[None] * T for _ in range(T)]
+    seconds, infos, stored = [], [], []
+    steps = [(T - 1, None)] if getattr(method, "joint", False) else [(i, t) for i, t in enumerate(stream)]
+    for i, task in steps:
         t0 = time.perf_counter()
-        info = method.learn(task, cfg, rss=rss, progress=progress)
+        if task is None:
+            info = method.learn_all(stream.tasks, cfg, stream.scenario, rss=rss, progress=progress)
+        else:
+            info = method.learn(task, cfg, rss=rss, progress=progress)
         seconds.append(time.perf_counter() - t0)
-        row = [evaluate(lambda xs, n=t.name: method.logits(xs, n), t, cfg.eval_batch_size) for t in stream.tasks[: i + 1]]
+        til, cil = _rows(method, stream, i, cfg)
         rss.sample()
-        R.append(row + [None] * (T - i - 1))
+        stored.append((method.adapter_numbers_per_task() * len(method.task_names) + method.shared_numbers()) * BYTES_PER_NUMBER)
+        R_til[i][: i + 1] = til
+        R[i][: i + 1] = cil if cil is not None else til
         infos.append(info)
-        log(f"{method_name} · after {task.name}: " + "  ".join(f"{100 * a:.1f}" for a in row) + f"   ({seconds[-1]:.0f} s)")
+        label = "all tasks" if task is None else task.name
+        log(f"{method_name} · after {label}: " + "  ".join(f"{100 * a:.1f}" for a in R[i][: i + 1]) + f"   ({seconds[-1]:.0f} s)")
     results = {
         "method": method_name, "stream": stream.name, "scenario": stream.scenario,
         "tasks": [t.name for t in stream], "accuracy_matrix": R, **summarize(R),
+    }
+    if stream.scenario == "cil":
+        results["til_accuracy_matrix"] = R_til
+        results.update({f"til_{k}": v for k, v in summarize(R_til).items()})
+    results.update({
         "params_per_task": method.adapter_numbers_per_task(),
         "trainable_params_last_task": method.trainable_numbers_last_task(),
         "bytes_per_task": method.adapter_numbers_per_task() * BYTES_PER_NUMBER,
         "head_bytes_per_task": method.head_numbers_per_task() * BYTES_PER_NUMBER,
         "bytes_shared": method.shared_numbers() * BYTES_PER_NUMBER,
+        "adapter_bytes_after_task": stored,  # adapters + shared state (no heads) after each task
         "train_seconds": seconds, "train_seconds_total": sum(seconds), "peak_rss_bytes": rss.peak,
         "config": method.config.to_dict(), "train_config": vars(cfg).copy(),
         "task_info": [{k: v for k, v in inf.items() if k != "merge"} for inf in infos],  # merges are in report()
         **method.report(),
-    }
+    })
+    results = _json_safe(results)
     d = out_dir / method_name
     d.mkdir(parents=True, exist_ok=True)
     (d / "results.json").write_text(json.dumps(results, indent=2))
-    accuracy_heatmap(R, results["tasks"], f"{method_name} on {stream.name} (accuracy %)", d / "accuracy_matrix.png")
+    kind = "class-incremental" if stream.scenario == "cil" else "task-incremental"
+    accuracy_heatmap(R, results["tasks"], f"{method_name} on {stream.name}, {kind} accuracy %", d / "accuracy_matrix.png")
     if method.storable:
         from sharecl.store import save_store
 

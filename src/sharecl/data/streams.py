@@ -2,6 +2,7 @@
 
 ``text5`` (task-incremental, the embedded default): BBC News topic → WordNet noun
 supersense → English fortune topic → WordNet verb supersense → fortune language.
+``wordnet-cil`` (class-incremental): 20 WordNet noun supersenses, 5 tasks of 4 classes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from sharecl.data import packaged
 from sharecl.data.tasks import Stream, Task, split_task
 
-__all__ = ["STREAMS", "get_stream", "TEXT5_FORTUNE_TOPICS"]
+__all__ = ["STREAMS", "get_stream", "TEXT5_FORTUNE_TOPICS", "wordnet_cil"]
 
 #: English fortune topic files used by ``text5`` (topic task, and "en" in the language task).
 TEXT5_FORTUNE_TOPICS = ["computers", "education", "food", "law", "politics", "sports"]
@@ -44,7 +45,41 @@ def text5(seed: int = 0, train_per_class: int = 48, test_per_class: int = 30) ->
     return Stream("text5", tasks, seed, "til")
 
 
-STREAMS: dict[str, Callable[..., Stream]] = {"text5": text5}
+def wordnet_cil(seed: int = 0, train_per_class: int = 48, test_per_class: int = 30, num_tasks: int = 5,
+                num_classes: int = 20) -> Stream:
+    """Class-incremental WordNet noun supersenses: 20 classes in 5 tasks of 4.
+
+    Inputs are ``"lemma: gloss"`` strings from Debian ``wordnet-base``; the label is the
+    synset's lexicographer file. WordNet has 26 noun files, two of them too small for 48
+    training and 30 test examples (``noun.Tops`` 51 synsets, ``noun.motive`` 42), which
+    leaves 24; the stream keeps the ``num_classes`` (20) largest, so that 5 tasks have equal
+    sizes (the 4 left out: ``noun.shape``, ``noun.feeling``, ``noun.relation``,
+    ``noun.phenomenon``). The class order is a permutation drawn from ``seed``
+    (``random.Random(seed)`` over the sorted names), cut into ``num_tasks`` equal tasks; no
+    task id at test time. Inputs listed under two classes are dropped.
+    """
+    import random
+
+    data = packaged.wordnet_supersenses("noun")
+    classes = sorted(_top_classes(data, num_classes))
+    if len(classes) % num_tasks:
+        raise ValueError(f"{len(classes)} classes do not split into {num_tasks} equal tasks")
+    owners: dict[str, int] = {}
+    for c in classes:
+        for x in set(data[c]):
+            owners[x] = owners.get(x, 0) + 1
+    random.Random(seed).shuffle(classes)
+    per = len(classes) // num_tasks
+    caps = dict(seed=seed, train_per_class=train_per_class, test_per_class=test_per_class)
+    tasks = []
+    for i in range(num_tasks):
+        chunk = {c: [x for x in data[c] if owners[x] == 1] for c in classes[i * per:(i + 1) * per]}
+        tasks.append(split_task(f"wordnet-cil-{i + 1}", chunk, meta={
+            "source": "WordNet 3.0 data.noun (Debian wordnet-base), lexicographer files, class order from the seed"}, **caps))
+    return Stream("wordnet-cil", tasks, seed, "cil")
+
+
+STREAMS: dict[str, Callable[..., Stream]] = {"text5": text5, "wordnet-cil": wordnet_cil}
 
 
 def get_stream(name: str, **kwargs) -> Stream:

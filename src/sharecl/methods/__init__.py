@@ -1,9 +1,14 @@
 """Continual-learning methods, one module each, registered by name in :data:`METHODS`."""
 
 from sharecl.methods.base import METHODS, ContinualMethod, UnsupportedScenarioError, build_method
-from sharecl.methods.lora import LoRAConfig, LoRAPerTaskMethod, SeqLoRAMethod
+from sharecl.methods.duallora import DualLoRAConfig, DualLoRAMethod
+from sharecl.methods.inflora import InfLoRAConfig, InfLoRAMethod
+from sharecl.methods.lora import JointLoRAMethod, LoRAConfig, LoRAPerTaskMethod, SeqLoRAMethod
 from sharecl.methods.probe import HeadOnlyMethod
+from sharecl.methods.sdlora import SDLoRAConfig, SDLoRAKDMethod, SDLoRAMethod, SDLoRARRMethod
 from sharecl.methods.share import ShareConfig, ShareMethod
 
 __all__ = ["METHODS", "ContinualMethod", "UnsupportedScenarioError", "build_method", "ShareConfig", "ShareMethod",
-           "LoRAConfig", "LoRAPerTaskMethod", "SeqLoRAMethod", "HeadOnlyMethod"]
+           "LoRAConfig", "LoRAPerTaskMethod", "SeqLoRAMethod", "JointLoRAMethod", "HeadOnlyMethod",
+           "InfLoRAConfig", "InfLoRAMethod", "SDLoRAConfig", "SDLoRAMethod", "SDLoRARRMethod", "SDLoRAKDMethod",
+           "DualLoRAConfig", "DualLoRAMethod"]

@@ -45,6 +45,12 @@ class ContinualMethod(ABC):
         self.task_names: list[str] = []
         self.task_classes: dict[str, list[str]] = {}
         self.seed = seed
+        self.num_tasks: int | None = None
+        self.layers: dict[str, nn.Module] = {}
+
+    def begin_stream(self, num_tasks: int | None) -> None:
+        """Told once before a stream of ``num_tasks`` tasks (None: open-ended, e.g. a store)."""
+        self.num_tasks = num_tasks
 
     # -- the per-task protocol -------------------------------------------------
     def check_scenario(self, scenario: str) -> None:
@@ -106,11 +112,64 @@ class ContinualMethod(ABC):
         sizes = [sum(p.numel() for p in self.heads.heads[n].parameters()) for n in self.task_names]
         return sum(sizes) / max(len(sizes), 1)
 
+    def _features(self, inputs: list) -> torch.Tensor:
+        """Pooled backbone features ``(N, hidden)``; tells covariance-aware layers which tokens are real."""
+        from sharecl.adapters.branches import StatsLinear
+
+        batch = self.encoder.tokenize(inputs)
+        stats = [m for m in self.layers.values() if isinstance(m, StatsLinear)]
+        mask = batch["attention_mask"].bool()
+        for m in stats:
+            m.token_mask = mask
+        try:
+            return self.encoder.encode(batch)
+        finally:
+            for m in stats:
+                m.token_mask = None
+
     def _encode_head(self, inputs: list, task_name: str, training: bool) -> torch.Tensor:
         """Backbone + task head; builds an autograd graph only when ``training``."""
-        batch = self.encoder.tokenize(inputs)
         with torch.set_grad_enabled(training and torch.is_grad_enabled()):
-            return self.heads(self.encoder.encode(batch), task_name)
+            return self.heads(self._features(inputs), task_name)
+
+    # -- class-incremental inference -------------------------------------------
+    def class_offsets(self) -> dict[str, int]:
+        """First global class id of each task: classes are numbered in task order."""
+        out, n = {}, 0
+        for t in self.task_names:
+            out[t] = n
+            n += len(self.task_classes[t])
+        return out
+
+    def cil_logits(self, inputs: list) -> torch.Tensor:
+        """Scores ``(N, total classes seen)`` with no task id; argmax is the global class.
+
+        Default: one forward of the current model and every task's head, concatenated in task
+        order (InfLoRA's and SD-LoRA's inference). Methods with task-specific weights override.
+
+        Raises:
+            UnsupportedScenarioError: if the method is task-incremental only.
+        """
+        self.check_scenario("cil")
+        with torch.no_grad():
+            z = self._features(inputs)
+            return torch.cat([self.heads(z, n) for n in self.task_names], -1)
+
+    @torch.no_grad()
+    def input_covariances(self, inputs: list, batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """One no-grad pass over ``inputs``: ``{layer: mean x xᵀ}`` ``(d_in, d_in)`` float64 of
+        every adapted layer's input, over real (non-padding) tokens, under the current routing."""
+        layers = self.layers
+        for m in layers.values():
+            m.reset_stats()
+            m.collect = True
+        try:
+            for i in range(0, len(inputs), batch_size):
+                self._features(inputs[i: i + batch_size])
+        finally:
+            for m in layers.values():
+                m.collect = False
+        return {n: m.covariance() for n, m in layers.items()}
 
     def check_task(self, task_name: str) -> None:
         if task_name not in self.task_classes:

@@ -3,6 +3,7 @@
 - ``lora-per-task``: a separate PEFT LoRA per task, chosen by task id (the task-incremental
   reference; storage grows with the number of tasks).
 - ``seq-lora``: one PEFT LoRA trained through all tasks in order (the forgetting floor).
+- ``joint-lora``: one PEFT LoRA trained on all tasks at once (the non-continual ceiling).
 
 Both use the same rank, targets, scaling, steps and seed as Share; heads are per task.
 """
@@ -19,7 +20,7 @@ from sharecl.inject import default_targets, find_targets
 from sharecl.methods.base import ContinualMethod, register
 from sharecl.train import PeakRSS, TrainConfig
 
-__all__ = ["LoRAConfig", "LoRAPerTaskMethod", "SeqLoRAMethod"]
+__all__ = ["LoRAConfig", "LoRAPerTaskMethod", "SeqLoRAMethod", "JointLoRAMethod"]
 
 
 @dataclass
@@ -121,9 +122,75 @@ class SeqLoRAMethod(_PeftLoRA):
     """One PEFT LoRA adapter trained on every task in turn (no protection against forgetting)."""
 
     name = "seq-lora"
+    scenarios = ("til", "cil")
 
     def _adapter_of(self, task_name: str) -> str:
         return "seq"
+
+    def adapter_numbers_per_task(self) -> float:
+        return 0.0
+
+    def shared_numbers(self) -> int:
+        return self._adapter_numbers
+
+
+@register
+class JointLoRAMethod(_PeftLoRA):
+    """Joint LoRA: one PEFT LoRA trained on the union of all tasks at once (METHODS.md §5).
+
+    The non-continual ceiling. It trains for ``steps × number of tasks`` steps (the budget
+    every continual method spends over the whole stream) on batches drawn from the union.
+    Loss: in a task-incremental stream, each example's cross-entropy over its own task's
+    classes (per-task heads); in a class-incremental stream, cross-entropy over every class
+    of the stream (all heads concatenated). Only the final accuracy row exists.
+    """
+
+    name = "joint-lora"
+    scenarios = ("til", "cil")
+    joint = True
+
+    def _adapter_of(self, task_name: str) -> str:
+        return "joint"
+
+    def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
+        raise RuntimeError("joint-lora is not continual: call learn_all(tasks, ...) with every task at once")
+
+    def learn_all(self, tasks: list[Task], cfg: TrainConfig, scenario: str = "til", *, rss: PeakRSS | None = None,
+                  progress: bool = True) -> dict:
+        """Train the adapter and every head on the union of ``tasks``; returns ``{"final_loss"}``."""
+        from sharecl.train import train_steps
+
+        self.check_scenario(scenario)
+        heads = [self._add_task(t) for t in tasks]
+        params = self._ensure_adapter("joint")
+        offsets = self.class_offsets()
+        inputs, labels, classes = [], [], []
+        for i, t in enumerate(tasks):
+            inputs += [(i, x) for x in t.train_inputs]
+            labels += [offsets[t.name] + y for y in t.train_labels]
+            classes += [f"{t.name}/{c}" for c in t.classes]
+        union = Task("joint", classes, inputs, labels, [], [])
+        bounds = [(offsets[t.name], offsets[t.name] + t.num_classes) for t in tasks]
+
+        def forward(batch: list) -> torch.Tensor:
+            logits = self._joint_logits([x for _, x in batch])
+            if scenario == "til":  # each example competes only within its own task's classes
+                keep = torch.zeros_like(logits, dtype=torch.bool)
+                for row, (i, _) in enumerate(batch):
+                    keep[row, bounds[i][0]: bounds[i][1]] = True
+                logits = logits.masked_fill(~keep, float("-inf"))
+            return logits
+
+        groups = [{"params": params, "lr": cfg.lr}, {"params": [p for h in heads for p in h.parameters()], "lr": cfg.head_lr}]
+        losses = train_steps(forward, groups, union, cfg, steps=cfg.steps * len(tasks), desc=f"{self.name} · all tasks",
+                             generator=self.generator(11), rss=rss, progress=progress)
+        for p in self.peft_model.parameters():
+            p.requires_grad_(False)
+        return {"final_loss": losses[-1] if losses else None}
+
+    def _joint_logits(self, texts: list) -> torch.Tensor:
+        z = self._features(texts)
+        return torch.cat([self.heads(z, n) for n in self.task_names], -1)
 
     def adapter_numbers_per_task(self) -> float:
         return 0.0

@@ -28,9 +28,10 @@ class HeadOnlyConfig:
 
 @register
 class HeadOnlyMethod(ContinualMethod):
-    """Frozen backbone, per-task linear heads (task-incremental)."""
+    """Frozen backbone, per-task linear heads (task-incremental; class-incremental by concatenating heads)."""
 
     name = "head-only"
+    scenarios = ("til", "cil")
 
     def __init__(self, encoder, seed: int = 0, **overrides):
         super().__init__(encoder, seed)

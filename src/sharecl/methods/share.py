@@ -99,7 +99,8 @@ def _align_to_layers(factors: dict, layers: list[str]) -> dict:
 
 @register
 class ShareMethod(ContinualMethod):
-    """Share on any transformers encoder; task-incremental (coefficients chosen by task id).
+    """Share on any transformers encoder: coefficients chosen by task id (TIL), or by the most
+    confident task in one mixed-task forward (CIL, :meth:`cil_logits`).
 
     Attributes:
         layers: ``{module name: ShareLinear}`` in model order.
@@ -109,7 +110,7 @@ class ShareMethod(ContinualMethod):
     """
 
     name = "share"
-    scenarios = ("til",)
+    scenarios = ("til", "cil")
     storable = True
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: ShareConfig | None = None, **overrides):
@@ -248,6 +249,27 @@ class ShareMethod(ContinualMethod):
         finally:
             self._route()
         return [self.heads(z[i: i + 1], t)[0] for i, t in enumerate(task_names)]
+
+    @torch.no_grad()
+    def cil_logits(self, inputs: list) -> torch.Tensor:
+        """Class-incremental scores ``(N, total classes)``: Share's task-identification rule [ours].
+
+        The Share paper selects coefficients by task id. Without one, every input is run under
+        every task's coefficients in **one** mixed-task batched forward (``N × T`` rows, METHODS.md
+        §1 "Inference"); each task's head gives log-probabilities over its own classes, and the
+        scores are those log-probabilities concatenated in task order. The argmax therefore picks
+        the most confident task (highest maximum softmax probability) and its best class. Tasks
+        with fewer classes have an easier time being confident; ``wordnet-cil`` has equal sizes.
+        Cost: ``T`` forward passes' worth of compute, in one batch.
+        """
+        T, N = len(self.task_names), len(inputs)
+        rows = torch.arange(T).repeat_interleave(N)
+        self._route(row_tasks=rows)
+        try:
+            z = self._features(list(inputs) * T)
+        finally:
+            self._route()
+        return torch.cat([torch.log_softmax(self.heads(z[i * N:(i + 1) * N], t), -1) for i, t in enumerate(self.task_names)], -1)
 
     def folded_model(self, task_name: str) -> nn.Module:
         """A copy of the backbone with task ``task_name``'s ΔW folded into plain ``nn.Linear`` weights."""

@@ -1,0 +1,279 @@
+"""Adapted linear layers of the peer methods: InfLoRA, SD-LoRA and DualLoRA.
+
+Each wraps a frozen ``nn.Linear`` (``W`` ``(d_out, d_in)``) and adds the method's low-rank
+branches; PEFT's names are used throughout: a down-projection ``A`` ``(r, d_in)`` and an
+up-projection ``B`` ``(d_out, r)``, so a branch adds ``B A x``. Inputs are ``(..., d_in)``
+float32. Every layer can accumulate its *input covariance* ``mean x xᵀ`` over non-padding
+tokens (:class:`StatsLinear`), which InfLoRA and DualLoRA need between tasks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["StatsLinear", "InfLoRALinear", "SDLoRALinear", "DualLoRALinear"]
+
+
+class StatsLinear(nn.Module):
+    """A frozen linear layer that can record its input covariance.
+
+    Attributes:
+        base: the wrapped ``nn.Linear`` (its weight may be merged into, never trained).
+        token_mask: optional bool ``(N, L)`` set by the method before a forward: which
+            token positions are real (padding is left out of statistics).
+        collect: when True, :meth:`forward` adds ``xᵀx`` of the real tokens to ``cov_sum``.
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.token_mask: torch.Tensor | None = None
+        self.collect = False
+        self.cov_sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+        self.cov_count = 0
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The real tokens of ``x`` as ``(n, d_in)``."""
+        if self.token_mask is not None and x.dim() == 3 and self.token_mask.shape == x.shape[:2]:
+            return x[self.token_mask]
+        return x.reshape(-1, x.shape[-1])
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.collect:
+            t = self._tokens(x.detach()).double()
+            self.cov_sum += t.T @ t
+            self.cov_count += t.shape[0]
+
+    def covariance(self) -> torch.Tensor:
+        """``C = mean_tokens x xᵀ`` ``(d_in, d_in)`` float64 since the last :meth:`reset_stats`.
+
+        Raises:
+            RuntimeError: if no token was observed.
+        """
+        if self.cov_count == 0:
+            raise RuntimeError("no inputs were observed; run a covariance pass first")
+        return self.cov_sum / self.cov_count
+
+    def reset_stats(self) -> None:
+        self.cov_sum.zero_()
+        self.cov_count = 0
+
+
+class InfLoRALinear(StatsLinear):
+    """InfLoRA's layer (Liang & Li, CVPR 2024, Eq. 3–5): ``y = W x + B_t A_t x``.
+
+    ``A_t`` ``(r, d_in)`` is designed before training and frozen (a buffer); ``B_t``
+    ``(d_out, r)`` is zero-initialised and is the only trained adapter weight. After the
+    task, :meth:`merge` folds ``B_t A_t`` into ``W`` and keeps the factors for storage.
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__(base)
+        self.register_buffer("A", None)
+        self.B: nn.Parameter | None = None
+        self.merged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (B_t, A_t) per task
+
+    def begin_task(self, A: torch.Tensor) -> nn.Parameter:
+        """Install the designed ``A`` ``(r, d_in)``; returns the new trainable ``B`` (zeros)."""
+        if A.shape[1] != self.in_features:
+            raise ValueError(f"A has {A.shape[1]} input columns, the layer has {self.in_features}")
+        self.A = A.to(self.base.weight.dtype)
+        self.B = nn.Parameter(torch.zeros(self.out_features, A.shape[0], dtype=self.base.weight.dtype))
+        return self.B
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W ← W + B_t A_t`` (InfLoRA, after each task); the branch is removed."""
+        if self.A is None:
+            return
+        self.base.weight += self.B @ self.A
+        self.merged.append((self.B.detach().clone(), self.A.clone()))
+        self.A, self.B = None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.observe(x)
+        y = self.base(x)
+        if self.A is not None:
+            y = y + (x @ self.A.T) @ self.B.T
+        return y
+
+
+class SDLoRALinear(StatsLinear):
+    """SD-LoRA's layer (Wu et al., ICLR 2025, Eq. 4): ``y = W0 x + Σ_k α_k D_k x + α_t s B_t A_t x``.
+
+    Old directions ``D_k = B_k A_k`` are stored with ``‖B_k A_k‖_F = 1`` and frozen; the
+    magnitudes ``α`` (one per task, shared by every layer) live in the method and are read
+    from :attr:`magnitudes` at each forward. The current task's LoRA is not normalised while
+    it trains (its ``B`` starts at zero, so its direction is undefined until it moves).
+    """
+
+    def __init__(self, base: nn.Linear, scaling: float):
+        super().__init__(base)
+        self.scaling = scaling
+        self.register_buffer("A_old", torch.zeros(0, self.in_features))
+        self.register_buffer("B_old", torch.zeros(self.out_features, 0))
+        self.ranks: list[int] = []  # rank of each old direction
+        self.magnitudes: list[torch.Tensor] = []  # set by the method: α_k (0-dim) per old task, then α_t
+        self.A: nn.Parameter | None = None
+        self.B: nn.Parameter | None = None
+
+    def begin_task(self, r: int, generator: torch.Generator) -> list[nn.Parameter]:
+        """A new rank-``r`` LoRA: ``A`` Kaiming-uniform (PEFT's init), ``B`` zeros."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        A = torch.empty(r, self.in_features).uniform_(-bound, bound, generator=generator)
+        self.A, self.B = nn.Parameter(A), nn.Parameter(torch.zeros(self.out_features, r))
+        return [self.A, self.B]
+
+    def current_norm(self) -> float:
+        """``‖s B_t A_t‖_F`` of the current (unnormalised) update."""
+        return float(self.scaling * _lowrank_norm(self.B.detach(), self.A.detach()))
+
+    @torch.no_grad()
+    def freeze_current(self) -> None:
+        """Store the current LoRA as a unit-norm direction and remove the trainable pair."""
+        B, A = self.B.detach().double(), self.A.detach().double()
+        n = float(_lowrank_norm(B, A))
+        scale = 1.0 / math.sqrt(n) if n > 0 else 0.0  # a zero update stays a zero "direction"
+        self.A_old = torch.cat([self.A_old, (A * scale).float()], 0)
+        self.B_old = torch.cat([self.B_old, (B * scale).float()], 1)
+        self.ranks.append(A.shape[0])
+        self.A, self.B = None, None
+
+    def direction(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B_k, A_k)`` of old direction ``k``."""
+        s = sum(self.ranks[:k])
+        return self.B_old[:, s: s + self.ranks[k]], self.A_old[s: s + self.ranks[k]]
+
+    def drop_last_direction(self) -> None:
+        """Remove the most recent old direction (SD-LoRA-KD, after folding it into ``α``)."""
+        r = self.ranks.pop()
+        self.A_old, self.B_old = self.A_old[:-r], self.B_old[:, :-r]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.observe(x)
+        y = self.base(x)
+        if self.ranks:
+            alpha = torch.stack(self.magnitudes[: len(self.ranks)])
+            cols = torch.repeat_interleave(alpha, torch.tensor(self.ranks))
+            y = y + ((x @ self.A_old.T) * cols) @ self.B_old.T
+        if self.A is not None:
+            y = y + self.magnitudes[len(self.ranks)] * self.scaling * ((x @ self.A.T) @ self.B.T)
+        return y
+
+
+def _lowrank_norm(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``‖B A‖_F`` from the small Gram matrices, without forming ``B A``."""
+    return torch.sqrt(torch.clamp(torch.trace((B.T @ B) @ (A @ A.T)), min=0.0))
+
+
+class DualLoRALinear(StatsLinear):
+    """DualLoRA's layer ([ours] after Chen et al., arXiv 2411.00623; METHODS.md §4).
+
+    ``y = W x + s B_O A_O x + Σ_t w_t(x) R_t U_t x`` where
+
+    - ``(A_O, B_O)`` is the orthogonal adapter: trained on each task with its down-projection
+      parametrised as ``A_O (I − M Mᵀ)`` (rows stay in ``M^⊥``, the memory of earlier tasks'
+      inputs), merged into ``W`` after the task (so one adapter is shared by all tasks);
+    - ``U_t`` ``(r_res, d_in)`` (orthonormal rows, frozen) are task t's own input
+      directions and ``R_t`` ``(d_out, r_res)`` its trained residual up-projection;
+    - ``w(x)`` ``(N, T)`` are the dynamic-memory weights: one-hot on the known task in
+      training and task-incremental inference (``task_index``), and in class-incremental
+      inference a softmax over tasks of the relevance ``ρ_t = e_t(x)/ē_t`` divided by a
+      temperature, where ``e_t(x)`` is the share of the sequence's input energy inside
+      ``U_t`` (over its real tokens) and ``ē_t`` the same share on task t's training data.
+    """
+
+    def __init__(self, base: nn.Linear, scaling: float):
+        super().__init__(base)
+        self.scaling = scaling
+        self.register_buffer("U", torch.zeros(0, self.in_features))  # stacked U_t
+        self.register_buffer("R", torch.zeros(self.out_features, 0))  # stacked frozen R_t
+        self.res_ranks: list[int] = []
+        self.energy_mean: list[float] = []  # ē_t
+        self.A_O: nn.Parameter | None = None
+        self.B_O: nn.Parameter | None = None
+        self.memory_basis = torch.zeros(self.in_features, 0)  # M while a task trains
+        self.R_cur: nn.Parameter | None = None
+        self.merged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.task_index: int | None = None  # route: one-hot weights on this task
+        self.temperature = 0.1
+        self.last_relevance: torch.Tensor | None = None  # (N, T) ρ of the last dynamic forward
+
+    def begin_task(self, r: int, U_t: torch.Tensor, memory: torch.Tensor, generator: torch.Generator) -> list[nn.Parameter]:
+        """Start task t: orthogonal pair (``A_O`` random in ``M^⊥``, ``B_O`` zeros) and ``R_t`` zeros.
+
+        Args:
+            r: rank of the orthogonal adapter.
+            U_t: ``(r_res, d_in)`` orthonormal rows, task t's residual basis.
+            memory: ``M`` ``(d_in, m)`` orthonormal, float64: earlier tasks' input space.
+        """
+        bound = 1.0 / math.sqrt(self.in_features)
+        A = torch.empty(r, self.in_features).uniform_(-bound, bound, generator=generator).double()
+        P = memory.double()
+        A = A - (A @ P) @ P.T
+        self.A_O = nn.Parameter(A.float())
+        self.B_O = nn.Parameter(torch.zeros(self.out_features, r))
+        self.memory_basis = P.float()
+        self.U = torch.cat([self.U, U_t.float()], 0)
+        self.res_ranks.append(U_t.shape[0])
+        self.R_cur = nn.Parameter(torch.zeros(self.out_features, U_t.shape[0]))
+        return [self.A_O, self.B_O, self.R_cur]
+
+    def orthogonal_down(self) -> torch.Tensor:
+        """The effective down-projection ``A_O (I − M Mᵀ)`` ``(r, d_in)``.
+
+        Parametrising through the projector (rather than projecting gradients, which Adam's
+        per-coordinate scaling would undo) keeps every update exactly zero on ``M``.
+        """
+        M = self.memory_basis
+        return self.A_O if M.shape[1] == 0 else self.A_O - (self.A_O @ M) @ M.T
+
+    @torch.no_grad()
+    def end_task(self, energy_mean: float) -> None:
+        """Merge the orthogonal adapter into ``W``; freeze ``R_t``; record ``ē_t``."""
+        A = self.orthogonal_down().detach()
+        self.base.weight += self.scaling * (self.B_O @ A)
+        self.merged.append((self.B_O.detach().clone(), A.clone()))
+        self.R = torch.cat([self.R, self.R_cur.detach()], 1)
+        self.energy_mean.append(energy_mean)
+        self.A_O = self.B_O = self.R_cur = None
+
+    def energies(self, x: torch.Tensor) -> torch.Tensor:
+        """``e_t(x)`` ``(N, T)``: share of each sequence's input energy (summed over its real
+        tokens) inside each ``U_t``; ``ē_t = tr(U_t C U_tᵀ)/tr(C)`` is the same share on the task's data."""
+        z = x @ self.U.T
+        per_task = torch.stack([c.pow(2).sum(-1) for c in z.split(self.res_ranks, -1)], -1)  # (N, L, T) or (N, T)
+        total = x.pow(2).sum(-1, keepdim=True)
+        if x.dim() == 3:
+            if self.token_mask is not None and self.token_mask.shape == x.shape[:2]:
+                m = self.token_mask.to(x.dtype).unsqueeze(-1)
+                per_task, total = per_task * m, total * m
+            per_task, total = per_task.sum(1), total.sum(1)
+        return per_task / total.clamp_min(1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.observe(x)
+        y = self.base(x)
+        if self.A_O is not None:
+            y = y + self.scaling * ((x @ self.orthogonal_down().T) @ self.B_O.T)
+        T = len(self.res_ranks)
+        if T == 0:
+            return y
+        R = self.R if self.R_cur is None else torch.cat([self.R, self.R_cur], 1)
+        if self.task_index is not None:  # known task: its residual adapter alone
+            s = sum(self.res_ranks[: self.task_index])
+            sl = slice(s, s + self.res_ranks[self.task_index])
+            return y + (x @ self.U[sl].T) @ R[:, sl].T
+        rho = self.energies(x) / torch.tensor(self.energy_mean[:T] + [1.0] * (T - len(self.energy_mean))).clamp_min(1e-12)
+        self.last_relevance = rho.detach()
+        w = torch.softmax(rho / self.temperature, -1)  # (N, T)
+        cols = torch.repeat_interleave(w, torch.tensor(self.res_ranks), dim=-1)  # (N, Σr)
+        if x.dim() == 3:
+            cols = cols.unsqueeze(1)
+        return y + ((x @ self.U.T) * cols) @ R.T

@@ -1,0 +1,177 @@
+"""``sharecl compare``: every method on one stream, same budget, several seeds, one table.
+
+Runs each (seed, method) with :func:`sharecl.runner.run_method` into
+``OUT/seed-<s>/<method>/results.json`` (skipped when present and ``resume`` is set, so an
+interrupted comparison continues where it stopped), then writes ``OUT/compare.json`` and
+``OUT/compare.md`` (mean ± sample std over seeds) and two plots: ``accuracy_curve.png``
+(average accuracy over the tasks seen so far, after each task, one line per method) and
+``bytes.png`` (adapter bytes stored against the number of tasks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+from sharecl.data.streams import get_stream
+from sharecl.methods.base import METHODS
+from sharecl.train import TrainConfig
+
+__all__ = ["ALL_METHODS", "METRICS", "compare", "aggregate", "write_report"]
+
+#: What ``--methods all`` runs: the founding papers' methods and the baselines.
+ALL_METHODS = ["share", "inflora", "sd-lora", "dual-lora", "lora-per-task", "seq-lora", "joint-lora", "head-only"]
+
+#: (results.json key, column title, scale) of the comparison table; accuracies in %.
+METRICS = [
+    ("final_average_accuracy", "final acc %", 100), ("average_incremental_accuracy", "avg incr acc %", 100),
+    ("forgetting", "forgetting", 100), ("bwt", "BWT", 100), ("til_final_average_accuracy", "TIL final acc %", 100),
+    ("trainable_params_last_task", "trainable / task", 1), ("bytes_per_task", "bytes / task", 1),
+    ("bytes_shared", "bytes shared", 1), ("head_bytes_per_task", "head bytes / task", 1), ("train_seconds_total", "train s", 1),
+]
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def aggregate(per_seed: dict[str, list[dict]]) -> dict[str, dict]:
+    """``{method: [results per seed]}`` → ``{method: {metric: {"mean", "std"}, "seeds", "curve"}}``.
+
+    ``curve[i]`` is the mean over seeds of the average accuracy over tasks ``0..i`` after task i.
+    """
+    out = {}
+    for m, runs in per_seed.items():
+        if not runs:
+            continue
+        entry = {"seeds": [r["train_config"]["seed"] for r in runs], "scenario": runs[0]["scenario"]}
+        for key, _, _ in METRICS:
+            mean, std = _mean_std([r.get(key) for r in runs])
+            entry[key] = {"mean": mean, "std": std}
+        T = len(runs[0]["tasks"])
+        curve = []
+        for i in range(T):
+            vals = [statistics.fmean(r["accuracy_matrix"][i][: i + 1]) for r in runs if r["accuracy_matrix"][i][0] is not None]
+            curve.append(statistics.fmean(vals) if vals else None)
+        entry["curve"] = curve
+        entry["adapter_bytes_after_task"] = runs[0].get("adapter_bytes_after_task")
+        out[m] = entry
+    return out
+
+
+def _cell(v: dict, scale: float) -> str:
+    if v["mean"] is None:
+        return "—"
+    if scale == 100:
+        return f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}"
+    return f"{v['mean']:,.0f}" if v["std"] == 0 or v["std"] is None else f"{v['mean']:,.0f} ± {v['std']:,.0f}"
+
+
+def write_report(summary: dict, out: Path, stream: str, scenario: str, skipped: dict[str, str]) -> str:
+    """Write ``compare.md``, ``compare.json`` and the two plots; returns the markdown."""
+    kind = "class-incremental (no task id)" if scenario == "cil" else "task-incremental"
+    cols = [(k, t, s) for k, t, s in METRICS if k != "til_final_average_accuracy" or scenario == "cil"]
+    lines = [f"# sharecl compare: `{stream}`, {kind}", "",
+             "Mean ± sample std over seeds " + ", ".join(str(s) for s in next(iter(summary.values()))["seeds"]) + ". "
+             "Accuracies in %; bytes are float32 adapter state (heads separate); joint-lora is the non-continual "
+             "ceiling and has only a final accuracy.", "",
+             "| method | " + " | ".join(t for _, t, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m, e in summary.items():
+        lines.append(f"| {m} | " + " | ".join(_cell(e[k], s) for k, _, s in cols) + " |")
+    for m, why in skipped.items():
+        lines.append(f"\n- `{m}` not run: {why}")
+    md = "\n".join(lines) + "\n"
+    (out / "compare.md").write_text(md)
+    (out / "compare.json").write_text(json.dumps({"stream": stream, "scenario": scenario, "methods": summary,
+                                                  "skipped": skipped}, indent=2))
+    _plots(summary, out, stream, kind)
+    return md
+
+
+def _plots(summary: dict, out: Path, stream: str, kind: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, e in summary.items():
+        xs = [i + 1 for i, v in enumerate(e["curve"]) if v is not None]
+        ys = [100 * v for v in e["curve"] if v is not None]
+        ax.plot(xs, ys, marker="o" if len(xs) > 1 else "*", markersize=6 if len(xs) > 1 else 12, label=m)
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("average accuracy on seen tasks (%)")
+    ax.set_title(f"{stream}: {kind}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_curve.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, e in summary.items():
+        b = e.get("adapter_bytes_after_task") or []
+        if len(b) > 1:
+            ax.plot(range(1, len(b) + 1), b, marker="o", label=m)
+        elif b:
+            ax.plot([len(e["curve"])], b, marker="*", markersize=12, linestyle="", label=m)
+    ax.set_yscale("symlog", linthresh=1e3)
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("adapter bytes stored (float32, no heads)")
+    ax.set_title(f"{stream}: storage")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bytes.png", dpi=110)
+    plt.close(fig)
+
+
+def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig, out_dir: str | Path, *,
+            model_path: str | None = None, method_configs: dict[str, dict] | None = None, stream_options: dict | None = None,
+            resume: bool = True, progress: bool = True, log=print) -> tuple[dict, str]:
+    """Run ``methods`` on ``stream`` for every seed; returns ``(summary, markdown)``.
+
+    Methods that do not support the stream's scenario are skipped with the reason recorded.
+
+    Raises:
+        KeyError: for an unknown stream or method name.
+        ValueError: for an empty method or seed list.
+    """
+    from sharecl.runner import run_stream
+
+    if not methods or not seeds:
+        raise ValueError("give at least one method and one seed")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise KeyError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    out = Path(out_dir)
+    per_seed: dict[str, list[dict]] = {m: [] for m in methods}
+    skipped: dict[str, str] = {}
+    scenario = "til"
+    for seed in seeds:
+        s = get_stream(stream, seed=seed, **(stream_options or {}))
+        scenario = s.scenario
+        todo = []
+        for m in methods:
+            if s.scenario not in METHODS[m].scenarios:
+                skipped[m] = f"supports {list(METHODS[m].scenarios)}, the stream is {s.scenario}"
+                continue
+            f = out / f"seed-{seed}" / m / "results.json"
+            if resume and f.exists():
+                per_seed[m].append(json.loads(f.read_text()))
+                log(f"seed {seed} · {m}: reusing {f}")
+            else:
+                todo.append(m)
+        if todo:
+            res = run_stream(s, todo, replace(cfg, seed=seed), out / f"seed-{seed}", model_path=model_path,
+                             method_configs=method_configs, progress=progress, log=log)
+            for m in todo:
+                per_seed[m].append(res[m])
+    summary = aggregate({m: r for m, r in per_seed.items() if r})
+    return summary, write_report(summary, out, stream, scenario, skipped)

@@ -1,0 +1,183 @@
+"""DualLoRA: orthogonal + residual adapters with a dynamic memory (METHODS.md §4).
+
+After Chen et al., "Dual Low-Rank Adaptation for Continual Learning with Pre-Trained
+Models" (arXiv 2411.00623; later "Replay-Free Continual Low-Rank Adaptation with Dynamic
+Memory"). **What follows the paper's abstract**: two LoRA adapters per layer beside the
+frozen weight; an *orthogonal adapter* updated in a subspace orthogonal to earlier tasks';
+a *residual adapter* per task on task-specific bases with no interaction across tasks; a
+*dynamic memory* weighing them at inference; task identity predicted with a confidence and
+the logits calibrated by it. **What is ours** (the paper's equations were not available to
+us; see ``../shared/reference/peers.md`` §3):
+
+- Orthogonal adapter: a LoRA pair ``(A_O, B_O)`` per task whose down-projection is
+  ``A_O (I − M Mᵀ)`` (GPM's projection, written as a parametrisation because projecting
+  gradients does not survive Adam's per-coordinate scaling), so its update is exactly zero
+  on every earlier task's input space ``M``; merged into ``W`` after the task. ``M`` is the
+  same DualGPM memory as InfLoRA's (threshold rising from ``eps`` to 1 over the stream).
+- Residual adapter of task t: ``R_t U_t`` with ``U_t`` ``(r_res, d_in)`` the top directions of
+  task t's input covariance outside ``M`` (frozen) and ``R_t`` ``(d_out, r_res)`` trained
+  from zero, then frozen.
+- Dynamic memory: relevance ``ρ_t(x) = e_t(x) / ē_t`` per layer, with ``e_t(x)`` the share of a
+  sequence's input energy inside ``U_t`` and ``ē_t`` the same share on task t's training
+  data; residual adapters are weighted by ``softmax_t(ρ_t / temperature)``. In training and
+  with a task id the weights are one-hot on the task.
+- Task identity: ``t̂ = argmax`` of ``ρ`` averaged over layers, confidence = its softmax
+  weight; when the confidence is ≥ ``confidence``, logits outside ``t̂``'s classes are
+  masked (calibration); otherwise all heads' logits are compared as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from sharecl.adapters.branches import DualLoRALinear
+from sharecl.backbone import Encoder
+from sharecl.data.tasks import Task
+from sharecl.gpm import DualGPM, inflora_threshold, top_directions
+from sharecl.inject import default_targets, wrap_targets
+from sharecl.methods.base import ContinualMethod, register
+from sharecl.train import PeakRSS, TrainConfig
+
+__all__ = ["DualLoRAConfig", "DualLoRAMethod"]
+
+
+@dataclass
+class DualLoRAConfig:
+    """DualLoRA settings ([ours], see the module docstring).
+
+    Attributes:
+        target_modules: PEFT-style targets; None = the family default.
+        r: rank of the orthogonal adapter.
+        lora_alpha: its scaling numerator (``s = lora_alpha / r``).
+        residual_rank: ``r_res``, rank of each task's residual adapter.
+        eps: memory threshold at the first task.
+        temperature: softmax temperature of the dynamic-memory weights and task identity.
+        confidence: task-identity confidence at or above which logits are calibrated.
+        lr: adapter learning rate; None = the run's ``lr``.
+    """
+
+    target_modules: list[str] | str | None = None
+    r: int = 8
+    lora_alpha: float = 16.0
+    residual_rank: int = 4
+    eps: float = 0.95
+    temperature: float = 0.1
+    confidence: float = 0.5
+    lr: float | None = None
+
+    def __post_init__(self):
+        if self.r < 1 or self.residual_rank < 1:
+            raise ValueError(f"r and residual_rank must be ≥ 1, got {self.r} and {self.residual_rank}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        inflora_threshold(self.eps, 0, None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@register
+class DualLoRAMethod(ContinualMethod):
+    """DualLoRA on any transformers encoder (task- and class-incremental).
+
+    Attributes:
+        layers: ``{module name: DualLoRALinear}``.
+        memory: ``{module name: DualGPM}``.
+        last_task_prediction: ``(predicted task index (N,), confidence (N,))`` of the last
+            class-incremental forward, for diagnostics.
+    """
+
+    name = "dual-lora"
+    scenarios = ("til", "cil")
+
+    def __init__(self, encoder: Encoder, seed: int = 0, config: DualLoRAConfig | None = None, **overrides):
+        super().__init__(encoder, seed)
+        self.config = config or DualLoRAConfig(**overrides)
+        cfg = self.config
+        cfg.target_modules = cfg.target_modules or default_targets(encoder.model)
+        self.layers = wrap_targets(encoder.model, cfg.target_modules, lambda lin: DualLoRALinear(lin, cfg.lora_alpha / cfg.r))
+        for layer in self.layers.values():
+            layer.temperature = cfg.temperature
+        self.memory = {n: DualGPM(m.in_features) for n, m in self.layers.items()}
+        self.last_task_prediction: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _route(self, task_index: int | None) -> None:
+        for layer in self.layers.values():
+            layer.task_index = task_index
+
+    def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
+        head = self._add_task(task)
+        self._route(None)
+        covs = self.input_covariances(task.train_inputs, cfg.eval_batch_size)
+        gen = self.generator(9)
+        params = []
+        for n, layer in self.layers.items():
+            mem = self.memory[n]
+            M = mem.protected()
+            U = top_directions(mem.residual(covs[n]), self.config.residual_rank, exclude=M).T
+            params += layer.begin_task(self.config.r, U, M, gen)
+        return [{"params": params, "lr": self.config.lr or cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
+
+    def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
+        t = len(self.task_names) - 1
+        self._route(t)
+        try:
+            covs = self.input_covariances(task.train_inputs, cfg.eval_batch_size)
+        finally:
+            self._route(None)
+        eps_t = inflora_threshold(self.config.eps, t, self.num_tasks if self.num_tasks and self.num_tasks > t else None)
+        shares = []
+        for n, layer in self.layers.items():
+            C = covs[n]
+            U = layer.U[-layer.res_ranks[-1]:].double()
+            shares.append(float(torch.trace(U @ C @ U.T) / torch.trace(C).clamp_min(1e-12)))  # ē_t
+            self.memory[n].update(C, eps_t)
+            layer.end_task(shares[-1])
+        dims = [m.dim for m in self.memory.values()]
+        return {"threshold": eps_t, "memory_dim_mean": sum(dims) / len(dims), "residual_energy_mean": sum(shares) / len(shares)}
+
+    def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
+        self.check_task(task_name)
+        self._route(self.task_names.index(task_name))
+        try:
+            return self._encode_head(inputs, task_name, training)
+        finally:
+            self._route(None)
+
+    @torch.no_grad()
+    def cil_logits(self, inputs: list) -> torch.Tensor:
+        """Dynamic-memory forward, then task identity and calibration (see module docstring)."""
+        self._route(None)
+        z = self._features(inputs)
+        logits = torch.cat([self.heads(z, n) for n in self.task_names], -1)
+        rho = torch.stack([layer.last_relevance for layer in self.layers.values()]).mean(0)  # (N, T)
+        p = torch.softmax(rho / self.config.temperature, -1)
+        conf, pred = p.max(-1)
+        self.last_task_prediction = (pred, conf)
+        offsets, sizes = self.class_offsets(), [len(self.task_classes[t]) for t in self.task_names]
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        for i, (t, c) in enumerate(zip(pred.tolist(), conf.tolist())):
+            if c >= self.config.confidence:
+                o = offsets[self.task_names[t]]
+                keep[i, o: o + sizes[t]] = True
+            else:
+                keep[i] = True
+        return logits.masked_fill(~keep, float("-inf"))
+
+    # -------------------------------------------------------------- accounting
+    def adapter_numbers_per_task(self) -> float:
+        c = self.config
+        return float(sum(c.r * (m.in_features + m.out_features) + c.residual_rank * (m.in_features + m.out_features) + 1
+                         for m in self.layers.values()))
+
+    def shared_numbers(self) -> int:
+        return sum(0 if m.basis is None else m.basis.numel() for m in self.memory.values())
+
+    def trainable_numbers_last_task(self) -> int:
+        c = self.config
+        return sum(c.r * (m.in_features + m.out_features) + c.residual_rank * m.out_features for m in self.layers.values())
+
+    def report(self) -> dict:
+        return {"memory_dims": {n: m.dim for n, m in self.memory.items()}}

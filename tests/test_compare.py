@@ -1,0 +1,76 @@
+"""`sharecl compare`: seeds × methods, aggregation, resume, report files; the wordnet-cil stream."""
+
+import json
+
+import pytest
+
+from conftest import make_task
+from sharecl.compare import aggregate, compare
+from sharecl.data import streams
+from sharecl.data.tasks import Stream
+
+
+@pytest.fixture
+def tiny_stream(monkeypatch):
+    def build(seed=0):
+        return Stream("tiny-cil", [make_task("a", seed), make_task("b", seed + 1)], seed, "cil")
+
+    monkeypatch.setitem(streams.STREAMS, "tiny-cil", build)
+    return "tiny-cil"
+
+
+def test_compare_two_seeds_writes_reports_and_resumes(tiny_stream, tiny_model_dir, fast_cfg, tmp_path):
+    calls = []
+    log = calls.append
+    methods = ["share", "inflora", "lora-per-task"]
+    cfgs = {"share": {"r": 4, "k": 4, "p": 2}, "inflora": {"r": 4}}
+    summary, md = compare(tiny_stream, methods, [0, 1], fast_cfg, tmp_path, model_path=tiny_model_dir,
+                          method_configs=cfgs, progress=False, log=log)
+    assert set(summary) == {"share", "inflora"}  # lora-per-task needs a task id
+    assert "lora-per-task" in md and "needs" not in md
+    for m in ("share", "inflora"):
+        finals = [json.loads((tmp_path / f"seed-{s}" / m / "results.json").read_text())["final_average_accuracy"] for s in (0, 1)]
+        assert summary[m]["final_average_accuracy"]["mean"] == pytest.approx(sum(finals) / 2)
+        assert summary[m]["seeds"] == [0, 1] and len(summary[m]["curve"]) == 2
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert data["scenario"] == "cil" and "lora-per-task" in data["skipped"]
+    assert (tmp_path / "accuracy_curve.png").stat().st_size > 1000 and (tmp_path / "bytes.png").stat().st_size > 1000
+    assert "| share |" in (tmp_path / "compare.md").read_text()
+    calls.clear()
+    again, _ = compare(tiny_stream, ["share"], [0, 1], fast_cfg, tmp_path, model_path=tiny_model_dir,
+                       method_configs=cfgs, progress=False, log=log)
+    assert sum("reusing" in c for c in calls) == 2
+    assert again["share"]["final_average_accuracy"] == summary["share"]["final_average_accuracy"]
+
+
+def test_compare_rejects_unknown_methods_and_empty_lists(tiny_stream, fast_cfg, tmp_path):
+    with pytest.raises(KeyError, match="unknown method"):
+        compare(tiny_stream, ["shar"], [0], fast_cfg, tmp_path)
+    with pytest.raises(ValueError, match="at least one"):
+        compare(tiny_stream, ["share"], [], fast_cfg, tmp_path)
+
+
+def test_aggregate_mean_and_sample_std():
+    def res(seed, acc):
+        return {"train_config": {"seed": seed}, "scenario": "til", "tasks": ["a"], "accuracy_matrix": [[acc]],
+                "final_average_accuracy": acc}
+
+    out = aggregate({"m": [res(0, 0.5), res(1, 0.7)]})["m"]
+    assert out["final_average_accuracy"]["mean"] == pytest.approx(0.6)
+    assert out["final_average_accuracy"]["std"] == pytest.approx(0.1414213, rel=1e-5)
+    assert out["forgetting"] == {"mean": None, "std": None} and out["curve"] == [pytest.approx(0.6)]
+
+
+@pytest.mark.slow
+def test_wordnet_cil_stream_shape_and_seeded_order():
+    s0, s1 = streams.get_stream("wordnet-cil", seed=0), streams.get_stream("wordnet-cil", seed=1)
+    assert s0.scenario == "cil" and len(s0) == 5
+    classes = [c for t in s0 for c in t.classes]
+    assert len(classes) == len(set(classes)) == 20
+    assert "noun.Tops" not in classes and "noun.motive" not in classes
+    assert classes != [c for t in s1 for c in t.classes] and sorted(classes) == sorted(c for t in s1 for c in t.classes)
+    for t in s0:
+        assert t.num_classes == 4 and len(t.train_inputs) == 4 * 48 and len(t.test_inputs) == 4 * 30
+        assert not set(t.train_inputs) & set(t.test_inputs)
+    everything = [x for t in s0 for x in t.train_inputs + t.test_inputs]
+    assert len(everything) == len(set(everything))  # no input under two classes or two tasks

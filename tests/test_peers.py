@@ -1,0 +1,191 @@
+"""Tests that pin InfLoRA, SD-LoRA, DualLoRA and Share's class-incremental rule to their definitions."""
+
+import pytest
+import torch
+
+from conftest import make_task
+from sharecl.backbone import load_encoder
+from sharecl.gpm import inflora_threshold
+from sharecl.methods import DualLoRAMethod, InfLoRAMethod, SDLoRAMethod
+from sharecl.methods.sdlora import gram_of_directions
+from sharecl.train import train_steps
+
+
+def _train(method, task, cfg):
+    groups = method.begin_task(task, cfg)
+    train_steps(lambda xs: method.logits(xs, task.name, training=True), groups, task, cfg, progress=False)
+    return method.end_task(task, cfg, progress=False)
+
+
+@pytest.fixture
+def enc(tiny_model_dir):
+    return load_encoder(tiny_model_dir, max_length=16)
+
+
+# ------------------------------------------------------------------ InfLoRA
+def test_inflora_design_train_merge(enc, fast_cfg):
+    m = InfLoRAMethod(enc, r=4, eps=0.9)
+    m.begin_stream(3)
+    _train(m, make_task("a"), fast_cfg)
+    task = make_task("b", seed=1)
+    groups = m.begin_task(task, fast_cfg)
+    W0 = {n: layer.base.weight.detach().clone() for n, layer in m.layers.items()}
+    A0 = {n: layer.A.clone() for n, layer in m.layers.items()}
+    for n, layer in m.layers.items():
+        A = layer.A / m.config.down_scale
+        assert torch.allclose(A @ A.T, torch.eye(4), atol=1e-5)  # orthonormal rows
+        M = m.memory[n].protected().float()
+        assert M.shape[1] > 0 and torch.linalg.norm(M.T @ layer.A.T) <= 1e-5  # outside the memory
+    train_steps(lambda xs: m.logits(xs, task.name, training=True), groups, task, fast_cfg, progress=False)
+    B = {n: layer.B.detach().clone() for n, layer in m.layers.items()}
+    for n, layer in m.layers.items():  # training moved only the up-projection
+        assert torch.equal(layer.A, A0[n]) and torch.equal(layer.base.weight, W0[n])
+        assert B[n].abs().max() > 0
+    covs = m.input_covariances(task.train_inputs)
+    info = m.end_task(task, fast_cfg)
+    assert info["threshold"] == pytest.approx(inflora_threshold(0.9, 1, 3))
+    for n, layer in m.layers.items():
+        assert layer.A is None  # merged: W equals W + B_t A_t
+        assert torch.allclose(layer.base.weight, W0[n] + B[n] @ A0[n], atol=1e-6)
+        assert m.memory[n].kept_energy(covs[n]) >= info["threshold"] - 1e-6
+
+
+def test_inflora_merge_preserves_outputs(enc, fast_cfg):
+    m = InfLoRAMethod(enc, r=4)
+    task = make_task("a")
+    groups = m.begin_task(task, fast_cfg)
+    train_steps(lambda xs: m.logits(xs, "a", training=True), groups, task, fast_cfg, progress=False)
+    before = m.logits(task.test_inputs, "a")
+    m.end_task(task, fast_cfg)
+    assert torch.allclose(m.logits(task.test_inputs, "a"), before, atol=1e-5)
+
+
+# ------------------------------------------------------------------ SD-LoRA
+def test_sdlora_unit_directions_frozen_old_directions_and_moving_magnitudes(enc, fast_cfg):
+    m = SDLoRAMethod(enc, r=4, lora_alpha=8)
+    _train(m, make_task("a"), fast_cfg)
+    task = make_task("b", seed=1)
+    groups = m.begin_task(task, fast_cfg)
+    old = {n: (layer.A_old.clone(), layer.B_old.clone()) for n, layer in m.layers.items()}
+    alpha0 = m.magnitudes[0].item()
+    train_steps(lambda xs: m.logits(xs, task.name, training=True), groups, task, fast_cfg, progress=False)
+    for n, layer in m.layers.items():
+        assert torch.equal(layer.A_old, old[n][0]) and torch.equal(layer.B_old, old[n][1])
+    assert float(m.magnitudes[0]) != alpha0  # old magnitudes train with the new task
+    m.end_task(task, fast_cfg)
+    for layer in m.layers.values():
+        for k in range(2):
+            B, A = layer.direction(k)
+            assert torch.linalg.norm(B @ A) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_sdlora_freeze_keeps_the_least_squares_magnitude(enc, fast_cfg):
+    m = SDLoRAMethod(enc, r=4, lora_alpha=8)
+    task = make_task("a")
+    groups = m.begin_task(task, fast_cfg)
+    train_steps(lambda xs: m.logits(xs, "a", training=True), groups, task, fast_cfg, progress=False)
+    updates = {n: float(m.magnitudes[0]) * layer.scaling * (layer.B @ layer.A).detach() for n, layer in m.layers.items()}
+    m.end_task(task, fast_cfg)
+    a = float(m.magnitudes[0])
+    fit = sum(torch.sum(torch.linalg.norm(u)) for u in updates.values()) / len(updates)
+    assert a == pytest.approx(float(fit), rel=1e-5)
+
+
+def _direction_sum(m):
+    return {n: sum(float(m.magnitudes[k]) * (lambda BA: BA[0] @ BA[1])(layer.direction(k)) for k in range(len(layer.ranks)))
+            for n, layer in m.layers.items()}
+
+
+def test_sdlora_kd_folds_an_explained_direction_exactly(enc, fast_cfg):
+    m = SDLoRAMethod(enc, r=4, lora_alpha=8, kd=True)
+    _train(m, make_task("a"), fast_cfg)
+    _train(m, make_task("b", seed=1), fast_cfg)
+    assert len(m.magnitudes) == 2 or m.folded[-1]["dropped"]
+    # a third task whose update is 0.3·D_2 in every layer (per-layer normalisation keeps a multiple of
+    # one old direction exactly explained): KD must drop it and fold it into the magnitudes
+    task = make_task("c", seed=2)
+    m.begin_task(task, fast_cfg)
+    with torch.no_grad():
+        for layer in m.layers.values():
+            B2, A2 = layer.direction(1)
+            layer.B.data = torch.cat([0.3 * B2, torch.zeros_like(B2)], 1) / layer.scaling
+            layer.A.data = torch.cat([A2, A2], 0)
+    before = {n: v + float(m.magnitudes[2]) * m.layers[n].scaling * (m.layers[n].B @ m.layers[n].A).detach()
+              for n, v in _direction_sum(m).items()}
+    info = m.end_task(task, fast_cfg)
+    assert info["kd"]["dropped"] and info["kd"]["residual"] <= 1e-6
+    assert info["kd"]["beta"] == pytest.approx([0.0, 1.0], abs=1e-3)
+    assert len(m.magnitudes) == 2 and all(len(layer.ranks) == 2 for layer in m.layers.values())
+    after = _direction_sum(m)
+    for n in before:
+        assert torch.allclose(after[n], before[n], atol=1e-5)
+
+
+def test_sdlora_kd_keeps_a_new_direction(enc, fast_cfg):
+    m = SDLoRAMethod(enc, r=4, lora_alpha=8, kd=True)
+    _train(m, make_task("a"), fast_cfg)
+    info = _train(m, make_task("b", seed=1), fast_cfg)
+    assert not info["kd"]["dropped"] and info["kd"]["residual"] > 9e-4
+    G = gram_of_directions(list(m.layers.values()))
+    assert torch.allclose(torch.diag(G), torch.full((2,), float(len(m.layers)), dtype=torch.float64), atol=1e-4)
+
+
+def test_sdlora_rr_schedule():
+    from sharecl.methods.sdlora import SDLoRAConfig
+
+    c = SDLoRAConfig(r=10, rr=True)
+    assert [c.rank_for(i) for i in (0, 3, 4, 7, 8, 12)] == [10, 10, 8, 8, 6, 6]
+    assert SDLoRAConfig(r=10).rank_for(9) == 10
+
+
+# ------------------------------------------------------------------ DualLoRA
+def test_duallora_orthogonal_update_and_frozen_residuals(enc, fast_cfg):
+    m = DualLoRAMethod(enc, r=4, residual_rank=2, eps=0.9)
+    m.begin_stream(2)
+    _train(m, make_task("a"), fast_cfg)
+    task = make_task("b", seed=1)
+    groups = m.begin_task(task, fast_cfg)
+    R_a = {n: layer.R.clone() for n, layer in m.layers.items()}
+    U_a = {n: layer.U[:2].clone() for n, layer in m.layers.items()}
+    train_steps(lambda xs: m.logits(xs, task.name, training=True), groups, task, fast_cfg, progress=False)
+    for n, layer in m.layers.items():
+        M = m.memory[n].protected().float()
+        delta = layer.scaling * (layer.B_O @ layer.orthogonal_down()).detach()
+        assert delta.abs().max() > 0
+        assert torch.linalg.norm(delta @ M) <= 1e-5 * max(1.0, float(torch.linalg.norm(delta)))  # orthogonal to the memory
+        assert torch.equal(layer.R, R_a[n]) and torch.equal(layer.U[:2], U_a[n])  # task a's residual adapter untouched
+        assert torch.linalg.norm(layer.U[2:].double() @ m.memory[n].protected()) <= 1e-5  # residual basis outside M
+
+
+def test_duallora_cil_calibration_masks_other_tasks_when_confident(enc, fast_cfg):
+    m = DualLoRAMethod(enc, r=4, residual_rank=2, confidence=0.0)  # always confident
+    m.begin_stream(2)
+    for t in (make_task("a"), make_task("b", seed=1)):
+        _train(m, t, fast_cfg)
+    x = make_task("a").test_inputs
+    logits = m.cil_logits(x)
+    pred, _ = m.last_task_prediction
+    for row, t in zip(logits, pred.tolist()):
+        finite = torch.isfinite(row).nonzero().flatten().tolist()
+        assert finite == list(range(3 * t, 3 * t + 3))
+
+
+# ------------------------------------------------------------------ Share, class-incremental
+def test_share_cil_scores_are_each_tasks_log_probabilities(tiny_share, fast_cfg):
+    tasks = [make_task("a"), make_task("b", seed=1)]
+    for t in tasks:
+        tiny_share.learn(t, fast_cfg, progress=False)
+    x = tasks[0].test_inputs + tasks[1].test_inputs
+    scores = tiny_share.cil_logits(x)
+    assert scores.shape == (len(x), 6)
+    for i, t in enumerate(tasks):
+        expect = torch.log_softmax(tiny_share.logits(x, t.name), -1)
+        assert torch.allclose(scores[:, 3 * i: 3 * i + 3], expect, atol=1e-5)
+
+
+def test_til_only_method_refuses_cil_logits(tiny_model_dir):
+    from sharecl.methods import UnsupportedScenarioError, build_method
+
+    m = build_method("lora-per-task", load_encoder(tiny_model_dir, max_length=16))
+    with pytest.raises(UnsupportedScenarioError, match="til"):
+        m.cil_logits(["x"])
