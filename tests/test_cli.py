@@ -123,3 +123,31 @@ def test_killed_learn_leaves_a_loadable_store(cli_store, tmp_path):
             sharecl(*learn_b(store, tmp_path))
             assert load_store(store).task_names == ["a", "b"]
     assert 1 in seen
+
+
+def test_compare_rejects_bad_seeds_and_methods(tmp_path):
+    from typer.testing import CliRunner
+
+    from sharecl.cli import app
+
+    r = CliRunner().invoke(app, ["compare", "--seeds", "0,x", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 1 and "--seeds must be comma-separated integers" in r.output
+    r = CliRunner().invoke(app, ["compare", "--methods", "share,nope", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 1 and "unknown method" in r.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_inflora_store_from_the_command_line(tmp_path, tiny_model_dir, cli_store):
+    a = write_csv(tmp_path / "a.csv", make_task("a"))
+    b = write_csv(tmp_path / "b.csv", make_task("b", seed=1))
+    store = tmp_path / "inf"
+    sharecl("learn", store, "--task", "a", "--data", a, "--model", tiny_model_dir, "--steps", 4, "-r", 4,
+            "--method", "inflora", "--no-progress")
+    sharecl("learn", store, "--task", "b", "--data", b, "--steps", 4, "--no-progress")
+    assert read_manifest(store)["method"] == "inflora" and load_store(store).task_names == ["a", "b"]
+    out = sharecl("predict", store, "--task", "b", "--json", "x y z").stdout
+    assert json.loads(out.splitlines()[0])["label"] in make_task("b", seed=1).classes
+    r = sharecl("export", store, tmp_path / "exp", "--task", "a", check=False)
+    assert r.returncode == 1 and "holds method 'inflora'" in r.stderr
+    r = sharecl("learn", tmp_path / "x", "--task", "a", "--data", a, "--method", "seq-lora", check=False)
+    assert r.returncode == 1 and "cannot be stored" in r.stderr and not (tmp_path / "x").exists()

@@ -126,3 +126,40 @@ def test_second_writer_is_refused(tmp_path):
         with pytest.raises(StoreLockedError, match="another process"):
             with store_lock(tmp_path / "s"):
                 pass
+
+
+@pytest.mark.parametrize("name,config", [("inflora", {"r": 4}), ("sd-lora", {"r": 4, "lora_alpha": 8}),
+                                         ("sd-lora-kd", {"r": 4, "lora_alpha": 8}), ("dual-lora", {"r": 4, "residual_rank": 2})])
+def test_peer_stores_reload_exactly_and_keep_learning(name, config, tiny_model_dir, fast_cfg, tmp_path):
+    import torch
+
+    from conftest import make_task
+    from sharecl.backbone import load_encoder
+    from sharecl.methods import build_method
+
+    m = build_method(name, load_encoder(tiny_model_dir, max_length=16), seed=0, **config)
+    tasks = [make_task("a"), make_task("b", seed=1)]
+    for t in tasks:
+        m.learn(t, fast_cfg, progress=False)
+    save_store(m, tmp_path / "s")
+    same = load_store(tmp_path / "s")
+    assert same.name == name and same.task_names == ["a", "b"]
+    xs = tasks[0].test_inputs + tasks[1].test_inputs
+    for t in ("a", "b"):
+        assert torch.equal(same.logits(xs, t), m.logits(xs, t))
+    assert torch.equal(same.cil_logits(xs), m.cil_logits(xs))
+    third = make_task("c", seed=2)
+    m.learn(third, fast_cfg, progress=False)
+    same.learn(third, fast_cfg, progress=False)  # continuing from the store = continuing in memory
+    assert torch.allclose(same.logits(xs, "c"), m.logits(xs, "c"), atol=1e-5)
+    assert save_store(same, tmp_path / "s")["version"] == 2
+
+
+def test_a_store_keeps_its_method(tiny_share, store_dir, tiny_model_dir):
+    from sharecl.backbone import load_encoder
+    from sharecl.methods import build_method
+
+    with pytest.raises(StoreError, match="holds method 'share'"):
+        save_store(build_method("inflora", load_encoder(tiny_model_dir, max_length=16)), store_dir)
+    with pytest.raises(StoreError, match="no store format"):
+        save_store(build_method("seq-lora", load_encoder(tiny_model_dir, max_length=16)), store_dir)

@@ -186,25 +186,32 @@ def learn(
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-3,
     seed: Annotated[int, typer.Option(help="Seed (split, init, batch order).")] = 0,
     k: KOpt = 10, p: POpt = 2, energy: EOpt = None, phi: PhiOpt = 2, init: InitOpt = "zero", merge_finetune_steps: FtOpt = 0,
-    rank: Annotated[int, typer.Option("--rank", "-r", help="Rank of the first task's seeding LoRA (new store).")] = 8,
+    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank (new store; Share: the first task's seeding LoRA).")] = 8,
+    method_name: Annotated[str, typer.Option("--method", help="Method of a new store: share, inflora, sd-lora, sd-lora-rr, sd-lora-kd, dual-lora.")] = "share",
     text_column: str = "text", label_column: str = "label",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ):
-    """Teach a store one new task from a labelled file (creates the store on first use)."""
+    """Teach a store one new task from a labelled file (creates the store on first use).
+
+    A store is open-ended: InfLoRA's and DualLoRA's memory threshold stays at its starting value.
+    """
     _setup_torch(None)
     from sharecl.backbone import load_encoder
     from sharecl.data.files import load_task_file
     from sharecl.data.tasks import check_task_name
-    from sharecl.methods.share import ShareMethod
-    from sharecl.store import load_store, save_store, store_lock
+    from sharecl.methods import build_method
+    from sharecl.store import STORABLE, load_store, save_store, store_lock
     from sharecl.train import TrainConfig, evaluate
 
     check_task_name(task)
+    if method_name not in STORABLE:
+        raise ValueError(f"--method {method_name!r} cannot be stored; choose one of {', '.join(STORABLE)}")
     with store_lock(store):
         if (store / "manifest.json").exists():
             method = load_store(store)
         else:
-            method = ShareMethod(load_encoder(model), seed=seed, **_share_options(k, p, energy, rank, phi, init, merge_finetune_steps))
+            opts = _share_options(k, p, energy, rank, phi, init, merge_finetune_steps) if method_name == "share" else {"r": rank}
+            method = build_method(method_name, load_encoder(model), seed=seed, **opts)
         if task in method.task_classes:
             raise ValueError(f"task {task!r} already exists in {store}; choose another name")
         t = load_task_file(data, task, seed=seed, text_column=text_column, label_column=label_column)
@@ -232,6 +239,8 @@ def add_adapter(
 
     with store_lock(store):
         manifest = read_manifest(store)
+        if manifest.get("method") != "share":
+            raise ValueError(f"{store} holds method {manifest.get('method')!r}; only Share stores fold adapters without data")
         lora = read_lora_adapter(adapter)
         base = lora.config.get("base_model_name_or_path")
         if base and Path(base).is_dir() and weights_hash(base) != manifest["base_model"]["sha256"]:
@@ -289,6 +298,8 @@ def export(
     from sharecl.store import load_store
 
     method = load_store(store)
+    if method.name != "share":
+        raise ValueError(f"{store} holds method {method.name!r}; export writes Share tasks as PEFT adapters")
     path = export_task(method, task, out)
     console.print(f"wrote PEFT LoRA adapter for [bold]{task}[/] (rank {method.config.p}) to {path}")
 

@@ -130,6 +130,25 @@ class DualGPM:
         total = float((C.double() ** 2).sum())
         return 1.0 - float((self.residual(C) ** 2).sum()) / total if total > 0 else 1.0
 
+    def state(self) -> tuple[torch.Tensor | None, str]:
+        """``(basis, kind)`` for a store."""
+        return self.basis, self.kind
+
+    @classmethod
+    def from_state(cls, d: int, basis: torch.Tensor | None, kind: str) -> "DualGPM":
+        """Rebuild a memory saved with :meth:`state`.
+
+        Raises:
+            ValueError: for an unknown kind or a basis of the wrong height.
+        """
+        if kind not in ("remove", "retain"):
+            raise ValueError(f"unknown memory kind {kind!r}")
+        if basis is not None and basis.shape[0] != d:
+            raise ValueError(f"memory basis has {basis.shape[0]} rows, the layer has {d} inputs")
+        mem = cls(d)
+        mem.basis, mem.kind = (None if basis is None else basis.double()), kind
+        return mem
+
     def update(self, C: torch.Tensor, eps: float) -> int:
         """Grow the protected space until it keeps at least ``eps`` of ``C``'s energy.
 

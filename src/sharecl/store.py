@@ -1,10 +1,16 @@
-"""The on-disk store of a continual Share model: ``manifest.json`` + safetensors, atomic.
+"""The on-disk store of a continual model: ``manifest.json`` + safetensors, atomic.
+
+A store holds one storable method (:data:`STORABLE`): Share (bases and coefficients),
+InfLoRA (each task's merged factors and the DualGPM memory), SD-LoRA (unit directions and
+magnitudes) or DualLoRA (merged orthogonal factors, residual bases and up-projections,
+memory). PEFT baselines keep their adapters in PEFT's own format and have no store.
 
 Layout of a store directory::
 
-    manifest.json              format, version, method config, base model (path, sha256),
-                               tasks (name, classes, kind), merges, file checksums, versions
-    state-v<N>.safetensors     bases U/V and coefficients of every layer, and every head
+    manifest.json              format, version, method and config, base model (path, sha256),
+                               tasks (name, classes, kind), method state that is not a tensor
+                               (merges, ranks, memory kinds), file checksums, versions
+    state-v<N>.safetensors     every adapter/memory tensor, and every head
     .lock                      advisory lock held by a writer
 
 Every change writes a new ``state-v<N+1>`` file (temporary name, fsync, rename), then the
@@ -29,12 +35,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "StoreError", "StoreLockedError", "save_store", "load_store", "read_manifest",
+__all__ = ["FORMAT", "FORMAT_VERSION", "STORABLE", "StoreError", "StoreLockedError", "save_store", "load_store", "read_manifest",
            "store_lock", "library_versions"]
 
 FORMAT = "sharecl-store"
 FORMAT_VERSION = 1
 _STATE = re.compile(r"^state-v(\d+)\.safetensors$")
+#: Methods a store can hold.
+STORABLE = ("share", "inflora", "sd-lora", "sd-lora-rr", "sd-lora-kd", "dual-lora")
 
 
 class StoreError(RuntimeError):
@@ -149,15 +157,22 @@ def _state_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
 
 
 def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
-    """Write ``method`` (a :class:`~sharecl.methods.share.ShareMethod`) as the next store version.
+    """Write ``method`` (a storable method, :data:`STORABLE`) as the next store version.
 
     Call under :func:`store_lock` when other writers may exist. Returns the manifest.
+
+    Raises:
+        StoreError: if the method has no store format, or the store holds another method.
     """
     from sharecl.backbone import weights_hash
 
+    if method.name not in STORABLE:
+        raise StoreError(f"method {method.name!r} has no store format; stores hold {', '.join(STORABLE)}")
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     previous = read_manifest(p) if (p / "manifest.json").exists() else None
+    if previous and previous.get("method") != method.name:
+        raise StoreError(f"{p} holds method {previous.get('method')!r}, not {method.name!r}; use another directory")
     version = (previous["version"] + 1) if previous else 1
     base = previous["base_model"] if previous else {
         "path": method.encoder.path, "sha256": weights_hash(method.encoder.path),
@@ -169,9 +184,10 @@ def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
         "format": FORMAT, "format_version": FORMAT_VERSION, "version": version, "method": method.name,
         "config": method.config.to_dict(), "seed": method.seed, "max_length": method.encoder.max_length,
         "base_model": base, "targets": list(method.layers),
-        "tasks": [{"name": n, "classes": method.task_classes[n], "kind": method.kinds.get(n, "data"),
+        "tasks": [{"name": n, "classes": method.task_classes[n], "kind": getattr(method, "kinds", {}).get(n, "data"),
                    "head": n in method.heads} for n in method.task_names],
-        "merges": method.drift,
+        "merges": getattr(method, "drift", []),
+        "method_state": method.state_meta(),
         "files": {"state": {"name": state_name, "sha256": _sha256(p / state_name)}},
         "library_versions": library_versions(),
         **(extra or {}),
@@ -184,7 +200,7 @@ def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
 
 
 def load_store(path: str | Path, *, model_path: str | None = None):
-    """Load a store as a ready :class:`~sharecl.methods.share.ShareMethod`.
+    """Load a store as a ready method (the one named in the manifest).
 
     Args:
         model_path: base model directory, if it moved since the store was written; its
@@ -195,12 +211,12 @@ def load_store(path: str | Path, *, model_path: str | None = None):
             weights differ from the one the store was built on.
     """
     from sharecl.backbone import load_encoder, weights_hash
-    from sharecl.methods.share import ShareConfig, ShareMethod
+    from sharecl.methods import build_method
 
     p = Path(path)
     manifest = read_manifest(p)
-    if manifest.get("method") != "share":
-        raise StoreError(f"{p} holds method {manifest.get('method')!r}; this sharecl stores only 'share'")
+    if manifest.get("method") not in STORABLE:
+        raise StoreError(f"{p} holds method {manifest.get('method')!r}; this sharecl stores {', '.join(STORABLE)}")
     base = model_path or manifest["base_model"]["path"]
     if not Path(base).is_dir():
         raise StoreError(f"base model {base} (from the manifest) is missing; pass --model PATH to its new location")
@@ -209,9 +225,12 @@ def load_store(path: str | Path, *, model_path: str | None = None):
                          f"use the original base model")
     tensors = _state_tensors(p, manifest)
     encoder = load_encoder(base, max_length=manifest.get("max_length", 128))
-    method = ShareMethod(encoder, seed=manifest.get("seed", 0), config=ShareConfig(**manifest["config"]))
+    method = build_method(manifest["method"], encoder, seed=manifest.get("seed", 0), **manifest["config"])
     if list(method.layers) != manifest["targets"]:
         raise StoreError(f"the base model's target layers do not match the store's ({len(method.layers)} vs {len(manifest['targets'])})")
-    method.load_state_tensors(tensors, manifest["tasks"])
-    method.drift = list(manifest.get("merges", []))
+    meta = {**(manifest.get("method_state") or {}), "merges": manifest.get("merges", [])}
+    try:
+        method.load_state(tensors, manifest["tasks"], meta)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise StoreError(f"{p}: the state file does not match the manifest ({exc}); restore the store from a backup") from exc
     return method

@@ -171,6 +171,39 @@ class ContinualMethod(ABC):
                 m.collect = False
         return {n: m.covariance() for n, m in layers.items()}
 
+    # -- store hooks (storable methods) ----------------------------------------
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        """``heads.<task>.weight`` / ``.bias`` for every task with a head."""
+        out = {}
+        for tname in self.task_names:
+            if tname in self.heads:
+                for key, val in self.heads.heads[tname].state_dict().items():
+                    out[f"heads.{tname}.{key}"] = val.detach().contiguous()
+        return out
+
+    def load_tasks_and_heads(self, tensors: dict[str, torch.Tensor], tasks: list[dict]) -> None:
+        """Restore the task list (manifest order) and the heads saved by :meth:`head_tensors`."""
+        self.task_names, self.task_classes = [], {}
+        for t in tasks:
+            self.task_names.append(t["name"])
+            self.task_classes[t["name"]] = list(t["classes"])
+            if f"heads.{t['name']}.weight" in tensors:
+                w = tensors[f"heads.{t['name']}.weight"]
+                head = self.heads.add(t["name"], w.shape[0])
+                head.load_state_dict({"weight": w, "bias": tensors[f"heads.{t['name']}.bias"]})
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a store needs (adapters, memories, heads). Storable methods override."""
+        raise NotImplementedError(f"method {self.name!r} has no store format")
+
+    def state_meta(self) -> dict:
+        """JSON-ready state that is not a tensor (ranks, memory kinds, …), kept in the manifest."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], tasks: list[dict], meta: dict) -> None:
+        """Inverse of :meth:`state_tensors` + :meth:`state_meta` on a freshly built method."""
+        raise NotImplementedError(f"method {self.name!r} has no store format")
+
     def check_task(self, task_name: str) -> None:
         if task_name not in self.task_classes:
             raise KeyError(f"unknown task {task_name!r}; known tasks: {self.task_names}")

@@ -91,6 +91,7 @@ class DualLoRAMethod(ContinualMethod):
 
     name = "dual-lora"
     scenarios = ("til", "cil")
+    storable = True
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: DualLoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
@@ -178,6 +179,39 @@ class DualLoRAMethod(ContinualMethod):
     def trainable_numbers_last_task(self) -> int:
         c = self.config
         return sum(c.r * (m.in_features + m.out_features) + c.residual_rank * m.out_features for m in self.layers.values())
+
+    # -------------------------------------------------------------------- store
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Per layer: each task's merged orthogonal factors, the residual bases ``U`` and
+        up-projections ``R``, ``ē`` and the memory basis; and the heads."""
+        out = self.head_tensors()
+        for n, layer in self.layers.items():
+            for t, (B, A) in enumerate(layer.merged):
+                out[f"layers.{n}.B_O.{t}"], out[f"layers.{n}.A_O.{t}"] = B.contiguous(), A.contiguous()
+            out[f"layers.{n}.U"], out[f"layers.{n}.R"] = layer.U.contiguous(), layer.R.contiguous()
+            out[f"layers.{n}.energy_mean"] = torch.tensor(layer.energy_mean, dtype=torch.float64)
+            if self.memory[n].basis is not None:
+                out[f"memory.{n}"] = self.memory[n].basis.contiguous()
+        return out
+
+    def state_meta(self) -> dict:
+        return {"memory_kinds": {n: m.kind for n, m in self.memory.items()},
+                "residual_ranks": next(iter(self.layers.values())).res_ranks}
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, torch.Tensor], tasks: list[dict], meta: dict) -> None:
+        ranks = list(meta["residual_ranks"])
+        for n, layer in self.layers.items():
+            for t in range(len(ranks)):
+                B, A = tensors[f"layers.{n}.B_O.{t}"], tensors[f"layers.{n}.A_O.{t}"]
+                layer.base.weight += layer.scaling * (B @ A)
+                layer.merged.append((B, A))
+            layer.U, layer.R = tensors[f"layers.{n}.U"], tensors[f"layers.{n}.R"]
+            layer.res_ranks, layer.energy_mean = ranks, tensors[f"layers.{n}.energy_mean"].tolist()
+            if layer.U.shape[0] != sum(ranks) or layer.R.shape[1] != sum(ranks):
+                raise ValueError(f"layer {n}: residual ranks {ranks} do not match U {tuple(layer.U.shape)}")
+            self.memory[n] = DualGPM.from_state(layer.in_features, tensors.get(f"memory.{n}"), meta["memory_kinds"][n])
+        self.load_tasks_and_heads(tensors, tasks)
 
     def report(self) -> dict:
         return {"memory_dims": {n: m.dim for n, m in self.memory.items()}}

@@ -76,6 +76,7 @@ class InfLoRAMethod(ContinualMethod):
 
     name = "inflora"
     scenarios = ("til", "cil")
+    storable = True
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: InfLoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
@@ -119,6 +120,33 @@ class InfLoRAMethod(ContinualMethod):
 
     def trainable_numbers_last_task(self) -> int:
         return self.config.r * sum(m.out_features for m in self.layers.values())
+
+    # -------------------------------------------------------------------- store
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Each task's merged factors ``B_t``, ``A_t`` per layer (``W = W0 + Σ_t B_t A_t`` is
+        rebuilt in the same order on load, so it is bit-identical), the memory bases, the heads."""
+        out = self.head_tensors()
+        for n, layer in self.layers.items():
+            for t, (B, A) in enumerate(layer.merged):
+                out[f"layers.{n}.B.{t}"], out[f"layers.{n}.A.{t}"] = B.contiguous(), A.contiguous()
+            if self.memory[n].basis is not None:
+                out[f"memory.{n}"] = self.memory[n].basis.contiguous()
+        return out
+
+    def state_meta(self) -> dict:
+        return {"memory_kinds": {n: m.kind for n, m in self.memory.items()}, "merged_tasks": len(self.task_names),
+                "thresholds": self.thresholds}
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, torch.Tensor], tasks: list[dict], meta: dict) -> None:
+        for n, layer in self.layers.items():
+            for t in range(meta["merged_tasks"]):
+                B, A = tensors[f"layers.{n}.B.{t}"], tensors[f"layers.{n}.A.{t}"]
+                layer.base.weight += B @ A
+                layer.merged.append((B, A))
+            self.memory[n] = DualGPM.from_state(layer.in_features, tensors.get(f"memory.{n}"), meta["memory_kinds"][n])
+        self.thresholds = list(meta.get("thresholds", []))
+        self.load_tasks_and_heads(tensors, tasks)
 
     def report(self) -> dict:
         return {"memory_dims": {n: m.dim for n, m in self.memory.items()}, "thresholds": self.thresholds}

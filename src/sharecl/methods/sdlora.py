@@ -109,6 +109,7 @@ class SDLoRAMethod(ContinualMethod):
 
     name = "sd-lora"
     scenarios = ("til", "cil")
+    storable = True
     _variant: dict = {}
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: SDLoRAConfig | None = None, **overrides):
@@ -182,6 +183,30 @@ class SDLoRAMethod(ContinualMethod):
 
     def trainable_numbers_last_task(self) -> int:
         return self._trainable
+
+    # -------------------------------------------------------------------- store
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Unit directions (``A_old``, ``B_old`` per layer), the magnitudes, the heads."""
+        out = self.head_tensors()
+        out["magnitudes"] = torch.stack([a.detach() for a in self.magnitudes]) if self.magnitudes else torch.zeros(0)
+        for n, layer in self.layers.items():
+            out[f"layers.{n}.A_old"], out[f"layers.{n}.B_old"] = layer.A_old.contiguous(), layer.B_old.contiguous()
+        return out
+
+    def state_meta(self) -> dict:
+        return {"ranks": next(iter(self.layers.values())).ranks, "kd_fits": self.folded}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], tasks: list[dict], meta: dict) -> None:
+        mags = tensors["magnitudes"]
+        self.magnitudes.clear()  # the layers share this list object
+        self.magnitudes.extend(nn.Parameter(a.clone(), requires_grad=False) for a in mags)
+        for n, layer in self.layers.items():
+            layer.A_old, layer.B_old = tensors[f"layers.{n}.A_old"], tensors[f"layers.{n}.B_old"]
+            layer.ranks = list(meta["ranks"])
+            if sum(layer.ranks) != layer.A_old.shape[0] or len(layer.ranks) != len(mags):
+                raise ValueError(f"layer {n}: ranks {layer.ranks} do not match {layer.A_old.shape[0]} rows and {len(mags)} magnitudes")
+        self.folded = list(meta.get("kd_fits", []))
+        self.load_tasks_and_heads(tensors, tasks)
 
     def report(self) -> dict:
         return {"magnitudes": [float(a) for a in self.magnitudes], "kd_fits": self.folded}

@@ -294,28 +294,21 @@ class ShareMethod(ContinualMethod):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything a store needs besides the manifest: bases, coefficients, heads."""
-        out = {}
+        out = self.head_tensors()
         for name, layer in self.layers.items():
             for key in ("U", "V", "coeff_B", "coeff_A"):
                 out[f"layers.{name}.{key}"] = getattr(layer, key).detach().contiguous()
-        for tname in self.task_names:
-            if tname in self.heads:
-                for key, val in self.heads.heads[tname].state_dict().items():
-                    out[f"heads.{tname}.{key}"] = val.detach().contiguous()
         return out
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor], tasks: list[dict]) -> None:
+    def state_meta(self) -> dict:
+        return {"kinds": dict(self.kinds)}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], tasks: list[dict], meta: dict) -> None:
         """Inverse of :meth:`state_tensors`, given the manifest's task list (order matters)."""
         for name, layer in self.layers.items():
             for key in ("U", "V", "coeff_B", "coeff_A"):
                 setattr(layer, key, tensors[f"layers.{name}.{key}"].to(layer.base.weight.dtype))
             layer._mix_cache = None
-        self.task_names, self.task_classes, self.kinds = [], {}, {}
-        for t in tasks:
-            self.task_names.append(t["name"])
-            self.task_classes[t["name"]] = list(t["classes"])
-            self.kinds[t["name"]] = t.get("kind", "data")
-            if f"heads.{t['name']}.weight" in tensors:
-                w = tensors[f"heads.{t['name']}.weight"]
-                head = self.heads.add(t["name"], w.shape[0])
-                head.load_state_dict({"weight": w, "bias": tensors[f"heads.{t['name']}.bias"]})
+        self.load_tasks_and_heads(tensors, tasks)
+        self.kinds = {t["name"]: meta.get("kinds", {}).get(t["name"], t.get("kind", "data")) for t in tasks}
+        self.drift = list(meta.get("merges", []))
