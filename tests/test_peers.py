@@ -189,3 +189,20 @@ def test_til_only_method_refuses_cil_logits(tiny_model_dir):
     m = build_method("lora-per-task", load_encoder(tiny_model_dir, max_length=16))
     with pytest.raises(UnsupportedScenarioError, match="til"):
         m.cil_logits(["x"])
+
+
+def test_share_cil_scores_pick_the_task_their_rule_names(tiny_share, fast_cfg):
+    tasks = [make_task("a"), make_task("b", seed=1)]
+    for t in tasks:
+        tiny_share.learn(t, fast_cfg, progress=False)
+    x = tasks[0].test_inputs
+    per_task = [tiny_share.logits(x, t.name) for t in tasks]
+    rules = {"max-prob": lambda l: torch.softmax(l, -1).max(-1).values, "max-logit": lambda l: l.max(-1).values,
+             "energy": lambda l: torch.logsumexp(l, -1)}
+    for score, task_score in rules.items():
+        pred = tiny_share.cil_logits(x, score=score).argmax(-1)
+        best_task = torch.stack([task_score(l) for l in per_task], -1).argmax(-1)
+        expect = torch.stack([per_task[int(t)][i].argmax() + 3 * int(t) for i, t in enumerate(best_task)])
+        assert torch.equal(pred, expect), score
+    with pytest.raises(ValueError, match="score"):
+        tiny_share.cil_logits(x, score="vote")

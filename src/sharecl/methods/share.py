@@ -27,6 +27,10 @@ from sharecl.train import PeakRSS, TrainConfig, train_steps
 __all__ = ["ShareConfig", "ShareMethod"]
 
 
+#: Class-incremental scores for Share's task identification.
+CIL_SCORES = ("max-prob", "max-logit", "energy")
+
+
 @dataclass
 class ShareConfig:
     """Share's hyper-parameters (names follow PEFT and METHODS.md §1).
@@ -43,6 +47,8 @@ class ShareConfig:
         init: "zero" (ΔW = 0 at step 0) or "previous" (warm start from the last task).
         merge_finetune_steps: steps fine-tuning the new task's coefficients on the merged basis.
         lr: learning rate for the coefficients and temporary directions (None = TrainConfig.lr).
+        cil_score: class-incremental task-identification score (see :meth:`ShareMethod.cil_logits`):
+            "max-prob" (default), "max-logit" or "energy".
     """
 
     target_modules: list[str] | str | None = None
@@ -56,8 +62,11 @@ class ShareConfig:
     init: str = "zero"
     merge_finetune_steps: int = 0
     lr: float | None = None
+    cil_score: str = "max-prob"
 
     def __post_init__(self):
+        if self.cil_score not in CIL_SCORES:
+            raise ValueError(f"ShareConfig.cil_score must be one of {CIL_SCORES}, got {self.cil_score!r}")
         if self.k is not None and self.energy is not None:
             raise ValueError("ShareConfig: give k or energy, not both (set k=None to use the energy rule)")
         if self.k is None and self.energy is None:
@@ -251,17 +260,28 @@ class ShareMethod(ContinualMethod):
         return [self.heads(z[i: i + 1], t)[0] for i, t in enumerate(task_names)]
 
     @torch.no_grad()
-    def cil_logits(self, inputs: list) -> torch.Tensor:
+    def cil_logits(self, inputs: list, score: str | None = None) -> torch.Tensor:
         """Class-incremental scores ``(N, total classes)``: Share's task-identification rule [ours].
 
         The Share paper selects coefficients by task id. Without one, every input is run under
         every task's coefficients in **one** mixed-task batched forward (``N × T`` rows, METHODS.md
-        §1 "Inference"); each task's head gives log-probabilities over its own classes, and the
-        scores are those log-probabilities concatenated in task order. The argmax therefore picks
-        the most confident task (highest maximum softmax probability) and its best class. Tasks
-        with fewer classes have an easier time being confident; ``wordnet-cil`` has equal sizes.
+        §1 "Inference"), each task's head scores its own classes, and the scores are
+        concatenated in task order so that the argmax picks a task and a class at once:
+
+        - ``"max-prob"`` (default): each task's log-softmax; the most confident task (highest
+          maximum softmax probability) wins. Tasks with fewer classes find confidence easier.
+        - ``"max-logit"``: raw logits; the task with the largest logit wins.
+        - ``"energy"``: the task with the largest ``logsumexp`` of its logits wins (its best
+          class gets that score, the others less).
+
+        Args:
+            score: overrides ``config.cil_score``.
+
         Cost: ``T`` forward passes' worth of compute, in one batch.
         """
+        score = score or self.config.cil_score
+        if score not in CIL_SCORES:
+            raise ValueError(f"score must be one of {CIL_SCORES}, got {score!r}")
         T, N = len(self.task_names), len(inputs)
         rows = torch.arange(T).repeat_interleave(N)
         self._route(row_tasks=rows)
@@ -269,7 +289,17 @@ class ShareMethod(ContinualMethod):
             z = self._features(list(inputs) * T)
         finally:
             self._route()
-        return torch.cat([torch.log_softmax(self.heads(z[i * N:(i + 1) * N], t), -1) for i, t in enumerate(self.task_names)], -1)
+        out = []
+        for i, t in enumerate(self.task_names):
+            logits = self.heads(z[i * N:(i + 1) * N], t)
+            logp = torch.log_softmax(logits, -1)
+            if score == "max-prob":
+                out.append(logp)
+            elif score == "max-logit":
+                out.append(logits)
+            else:
+                out.append(torch.logsumexp(logits, -1, keepdim=True) + logp - logp.max(-1, keepdim=True).values)
+        return torch.cat(out, -1)
 
     def folded_model(self, task_name: str) -> nn.Module:
         """A copy of the backbone with task ``task_name``'s ΔW folded into plain ``nn.Linear`` weights."""

@@ -1,0 +1,60 @@
+"""Share in class-incremental streams: which task-identification score works best.
+
+Evaluation only: loads the Share stores that ``sharecl compare --stream wordnet-cil`` left
+in ``RUNS/seed-<s>/share/store`` and scores every test input of every task with no task id
+under each rule of :meth:`sharecl.methods.share.ShareMethod.cil_logits`. Reports the final
+class-incremental accuracy and the task-identification accuracy (how often the winning
+class belongs to the right task), per seed and averaged.
+
+    python benchmarks/bench_cil_rules.py [--runs runs/compare-wordnet-cil]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+
+from _common import table, write
+from sharecl.data.streams import get_stream
+from sharecl.methods.share import CIL_SCORES
+from sharecl.store import load_store
+from sharecl.train import predict_logits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", default="runs/compare-wordnet-cil")
+    args = ap.parse_args()
+    rows = []
+    for d in sorted(Path(args.runs).glob("seed-*/share/store")):
+        seed = int(d.parent.parent.name.split("-")[1])
+        method = load_store(d)
+        stream = get_stream("wordnet-cil", seed=seed)
+        offsets = method.class_offsets()
+        bounds = torch.tensor([offsets[t.name] for t in stream] + [sum(t.num_classes for t in stream)])
+        for score in CIL_SCORES:
+            accs, tid = [], []
+            for j, t in enumerate(stream):
+                pred = predict_logits(lambda xs: method.cil_logits(xs, score=score), t.test_inputs, 64).argmax(-1)
+                accs.append((pred == torch.tensor(t.test_labels) + offsets[t.name]).float().mean().item())
+                task_of = torch.bucketize(pred, bounds, right=True) - 1
+                tid.append((task_of == j).float().mean().item())
+            rows.append({"seed": seed, "score": score, "final_cil_acc": 100 * statistics.fmean(accs),
+                         "task_id_acc": 100 * statistics.fmean(tid)})
+            print(rows[-1], flush=True)
+    summary = []
+    for score in CIL_SCORES:
+        sel = [r for r in rows if r["score"] == score]
+        if sel:
+            summary.append({"score": score, "seeds": len(sel),
+                            "final_cil_acc": statistics.fmean(r["final_cil_acc"] for r in sel),
+                            "task_id_acc": statistics.fmean(r["task_id_acc"] for r in sel)})
+    print(table(summary, ["score", "seeds", "final_cil_acc", "task_id_acc"]))
+    print("written:", write("cil_rules", {"runs": args.runs, "per_seed": rows, "summary": summary}))
+
+
+if __name__ == "__main__":
+    main()
