@@ -151,3 +151,14 @@ def test_inflora_store_from_the_command_line(tmp_path, tiny_model_dir, cli_store
     assert r.returncode == 1 and "holds method 'inflora'" in r.stderr
     r = sharecl("learn", tmp_path / "x", "--task", "a", "--data", a, "--method", "seq-lora", check=False)
     assert r.returncode == 1 and "cannot be stored" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_parse_set_options():
+    from sharecl.cli import _parse_set
+
+    assert _parse_set("sd-lora.lr=0.001", ["sd-lora"]) == ("sd-lora", "lr", 0.001)
+    assert _parse_set("share.cil_score=energy", ["share"]) == ("share", "cil_score", "energy")
+    with pytest.raises(ValueError, match="METHOD.KEY=VALUE"):
+        _parse_set("lr=0.1", ["share"])
+    with pytest.raises(ValueError, match="not among"):
+        _parse_set("inflora.r=4", ["share"])

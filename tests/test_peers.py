@@ -206,3 +206,10 @@ def test_share_cil_scores_pick_the_task_their_rule_names(tiny_share, fast_cfg):
         assert torch.equal(pred, expect), score
     with pytest.raises(ValueError, match="score"):
         tiny_share.cil_logits(x, score="vote")
+
+
+def test_unknown_method_option_is_a_clear_error(tiny_model_dir):
+    from sharecl.methods import build_method
+
+    with pytest.raises(ValueError, match="'inflora'.*'rank'"):
+        build_method("inflora", load_encoder(tiny_model_dir, max_length=16), rank=4)

@@ -127,6 +127,7 @@ def compare(
     lr: Annotated[float, typer.Option(help="Learning rate (adapters and heads), the same for every method.")] = 5e-3,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r of every method (Share: first-task seed).")] = 8,
     k: KOpt = 10, p: POpt = 2,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option METHOD.KEY=VALUE (repeatable), e.g. sd-lora.lr=0.001.")] = None,
     resume: Annotated[bool, typer.Option(help="Reuse results.json files already in OUT.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -147,10 +148,28 @@ def compare(
     configs = {m: ({} if m == "head-only" else {"r": rank}) for m in names}
     if "share" in configs:
         configs["share"].update(_share_options(k, p, None, rank, 2, "zero", 0))
+    for item in set_ or []:
+        method, key, value = _parse_set(item, names)
+        configs[method][key] = value
     summary, md = run_compare(stream, names, seed_list, cfg, out, model_path=model, method_configs=configs,
                               resume=resume, progress=progress, log=console.print)
     console.print(md, highlight=False, markup=False)
     console.print(f"written: {out}/compare.md, compare.json, accuracy_curve.png, bytes.png, seed-*/<method>/results.json")
+
+
+def _parse_set(item: str, methods: list[str]) -> tuple[str, str, object]:
+    """``METHOD.KEY=VALUE`` → ``(method, key, value)``; VALUE is read as JSON when it parses, else kept as text."""
+    head, eq, raw = item.partition("=")
+    method, dot, key = head.rpartition(".")
+    if not eq or not dot or not key:
+        raise ValueError(f"--set {item!r}: expected METHOD.KEY=VALUE, for example sd-lora.lr=0.001")
+    if method not in methods:
+        raise ValueError(f"--set {item!r}: method {method!r} is not among the methods run ({', '.join(methods)})")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return method, key, value
 
 
 def _print_results(results: dict[str, dict]) -> None:

@@ -60,7 +60,11 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict[str, dict]:
             vals = [statistics.fmean(r["accuracy_matrix"][i][: i + 1]) for r in runs if r["accuracy_matrix"][i][0] is not None]
             curve.append(statistics.fmean(vals) if vals else None)
         entry["curve"] = curve
-        entry["adapter_bytes_after_task"] = runs[0].get("adapter_bytes_after_task")
+        stored = runs[0].get("adapter_bytes_after_task")
+        if stored is None:  # results written before this key existed: per-task bytes × tasks + shared bytes
+            stored = [runs[0]["bytes_shared"] + runs[0]["bytes_per_task"] * (i + 1) for i in range(T)]
+            entry["adapter_bytes_derived"] = True
+        entry["adapter_bytes_after_task"] = stored
         out[m] = entry
     return out
 

@@ -219,7 +219,17 @@ def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
 
 
 def build_method(name: str, encoder: Encoder, seed: int = 0, **config) -> ContinualMethod:
-    """Instantiate a registered method. Raises ``KeyError`` listing the known names."""
+    """Instantiate a registered method.
+
+    Raises:
+        KeyError: for an unknown name (the message lists the known ones).
+        ValueError: for an option the method's config does not have.
+    """
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
-    return METHODS[name](encoder, seed=seed, **config)
+    try:
+        return METHODS[name](encoder, seed=seed, **config)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise ValueError(f"method {name!r}: {exc}; valid options are the fields of its config class") from exc
