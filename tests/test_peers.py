@@ -71,7 +71,7 @@ def test_sdlora_unit_directions_frozen_old_directions_and_moving_magnitudes(enc,
     train_steps(lambda xs: m.logits(xs, task.name, training=True), groups, task, fast_cfg, progress=False)
     for n, layer in m.layers.items():
         assert torch.equal(layer.A_old, old[n][0]) and torch.equal(layer.B_old, old[n][1])
-    assert float(m.magnitudes[0]) != alpha0  # old magnitudes train with the new task
+    assert m.magnitudes[0].item() != alpha0  # old magnitudes train with the new task
     m.end_task(task, fast_cfg)
     for layer in m.layers.values():
         for k in range(2):

@@ -61,7 +61,7 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict[str, dict]:
             curve.append(statistics.fmean(vals) if vals else None)
         entry["curve"] = curve
         stored = runs[0].get("adapter_bytes_after_task")
-        if stored is None:  # results written before this key existed: per-task bytes × tasks + shared bytes
+        if stored is None and "bytes_per_task" in runs[0]:  # results older than this key: per-task × tasks + shared
             stored = [runs[0]["bytes_shared"] + runs[0]["bytes_per_task"] * (i + 1) for i in range(T)]
             entry["adapter_bytes_derived"] = True
         entry["adapter_bytes_after_task"] = stored

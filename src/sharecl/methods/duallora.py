@@ -21,9 +21,11 @@ us; see ``../shared/reference/peers.md`` §3):
   sequence's input energy inside ``U_t`` and ``ē_t`` the same share on task t's training
   data; residual adapters are weighted by ``softmax_t(ρ_t / temperature)``. In training and
   with a task id the weights are one-hot on the task.
-- Task identity: ``t̂ = argmax`` of ``ρ`` averaged over layers, confidence = its softmax
-  weight; when the confidence is ≥ ``confidence``, logits outside ``t̂``'s classes are
-  masked (calibration); otherwise all heads' logits are compared as they are.
+- Task identity: ``t̂ = argmax`` of ``ρ`` averaged over layers; confidence = the margin
+  between the two largest softmax weights (1 with one task; a margin rather than the top
+  weight, which is ≥ 1/T even for a tie); when the confidence is ≥ ``confidence``, logits
+  outside ``t̂``'s classes are masked (calibration); otherwise all heads' logits are
+  compared as they are.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class DualLoRAConfig:
         residual_rank: ``r_res``, rank of each task's residual adapter.
         eps: memory threshold at the first task.
         temperature: softmax temperature of the dynamic-memory weights and task identity.
-        confidence: task-identity confidence at or above which logits are calibrated.
+        confidence: task-identity margin (top minus second softmax weight) at or above which
+            logits are calibrated.
         lr: adapter learning rate; None = the run's ``lr``.
     """
 
@@ -155,7 +158,9 @@ class DualLoRAMethod(ContinualMethod):
         logits = torch.cat([self.heads(z, n) for n in self.task_names], -1)
         rho = torch.stack([layer.last_relevance for layer in self.layers.values()]).mean(0)  # (N, T)
         p = torch.softmax(rho / self.config.temperature, -1)
-        conf, pred = p.max(-1)
+        top = p.topk(min(2, p.shape[-1]), -1)
+        pred = top.indices[:, 0]
+        conf = top.values[:, 0] - (top.values[:, 1] if p.shape[-1] > 1 else 0.0)
         self.last_task_prediction = (pred, conf)
         offsets, sizes = self.class_offsets(), [len(self.task_classes[t]) for t in self.task_names]
         keep = torch.zeros_like(logits, dtype=torch.bool)
