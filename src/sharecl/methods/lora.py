@@ -32,12 +32,14 @@ class LoRAConfig:
         r: LoRA rank.
         lora_alpha: scaling numerator (``s = lora_alpha / r``).
         lora_dropout: dropout on the LoRA input.
+        lr: learning rate of the LoRA factors; None = the run's ``lr`` (heads always use ``head_lr``).
     """
 
     target_modules: list[str] | str | None = None
     r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    lr: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,7 +95,7 @@ class _PeftLoRA(ContinualMethod):
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
         head = self._add_task(task)
         params = self._ensure_adapter(self._adapter_of(task.name))
-        return [{"params": params, "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
+        return [{"params": params, "lr": self.config.lr or cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
 
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         for p in self.peft_model.parameters():
@@ -181,7 +183,8 @@ class JointLoRAMethod(_PeftLoRA):
                 logits = logits.masked_fill(~keep, float("-inf"))
             return logits
 
-        groups = [{"params": params, "lr": cfg.lr}, {"params": [p for h in heads for p in h.parameters()], "lr": cfg.head_lr}]
+        groups = [{"params": params, "lr": self.config.lr or cfg.lr},
+                  {"params": [p for h in heads for p in h.parameters()], "lr": cfg.head_lr}]
         losses = train_steps(forward, groups, union, cfg, steps=cfg.steps * len(tasks), desc=f"{self.name} · all tasks",
                              generator=self.generator(11), rss=rss, progress=progress)
         for p in self.peft_model.parameters():
