@@ -176,7 +176,7 @@ def test_share_cil_scores_are_each_tasks_log_probabilities(tiny_share, fast_cfg)
     for t in tasks:
         tiny_share.learn(t, fast_cfg, progress=False)
     x = tasks[0].test_inputs + tasks[1].test_inputs
-    scores = tiny_share.cil_logits(x)
+    scores = tiny_share.cil_logits(x, score="max-prob")
     assert scores.shape == (len(x), 6)
     for i, t in enumerate(tasks):
         expect = torch.log_softmax(tiny_share.logits(x, t.name), -1)

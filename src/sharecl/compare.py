@@ -109,6 +109,8 @@ def _plots(summary: dict, out: Path, stream: str, kind: str) -> None:
         xs = [i + 1 for i, v in enumerate(e["curve"]) if v is not None]
         ys = [100 * v for v in e["curve"] if v is not None]
         ax.plot(xs, ys, marker="o" if len(xs) > 1 else "*", markersize=6 if len(xs) > 1 else 12, label=m)
+    T = max(len(e["curve"]) for e in summary.values())
+    ax.set_xticks(range(1, T + 1))
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("average accuracy on seen tasks (%)")
     ax.set_title(f"{stream}: {kind}")
@@ -126,6 +128,7 @@ def _plots(summary: dict, out: Path, stream: str, kind: str) -> None:
         elif b:
             ax.plot([len(e["curve"])], b, marker="*", markersize=12, linestyle="", label=m)
     ax.set_yscale("symlog", linthresh=1e3)
+    ax.set_xticks(range(1, T + 1))
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("adapter bytes stored (float32, no heads)")
     ax.set_title(f"{stream}: storage")
