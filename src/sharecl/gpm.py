@@ -130,13 +130,9 @@ class DualGPM:
         total = float((C.double() ** 2).sum())
         return 1.0 - float((self.residual(C) ** 2).sum()) / total if total > 0 else 1.0
 
-    def state(self) -> tuple[torch.Tensor | None, str]:
-        """``(basis, kind)`` for a store."""
-        return self.basis, self.kind
-
     @classmethod
     def from_state(cls, d: int, basis: torch.Tensor | None, kind: str) -> "DualGPM":
-        """Rebuild a memory saved with :meth:`state`.
+        """Rebuild a memory from a store's ``basis`` and ``kind``.
 
         Raises:
             ValueError: for an unknown kind or a basis of the wrong height.
