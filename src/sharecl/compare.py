@@ -104,21 +104,25 @@ def _plots(summary: dict, out: Path, stream: str, kind: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    T = max(len(e["curve"]) for e in summary.values())
+
+    def finish(fig, ax, ylabel: str, title: str, name: str) -> None:
+        ax.set_xticks(range(1, T + 1))
+        ax.set_xlabel("tasks learned")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, e in summary.items():
         xs = [i + 1 for i, v in enumerate(e["curve"]) if v is not None]
         ys = [100 * v for v in e["curve"] if v is not None]
         ax.plot(xs, ys, marker="o" if len(xs) > 1 else "*", markersize=6 if len(xs) > 1 else 12, label=m)
-    T = max(len(e["curve"]) for e in summary.values())
-    ax.set_xticks(range(1, T + 1))
-    ax.set_xlabel("tasks learned")
-    ax.set_ylabel("average accuracy on seen tasks (%)")
-    ax.set_title(f"{stream}: {kind}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_curve.png", dpi=110)
-    plt.close(fig)
+    finish(fig, ax, "average accuracy on seen tasks (%)", f"{stream}: {kind}", "accuracy_curve.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, e in summary.items():
@@ -128,15 +132,7 @@ def _plots(summary: dict, out: Path, stream: str, kind: str) -> None:
         elif b:
             ax.plot([len(e["curve"])], b, marker="*", markersize=12, linestyle="", label=m)
     ax.set_yscale("symlog", linthresh=1e3)
-    ax.set_xticks(range(1, T + 1))
-    ax.set_xlabel("tasks learned")
-    ax.set_ylabel("adapter bytes stored (float32, no heads)")
-    ax.set_title(f"{stream}: storage")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "bytes.png", dpi=110)
-    plt.close(fig)
+    finish(fig, ax, "adapter bytes stored (float32, no heads)", f"{stream}: storage", "bytes.png")
 
 
 def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig, out_dir: str | Path, *,
