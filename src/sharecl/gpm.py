@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DualGPM", "inflora_threshold", "top_directions", "complement"]
+__all__ = ["DualGPM", "inflora_threshold", "memory_threshold", "top_directions", "complement", "memory_tensors", "load_memories"]
 
 
 def inflora_threshold(eps: float, task_index: int, num_tasks: int | None) -> float:
@@ -39,6 +39,13 @@ def inflora_threshold(eps: float, task_index: int, num_tasks: int | None) -> flo
     if not 0 <= task_index < num_tasks:
         raise ValueError(f"task index {task_index} is outside a stream of {num_tasks} tasks")
     return eps + (1.0 - eps) * task_index / num_tasks
+
+
+def memory_threshold(eps: float, task_index: int, num_tasks: int | None) -> float:
+    """:func:`inflora_threshold` when the stream's length is known and covers ``task_index``,
+    else the fixed ``eps`` (an open-ended store, or a task beyond the announced stream)."""
+    known = num_tasks is not None and num_tasks > task_index
+    return inflora_threshold(eps, task_index, num_tasks if known else None)
 
 
 def _energy_count(sq: torch.Tensor, start: float, total: float, eps: float, limit: int) -> int:
@@ -107,6 +114,16 @@ class DualGPM:
         if self.basis is None:
             return 0
         return self.basis.shape[1] if self.kind == "remove" else self.d - self.basis.shape[1]
+
+    @property
+    def numel(self) -> int:
+        """Numbers stored for this memory (its basis, whichever kind)."""
+        return 0 if self.basis is None else self.basis.numel()
+
+    def design(self, C: torch.Tensor, r: int) -> torch.Tensor:
+        """``r`` orthonormal directions ``(d, r)`` float64 inside ``C``'s input space and outside the
+        protected space: top left singular vectors of :meth:`residual` (InfLoRA's designed ``A_t``ᵀ)."""
+        return top_directions(self.residual(C), r, exclude=self.protected())
 
     def protected(self) -> torch.Tensor:
         """Orthonormal basis ``M`` ``(d, m)`` float64 of the protected space."""
@@ -190,3 +207,18 @@ def _need_removed(sq: torch.Tensor, outside: float, total: float, eps: float, li
     left = (outside - torch.cumsum(sq, 0)) / total
     ok = (left <= 1.0 - eps + 1e-12).nonzero()
     return min(int(ok[0]) + 1 if len(ok) else len(sq), limit)
+
+
+def memory_tensors(memory: dict[str, DualGPM]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A store's view of per-layer memories: ``({"memory.<layer>": basis}, {layer: kind})``."""
+    tensors = {f"memory.{n}": m.basis.contiguous() for n, m in memory.items() if m.basis is not None}
+    return tensors, {n: m.kind for n, m in memory.items()}
+
+
+def load_memories(dims: dict[str, int], tensors: dict[str, torch.Tensor], kinds: dict[str, str]) -> dict[str, DualGPM]:
+    """Inverse of :func:`memory_tensors`, given each layer's input dimension.
+
+    Raises:
+        KeyError: for a layer without a recorded kind; ValueError: see :meth:`DualGPM.from_state`.
+    """
+    return {n: DualGPM.from_state(d, tensors.get(f"memory.{n}"), kinds[n]) for n, d in dims.items()}

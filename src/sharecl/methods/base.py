@@ -152,8 +152,11 @@ class ContinualMethod(ABC):
         """
         self.check_scenario("cil")
         with torch.no_grad():
-            z = self._features(inputs)
-            return torch.cat([self.heads(z, n) for n in self.task_names], -1)
+            return self._concat_heads(self._features(inputs))
+
+    def _concat_heads(self, z: torch.Tensor) -> torch.Tensor:
+        """Every task's head on features ``z`` ``(N, hidden)``, concatenated in task order ``(N, total classes)``."""
+        return torch.cat([self.heads(z, n) for n in self.task_names], -1)
 
     @torch.no_grad()
     def input_covariances(self, inputs: list, batch_size: int = 64) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ import torch
 from sharecl.adapters.branches import DualLoRALinear
 from sharecl.backbone import Encoder
 from sharecl.data.tasks import Task
-from sharecl.gpm import DualGPM, inflora_threshold, top_directions
+from sharecl.gpm import DualGPM, inflora_threshold, load_memories, memory_tensors, memory_threshold
 from sharecl.inject import default_targets, wrap_targets
 from sharecl.methods.base import ContinualMethod, register
 from sharecl.train import PeakRSS, TrainConfig
@@ -119,9 +119,7 @@ class DualLoRAMethod(ContinualMethod):
         params = []
         for n, layer in self.layers.items():
             mem = self.memory[n]
-            M = mem.protected()
-            U = top_directions(mem.residual(covs[n]), self.config.residual_rank, exclude=M).T
-            params += layer.begin_task(self.config.r, U, M, gen)
+            params += layer.begin_task(self.config.r, mem.design(covs[n], self.config.residual_rank).T, mem.protected(), gen)
         return [{"params": params, "lr": self.config.lr or cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
 
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
@@ -131,7 +129,7 @@ class DualLoRAMethod(ContinualMethod):
             covs = self.input_covariances(task.train_inputs, cfg.eval_batch_size)
         finally:
             self._route(None)
-        eps_t = inflora_threshold(self.config.eps, t, self.num_tasks if self.num_tasks and self.num_tasks > t else None)
+        eps_t = memory_threshold(self.config.eps, t, self.num_tasks)
         shares = []
         for n, layer in self.layers.items():
             C = covs[n]
@@ -154,8 +152,7 @@ class DualLoRAMethod(ContinualMethod):
     def cil_logits(self, inputs: list) -> torch.Tensor:
         """Dynamic-memory forward, then task identity and calibration (see module docstring)."""
         self._route(None)
-        z = self._features(inputs)
-        logits = torch.cat([self.heads(z, n) for n in self.task_names], -1)
+        logits = self._concat_heads(self._features(inputs))
         rho = torch.stack([layer.last_relevance for layer in self.layers.values()]).mean(0)  # (N, T)
         p = torch.softmax(rho / self.config.temperature, -1)
         top = p.topk(min(2, p.shape[-1]), -1)
@@ -179,7 +176,7 @@ class DualLoRAMethod(ContinualMethod):
                          for m in self.layers.values()))
 
     def shared_numbers(self) -> int:
-        return sum(0 if m.basis is None else m.basis.numel() for m in self.memory.values())
+        return sum(m.numel for m in self.memory.values())
 
     def trainable_numbers_last_task(self) -> int:
         c = self.config
@@ -189,18 +186,16 @@ class DualLoRAMethod(ContinualMethod):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Per layer: each task's merged orthogonal factors, the residual bases ``U`` and
         up-projections ``R``, ``ē`` and the memory basis; and the heads."""
-        out = self.head_tensors()
+        out = {**self.head_tensors(), **memory_tensors(self.memory)[0]}
         for n, layer in self.layers.items():
             for t, (B, A) in enumerate(layer.merged):
                 out[f"layers.{n}.B_O.{t}"], out[f"layers.{n}.A_O.{t}"] = B.contiguous(), A.contiguous()
             out[f"layers.{n}.U"], out[f"layers.{n}.R"] = layer.U.contiguous(), layer.R.contiguous()
             out[f"layers.{n}.energy_mean"] = torch.tensor(layer.energy_mean, dtype=torch.float64)
-            if self.memory[n].basis is not None:
-                out[f"memory.{n}"] = self.memory[n].basis.contiguous()
         return out
 
     def state_meta(self) -> dict:
-        return {"memory_kinds": {n: m.kind for n, m in self.memory.items()},
+        return {"memory_kinds": memory_tensors(self.memory)[1],
                 "residual_ranks": next(iter(self.layers.values())).res_ranks}
 
     @torch.no_grad()
@@ -215,7 +210,7 @@ class DualLoRAMethod(ContinualMethod):
             layer.res_ranks, layer.energy_mean = ranks, tensors[f"layers.{n}.energy_mean"].tolist()
             if layer.U.shape[0] != sum(ranks) or layer.R.shape[1] != sum(ranks):
                 raise ValueError(f"layer {n}: residual ranks {ranks} do not match U {tuple(layer.U.shape)}")
-            self.memory[n] = DualGPM.from_state(layer.in_features, tensors.get(f"memory.{n}"), meta["memory_kinds"][n])
+        self.memory = load_memories({n: m.in_features for n, m in self.layers.items()}, tensors, meta["memory_kinds"])
         self.load_tasks_and_heads(tensors, tasks)
 
     def report(self) -> dict:

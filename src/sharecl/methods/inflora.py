@@ -30,7 +30,7 @@ import torch
 from sharecl.adapters.branches import InfLoRALinear
 from sharecl.backbone import Encoder
 from sharecl.data.tasks import Task
-from sharecl.gpm import DualGPM, inflora_threshold, top_directions
+from sharecl.gpm import DualGPM, inflora_threshold, load_memories, memory_tensors, memory_threshold
 from sharecl.inject import default_targets, wrap_targets
 from sharecl.methods.base import ContinualMethod, register
 from sharecl.train import PeakRSS, TrainConfig
@@ -91,15 +91,13 @@ class InfLoRAMethod(ContinualMethod):
         covs = self.input_covariances(task.train_inputs, cfg.eval_batch_size)
         params = []
         for n, layer in self.layers.items():
-            mem = self.memory[n]
-            A = top_directions(mem.residual(covs[n]), self.config.r, exclude=mem.protected()).T
+            A = self.memory[n].design(covs[n], self.config.r).T
             params.append(layer.begin_task(A * self.config.down_scale))
         return [{"params": params, "lr": self.config.lr or cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
 
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         covs = self.input_covariances(task.train_inputs, cfg.eval_batch_size)
-        eps_t = inflora_threshold(self.config.eps, len(self.task_names) - 1,
-                                  self.num_tasks if self.num_tasks and self.num_tasks >= len(self.task_names) else None)
+        eps_t = memory_threshold(self.config.eps, len(self.task_names) - 1, self.num_tasks)
         self.thresholds.append(eps_t)
         for n, layer in self.layers.items():
             self.memory[n].update(covs[n], eps_t)
@@ -116,7 +114,7 @@ class InfLoRAMethod(ContinualMethod):
         return float(self.config.r * sum(m.in_features + m.out_features for m in self.layers.values()))
 
     def shared_numbers(self) -> int:
-        return sum(0 if m.basis is None else m.basis.numel() for m in self.memory.values())
+        return sum(m.numel for m in self.memory.values())
 
     def trainable_numbers_last_task(self) -> int:
         return self.config.r * sum(m.out_features for m in self.layers.values())
@@ -125,16 +123,14 @@ class InfLoRAMethod(ContinualMethod):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Each task's merged factors ``B_t``, ``A_t`` per layer (``W = W0 + Σ_t B_t A_t`` is
         rebuilt in the same order on load, so it is bit-identical), the memory bases, the heads."""
-        out = self.head_tensors()
+        out = {**self.head_tensors(), **memory_tensors(self.memory)[0]}
         for n, layer in self.layers.items():
             for t, (B, A) in enumerate(layer.merged):
                 out[f"layers.{n}.B.{t}"], out[f"layers.{n}.A.{t}"] = B.contiguous(), A.contiguous()
-            if self.memory[n].basis is not None:
-                out[f"memory.{n}"] = self.memory[n].basis.contiguous()
         return out
 
     def state_meta(self) -> dict:
-        return {"memory_kinds": {n: m.kind for n, m in self.memory.items()}, "merged_tasks": len(self.task_names),
+        return {"memory_kinds": memory_tensors(self.memory)[1], "merged_tasks": len(self.task_names),
                 "thresholds": self.thresholds}
 
     @torch.no_grad()
@@ -144,7 +140,7 @@ class InfLoRAMethod(ContinualMethod):
                 B, A = tensors[f"layers.{n}.B.{t}"], tensors[f"layers.{n}.A.{t}"]
                 layer.base.weight += B @ A
                 layer.merged.append((B, A))
-            self.memory[n] = DualGPM.from_state(layer.in_features, tensors.get(f"memory.{n}"), meta["memory_kinds"][n])
+        self.memory = load_memories({n: m.in_features for n, m in self.layers.items()}, tensors, meta["memory_kinds"])
         self.thresholds = list(meta.get("thresholds", []))
         self.load_tasks_and_heads(tensors, tasks)
 

@@ -175,7 +175,7 @@ class JointLoRAMethod(_PeftLoRA):
         bounds = [(offsets[t.name], offsets[t.name] + t.num_classes) for t in tasks]
 
         def forward(batch: list) -> torch.Tensor:
-            logits = self._joint_logits([x for _, x in batch])
+            logits = self._concat_heads(self._features([x for _, x in batch]))
             if scenario == "til":  # each example competes only within its own task's classes
                 keep = torch.zeros_like(logits, dtype=torch.bool)
                 for row, (i, _) in enumerate(batch):
@@ -190,10 +190,6 @@ class JointLoRAMethod(_PeftLoRA):
         for p in self.peft_model.parameters():
             p.requires_grad_(False)
         return {"final_loss": losses[-1] if losses else None}
-
-    def _joint_logits(self, texts: list) -> torch.Tensor:
-        z = self._features(texts)
-        return torch.cat([self.heads(z, n) for n in self.task_names], -1)
 
     def adapter_numbers_per_task(self) -> float:
         return 0.0
