@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -60,3 +63,35 @@ def fast_cfg():
     from sharecl.train import TrainConfig
 
     return TrainConfig(steps=6, batch_size=8, lr=1e-2, head_lr=1e-2, max_length=16, eval_batch_size=16)
+
+
+# -- the command line, for tests that drive `sharecl` as a user would ---------------------
+def sharecl(*args, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    p = subprocess.run([sys.executable, "-m", "sharecl", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"sharecl {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def write_csv(path, task):
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for x, y in zip(task.train_inputs + task.test_inputs, task.train_labels + task.test_labels):
+            w.writerow([x, task.classes[y]])
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("cli")
+    a = write_csv(d / "a.csv", make_task("a"))
+    sharecl("learn", d / "store", "--task", "a", "--data", a, "--model", tiny_model_dir, "--steps", 4, "-r", 4, "--k", 4,
+            "--p", 2, "--no-progress")
+    return d
+
+
+def learn_b(store, data_dir):
+    b = write_csv(data_dir / "b.csv", make_task("b", seed=1))
+    return ["learn", store, "--task", "b", "--data", b, "--steps", 40, "--no-progress"]

@@ -1,6 +1,5 @@
 """The command line end to end on the tiny model: store commands, user errors, killed writers."""
 
-import csv
 import json
 import os
 import random
@@ -12,39 +11,8 @@ import time
 
 import pytest
 
-from conftest import make_task
+from conftest import learn_b, make_task, sharecl, write_csv
 from sharecl.store import load_store, read_manifest
-
-
-def sharecl(*args, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    p = subprocess.run([sys.executable, "-m", "sharecl", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"sharecl {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-def write_csv(path, task):
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for x, y in zip(task.train_inputs + task.test_inputs, task.train_labels + task.test_labels):
-            w.writerow([x, task.classes[y]])
-    return path
-
-
-@pytest.fixture(scope="module")
-def cli_store(tmp_path_factory, tiny_model_dir):
-    d = tmp_path_factory.mktemp("cli")
-    a = write_csv(d / "a.csv", make_task("a"))
-    sharecl("learn", d / "store", "--task", "a", "--data", a, "--model", tiny_model_dir, "--steps", 4, "-r", 4, "--k", 4,
-            "--p", 2, "--no-progress")
-    return d
-
-
-def learn_b(store, data_dir):
-    b = write_csv(data_dir / "b.csv", make_task("b", seed=1))
-    return ["learn", store, "--task", "b", "--data", b, "--steps", 40, "--no-progress"]
 
 
 def test_learn_predict_info_export(cli_store, tmp_path):

@@ -75,15 +75,25 @@ class Encoder:
     hidden_size: int
     path: str
     max_length: int = 128
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenise a list of strings to padded ``input_ids``/``attention_mask`` (int64, ``(N, L)``)."""
-        return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"))
+        """Tokenise a list of strings to padded ``input_ids``/``attention_mask`` (int64, ``(N, L)``) on :attr:`device`."""
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled embeddings ``(N, hidden_size)`` float32 for a tokenised batch."""
-        out = self.model(**batch)
-        h = out.last_hidden_state
+        """Pooled embeddings ``(N, hidden_size)`` float32 for a tokenised batch.
+
+        The backbone runs under :attr:`precision` (``bf16``: bfloat16 autocast, weights and
+        adapters stay float32); the pooled output is always float32.
+        """
+        from sharecl.distributed import autocast
+
+        with autocast(self.device, self.precision):
+            out = self.model(**batch)
+        h = out.last_hidden_state.float()
         if self.pooling == "cls":
             return h[:, 0]
         mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
@@ -99,12 +109,23 @@ def _pooling_mode(path: str) -> str:
     return "mean"
 
 
-def load_encoder(path: str | None = None, *, max_length: int = 128) -> Encoder:
+def load_encoder(path: str | None = None, *, max_length: int = 128, device: str | torch.device | None = "cpu",
+                 precision: str = "fp32") -> Encoder:
     """Load a local transformers encoder (default: packaged all-MiniLM-L6-v2), offline.
+
+    Args:
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (see :func:`sharecl.distributed.resolve_device`).
+        precision: ``fp32`` or ``bf16`` (bfloat16 autocast of the backbone's forward).
 
     Raises:
         FileNotFoundError: if ``path`` does not exist or holds no config.
+        ValueError: for an unknown or unavailable device, or an unknown precision.
     """
+    from sharecl.distributed import PRECISIONS, resolve_device
+
+    dev = resolve_device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -118,24 +139,28 @@ def load_encoder(path: str | None = None, *, max_length: int = 128) -> Encoder:
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
-    return Encoder(model, tok, _pooling_mode(path), int(model.config.hidden_size), path, max_length)
+    model.to(dev)
+    return Encoder(model, tok, _pooling_mode(path), int(model.config.hidden_size), path, max_length, dev, precision)
 
 
 class TaskHeads(nn.Module):
     """One linear classification head per task: ``(N, hidden) -> (N, num_classes)``."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, device: torch.device | str = "cpu"):
         super().__init__()
         self.hidden_size = hidden_size
+        self.device = torch.device(device)
         self.heads = nn.ModuleDict()
 
     def add(self, name: str, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
-        """Create task ``name``'s head (PyTorch's default init, drawn from ``generator``)."""
+        """Create task ``name``'s head (PyTorch's default init drawn on the CPU from ``generator``,
+        so every device gets the same numbers), placed on :attr:`device`."""
         head = nn.Linear(self.hidden_size, num_classes)
         bound = 1.0 / self.hidden_size**0.5
         with torch.no_grad():
             head.weight.uniform_(-bound, bound, generator=generator)
             head.bias.uniform_(-bound, bound, generator=generator)
+        head.to(self.device)
         self.heads[name] = head
         return head
 

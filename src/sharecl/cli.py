@@ -36,6 +36,10 @@ def _user_errors(fn):
         from sharecl.store import StoreError
         from sharecl.train import NonFiniteLossError
 
+        from torch.distributed import DistError
+
+        from sharecl.distributed import RankAborted
+
         try:
             return fn(*args, **kwargs)
         except (ValueError, KeyError, FileNotFoundError, FileExistsError, StoreError, AdapterError,
@@ -43,20 +47,37 @@ def _user_errors(fn):
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             err.print(f"[bold red]error:[/] {msg}", highlight=False)
             raise typer.Exit(1)
+        except RankAborted:  # rank 0 printed the reason
+            raise typer.Exit(1)
+        except DistError as exc:  # a peer rank died or hung: say so in one line, write nothing
+            err.print(f"[bold red]error:[/] another process of this torchrun job failed or stopped answering "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); nothing was written by this step, "
+                      f"a store stays at its previous version; see the failing rank's message above", highlight=False)
+            raise typer.Exit(1)
 
     return wrapper
 
 
-def _setup_torch(threads: Optional[int]) -> None:
+def _setup_torch(threads: Optional[int], device: str = "cpu") -> str:
+    """Quiet library noise, set threads, resolve ``--device`` and join torchrun's process group
+    when there is one (rank ≠ 0 prints nothing). Returns the device, e.g. ``cpu`` or ``cuda:1``."""
+    import atexit
+    import warnings
+
     import torch
 
-    import warnings
+    from sharecl import distributed as dist
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")  # library deprecation noise
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if threads:
         torch.set_num_threads(threads)
+    dev = dist.resolve_device(device)
+    if dist.init_distributed(dev):
+        atexit.register(dist.shutdown)
+        console.quiet = not dist.is_main()
+    return str(dev)
 
 
 def _share_options(k: int, p: int, energy: Optional[float], rank: int, phi: int, init: str, finetune: int) -> dict:
@@ -71,6 +92,8 @@ EOpt = Annotated[Optional[float], typer.Option(help="Share: choose k by kept ene
 PhiOpt = Annotated[int, typer.Option(help="Share: temporary directions per side while a task trains (φ).")]
 InitOpt = Annotated[str, typer.Option(help="Share: coefficient init, 'zero' (ΔW = 0) or 'previous' (warm start).")]
 FtOpt = Annotated[int, typer.Option(help="Share: steps fine-tuning the new task's coefficients after the merge.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (under torchrun, cuda is each rank's LOCAL_RANK GPU).")]
+PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16 (bfloat16 autocast of the backbone; weights stay float32).")]
 
 
 @app.command()
@@ -90,9 +113,12 @@ def run(
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r (baselines, and Share's first-task seed).")] = 8,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
 ):
-    """Learn a stream task after task with several methods and report the accuracy matrix side by side."""
-    _setup_torch(threads)
+    """Learn a stream task after task with several methods and report the accuracy matrix side by side.
+
+    Works unchanged under `torchrun --nproc_per_node N` (data parallel; rank 0 writes)."""
+    dev = _setup_torch(threads, device)
     from sharecl.data.streams import get_stream
     from sharecl.runner import run_stream
     from sharecl.train import TrainConfig
@@ -109,7 +135,8 @@ def run(
     if "share" in configs:
         configs["share"].update(_share_options(k, p, energy, rank, phi, init, merge_finetune_steps))
     console.print(f"stream [bold]{s.name}[/]: " + ", ".join(f"{t.name} ({t.num_classes} classes, {len(t.train_inputs)} train)" for t in s))
-    results = run_stream(s, names, cfg, out, model_path=model, method_configs=configs, progress=progress, log=console.print)
+    results = run_stream(s, names, cfg, out, model_path=model, method_configs=configs, progress=progress, log=console.print,
+                         device=dev, precision=precision)
     _print_results(results)
     console.print(f"results in [bold]{out}[/] (results.json and accuracy_matrix.png per method)")
 
@@ -131,9 +158,10 @@ def compare(
     resume: Annotated[bool, typer.Option(help="Reuse results.json files already in OUT.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
 ):
     """Run every method on one stream with the same backbone, targets, rank, budget and seeds; write compare.md/json and plots."""
-    _setup_torch(threads)
+    dev = _setup_torch(threads, device)
     from sharecl.compare import ALL_METHODS
     from sharecl.compare import compare as run_compare
     from sharecl.train import TrainConfig
@@ -152,7 +180,7 @@ def compare(
         method, key, value = _parse_set(item, names)
         configs[method][key] = value
     summary, md = run_compare(stream, names, seed_list, cfg, out, model_path=model, method_configs=configs,
-                              resume=resume, progress=progress, log=console.print)
+                              resume=resume, progress=progress, log=console.print, device=dev, precision=precision)
     console.print(md, highlight=False, markup=False)
     console.print(f"written: {out}/compare.md, compare.json, accuracy_curve.png, bytes.png, seed-*/<method>/results.json")
 
@@ -209,12 +237,17 @@ def learn(
     method_name: Annotated[str, typer.Option("--method", help="Method of a new store: share, inflora, sd-lora, sd-lora-rr, sd-lora-kd, dual-lora.")] = "share",
     text_column: str = "text", label_column: str = "label",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
 ):
     """Teach a store one new task from a labelled file (creates the store on first use).
 
     A store is open-ended: InfLoRA's and DualLoRA's memory threshold stays at its starting value.
+    Under `torchrun` every rank trains on its shard of each batch and rank 0 alone locks and
+    writes the store (on a filesystem every node sees); if any rank fails, the store keeps its
+    previous version.
     """
-    _setup_torch(None)
+    dev = _setup_torch(None, device)
+    from sharecl import distributed as dist
     from sharecl.backbone import load_encoder
     from sharecl.data.files import load_task_file
     from sharecl.data.tasks import check_task_name
@@ -225,19 +258,22 @@ def learn(
     check_task_name(task)
     if method_name not in STORABLE:
         raise ValueError(f"--method {method_name!r} cannot be stored; choose one of {', '.join(STORABLE)}")
-    with store_lock(store):
+    with dist.main_rank_lock(lambda: store_lock(store)):
         if (store / "manifest.json").exists():
-            method = load_store(store)
+            method = load_store(store, device=dev, precision=precision)
         else:
             opts = _share_options(k, p, energy, rank, phi, init, merge_finetune_steps) if method_name == "share" else {"r": rank}
-            method = build_method(method_name, load_encoder(model), seed=seed, **opts)
+            method = build_method(method_name, load_encoder(model, device=dev, precision=precision), seed=seed, **opts)
         if task in method.task_classes:
             raise ValueError(f"task {task!r} already exists in {store}; choose another name")
         t = load_task_file(data, task, seed=seed, text_column=text_column, label_column=label_column)
         cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed, max_length=method.encoder.max_length)
         method.learn(t, cfg, progress=progress)
         acc = evaluate(lambda xs: method.logits(xs, task), t, 64)
-        manifest = save_store(method, store)
+        dist.barrier()  # every rank finished: a rank lost before this point leaves the store untouched
+        manifest = save_store(method, store) if dist.is_main() else None
+    if not dist.is_main():
+        return
     console.print(f"learned [bold]{task}[/] ({t.num_classes} classes, {len(t.train_inputs)} train): "
                   f"held-out accuracy {100 * acc:.1f}% on {len(t.test_inputs)} examples; store version {manifest['version']}")
 

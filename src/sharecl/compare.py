@@ -16,6 +16,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from sharecl import distributed as dist
 from sharecl.data.streams import get_stream
 from sharecl.methods.base import METHODS
 from sharecl.train import TrainConfig
@@ -137,10 +138,13 @@ def _plots(summary: dict, out: Path, stream: str, kind: str) -> None:
 
 def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig, out_dir: str | Path, *,
             model_path: str | None = None, method_configs: dict[str, dict] | None = None, stream_options: dict | None = None,
-            resume: bool = True, progress: bool = True, log=print) -> tuple[dict, str]:
+            resume: bool = True, progress: bool = True, log=print, device: str | None = "cpu",
+            precision: str = "fp32") -> tuple[dict, str]:
     """Run ``methods`` on ``stream`` for every seed; returns ``(summary, markdown)``.
 
     Methods that do not support the stream's scenario are skipped with the reason recorded.
+    Under ``torchrun`` rank 0 decides what to resume and writes the report; the other ranks
+    return an empty markdown.
 
     Raises:
         KeyError: for an unknown stream or method name.
@@ -171,10 +175,13 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
                 log(f"seed {seed} · {m}: reusing {f}")
             else:
                 todo.append(m)
+        todo = dist.broadcast_object(todo)
         if todo:
             res = run_stream(s, todo, replace(cfg, seed=seed), out / f"seed-{seed}", model_path=model_path,
-                             method_configs=method_configs, progress=progress, log=log)
+                             method_configs=method_configs, progress=progress, log=log, device=device, precision=precision)
             for m in todo:
                 per_seed[m].append(res[m])
     summary = aggregate({m: r for m, r in per_seed.items() if r})
+    if not dist.is_main():
+        return summary, ""
     return summary, write_report(summary, out, stream, scenario, skipped)

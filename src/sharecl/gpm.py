@@ -221,4 +221,7 @@ def load_memories(dims: dict[str, int], tensors: dict[str, torch.Tensor], kinds:
     Raises:
         KeyError: for a layer without a recorded kind; ValueError: see :meth:`DualGPM.from_state`.
     """
-    return {n: DualGPM.from_state(d, tensors.get(f"memory.{n}"), kinds[n]) for n, d in dims.items()}
+    def cpu(t):  # the memory's algebra runs on the CPU whatever device the model is on
+        return None if t is None else t.cpu()
+
+    return {n: DualGPM.from_state(d, cpu(tensors.get(f"memory.{n}")), kinds[n]) for n, d in dims.items()}

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from sharecl import distributed as dist
 from sharecl.backbone import load_encoder
 from sharecl.data.tasks import Stream
 from sharecl.methods.base import build_method
 from sharecl.metrics import summarize
 from sharecl.plots import accuracy_heatmap
-from sharecl.train import PeakRSS, TrainConfig, evaluate, predict_logits
+from sharecl.train import PeakRSS, TrainConfig, evaluate
 
 __all__ = ["run_method", "run_stream", "evaluate_cil"]
 
@@ -31,10 +32,7 @@ BYTES_PER_NUMBER = 4  # float32 storage
 def evaluate_cil(method, task, offset: int, batch_size: int) -> float:
     """Class-incremental accuracy (fraction) on ``task``'s test split: the argmax of
     ``method.cil_logits`` over every class seen must be ``offset + label``."""
-    if not task.test_inputs:
-        return float("nan")
-    pred = predict_logits(method.cil_logits, task.test_inputs, batch_size).argmax(-1)
-    return (pred == torch.tensor(task.test_labels) + offset).float().mean().item()
+    return evaluate(method.cil_logits, task, batch_size, offset=offset)
 
 
 def _rows(method, stream: Stream, upto: int, cfg: TrainConfig) -> tuple[list[float], list[float] | None]:
@@ -59,7 +57,8 @@ def _json_safe(x):
 
 
 def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path, *, model_path: str | None = None,
-               method_config: dict | None = None, progress: bool = True, log=print) -> dict:
+               method_config: dict | None = None, progress: bool = True, log=print, device: str | None = "cpu",
+               precision: str = "fp32") -> dict:
     """Learn ``stream`` with one method; returns the results dict (also written to JSON).
 
     On a class-incremental stream ``accuracy_matrix`` holds class-incremental accuracies (no
@@ -67,11 +66,17 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
     stream ``accuracy_matrix`` is task-incremental. A joint method (``joint-lora``) learns all
     tasks at once and fills only the last row.
 
+    Under ``torchrun`` every rank trains and evaluates its shard (:mod:`sharecl.distributed`);
+    only rank 0 logs and writes files. ``device`` and ``precision`` are
+    :func:`sharecl.backbone.load_encoder`'s.
+
     Raises:
         UnsupportedScenarioError: if the method does not support the stream's scenario.
     """
     torch.manual_seed(cfg.seed)
-    encoder = load_encoder(model_path, max_length=cfg.max_length)
+    encoder = load_encoder(model_path, max_length=cfg.max_length, device=device, precision=precision)
+    if not dist.is_main():
+        log = _quiet
     method = build_method(method_name, encoder, seed=cfg.seed, **(method_config or {}))
     method.check_scenario(stream.scenario)
     method.begin_stream(len(stream))
@@ -112,10 +117,13 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
         "adapter_bytes_after_task": stored,  # adapters + shared state (no heads) after each task
         "train_seconds": seconds, "train_seconds_total": sum(seconds), "peak_rss_bytes": rss.peak,
         "config": method.config.to_dict(), "train_config": vars(cfg).copy(),
+        "device": str(encoder.device), "precision": precision, "world_size": dist.world_size(),
         "task_info": [{k: v for k, v in inf.items() if k != "merge"} for inf in infos],  # merges are in report()
         **method.report(),
     })
     results = _json_safe(results)
+    if not dist.is_main():
+        return results
     d = out_dir / method_name
     d.mkdir(parents=True, exist_ok=True)
     (d / "results.json").write_text(json.dumps(results, indent=2))
@@ -129,16 +137,24 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
 
 
 def run_stream(stream: Stream, methods: list[str], cfg: TrainConfig, out_dir: str | Path, *, model_path: str | None = None,
-               method_configs: dict[str, dict] | None = None, progress: bool = True, log=print) -> dict[str, dict]:
-    """Run every method on ``stream``; writes ``OUT/manifest.json`` and per-method results."""
+               method_configs: dict[str, dict] | None = None, progress: bool = True, log=print, device: str | None = "cpu",
+               precision: str = "fp32") -> dict[str, dict]:
+    """Run every method on ``stream``; writes ``OUT/manifest.json`` and per-method results (rank 0 only)."""
     from sharecl.store import library_versions
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text(json.dumps({
-        "stream": stream.name, "seed": stream.seed, "scenario": stream.scenario, "methods": methods,
-        "tasks": [t.describe() for t in stream], "train_config": vars(cfg).copy(),
-        "method_configs": method_configs or {}, "model_path": model_path, "library_versions": library_versions(),
-    }, indent=2))
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.json").write_text(json.dumps({
+            "stream": stream.name, "seed": stream.seed, "scenario": stream.scenario, "methods": methods,
+            "tasks": [t.describe() for t in stream], "train_config": vars(cfg).copy(),
+            "method_configs": method_configs or {}, "model_path": model_path, "device": device, "precision": precision,
+            "world_size": dist.world_size(), "library_versions": library_versions(),
+        }, indent=2))
     return {m: run_method(m, stream, cfg, out, model_path=model_path, method_config=(method_configs or {}).get(m),
-                          progress=progress, log=log) for m in methods}
+                          progress=progress, log=log, device=device, precision=precision) for m in methods}
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
+

@@ -178,7 +178,7 @@ def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
         "path": method.encoder.path, "sha256": weights_hash(method.encoder.path),
         "model_type": getattr(method.encoder.model.config, "model_type", None)}
     state_name = f"state-v{version}.safetensors"
-    tensors = method.state_tensors()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_tensors().items()}
     _atomic_write(p / state_name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "version": str(version)}))
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "version": version, "method": method.name,
@@ -199,12 +199,15 @@ def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
     return manifest
 
 
-def load_store(path: str | Path, *, model_path: str | None = None):
+def load_store(path: str | Path, *, model_path: str | None = None, device: str | torch.device | None = "cpu",
+               precision: str = "fp32"):
     """Load a store as a ready method (the one named in the manifest).
 
     Args:
         model_path: base model directory, if it moved since the store was written; its
             weights must hash to the manifest's ``base_model.sha256``.
+        device, precision: where and how the model runs (see :func:`sharecl.backbone.load_encoder`);
+            the tensors are the same whatever the device.
 
     Raises:
         StoreError: see :func:`read_manifest`; a damaged state file; a base model whose
@@ -224,7 +227,8 @@ def load_store(path: str | Path, *, model_path: str | None = None):
         raise StoreError(f"base model at {base} differs from the one this store was built on (sha256 mismatch); "
                          f"use the original base model")
     tensors = _state_tensors(p, manifest)
-    encoder = load_encoder(base, max_length=manifest.get("max_length", 128))
+    encoder = load_encoder(base, max_length=manifest.get("max_length", 128), device=device, precision=precision)
+    tensors = {k: v.to(encoder.device) for k, v in tensors.items()}
     method = build_method(manifest["method"], encoder, seed=manifest.get("seed", 0), **manifest["config"])
     if list(method.layers) != manifest["targets"]:
         raise StoreError(f"the base model's target layers do not match the store's ({len(method.layers)} vs {len(manifest['targets'])})")

@@ -104,7 +104,7 @@ def orthonormal_complement(basis: torch.Tensor, n: int, generator: torch.Generat
     d, k = basis.shape
     if k + n > d:
         raise ValueError(f"cannot find {n} directions orthogonal to a rank-{k} basis in dimension {d}")
-    g = torch.randn(d, n, generator=generator, dtype=_F)
+    g = torch.randn(d, n, generator=generator, dtype=_F).to(basis.device)  # CPU draw: same numbers on every device
     b = basis.to(_F)
     for _ in range(2):  # project twice for numerical orthogonality
         g = g - b @ (b.T @ g)

@@ -2,7 +2,9 @@
 
 A method exposes ``logits(batch, task_name)`` and the list of parameters to train; this
 module samples seeded mini-batches, steps AdamW on cross-entropy, shows a progress bar,
-and refuses a non-finite loss.
+and refuses a non-finite loss. Under ``torchrun`` the trained parameters are wrapped in
+``DistributedDataParallel`` and each rank takes its shard of every global batch and of every
+test split (:mod:`sharecl.distributed`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from dataclasses import dataclass
 
 import psutil
 import torch
+from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from sharecl import distributed as dist
 from sharecl.data.tasks import Task
 
 __all__ = ["TrainConfig", "NonFiniteLossError", "train_steps", "predict_logits", "evaluate", "PeakRSS"]
@@ -70,40 +74,92 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
         pos += batch_size
 
 
+class _Trained(nn.Module):
+    """The parameters a task trains, as one module, so ``DistributedDataParallel`` can wrap
+    them: its forward is the method's forward, which reaches the same parameter objects."""
+
+    def __init__(self, forward: Callable[[list], torch.Tensor], params: list[nn.Parameter]):
+        super().__init__()
+        self._forward = forward
+        self.trained = nn.ParameterList(params)
+
+    def forward(self, inputs: list) -> torch.Tensor:
+        return self._forward(inputs)
+
+
+def _ddp(forward: Callable[[list], torch.Tensor], params: list[nn.Parameter], some_unused: bool) -> Callable[[list], torch.Tensor]:
+    """``forward`` through ``DistributedDataParallel`` over ``params`` when a process group is active.
+
+    Construction broadcasts rank 0's values of ``params``; every backward then averages their
+    gradients over ranks. ``some_unused`` (DDP's ``find_unused_parameters``) lets a step leave
+    some parameters without a gradient (joint LoRA's batches need not hold every task).
+    """
+    if not dist.is_distributed():
+        return forward
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = params[0].device
+    return DistributedDataParallel(_Trained(forward, params), device_ids=[dev] if dev.type == "cuda" else None,
+                                   find_unused_parameters=some_unused)
+
+
 def train_steps(forward: Callable[[list], torch.Tensor], param_groups: Sequence[dict], task: Task, cfg: TrainConfig,
                 *, steps: int | None = None, desc: str = "", generator: torch.Generator | None = None,
-                rss: PeakRSS | None = None, progress: bool = True) -> list[float]:
-    """Train on ``task``'s training split; returns the loss of every step.
+                rss: PeakRSS | None = None, progress: bool = True, some_unused: bool = False) -> list[float]:
+    """Train on ``task``'s training split; returns the loss of every step (mean cross-entropy
+    over the global batch).
+
+    Under ``torchrun`` (:mod:`sharecl.distributed`) every rank draws the same global batch of
+    ``cfg.batch_size`` indices and takes its interleaved shard; each rank's loss is its summed
+    cross-entropy × world size / global batch, so DDP's gradient average equals the gradient of
+    the global batch's mean loss, as one process would compute it.
 
     Args:
         forward: maps a list of raw inputs to logits ``(N, num_classes)``.
         param_groups: AdamW parameter groups (``{"params": [...], "lr": ...}``).
         steps: overrides ``cfg.steps``.
+        some_unused: some trained parameters may get no gradient in a step (DDP must look for them).
 
     Raises:
-        NonFiniteLossError: at the first NaN/inf loss, naming the task and the step.
+        NonFiniteLossError: at the first NaN/inf loss, naming the task and the step (on every rank).
+        ValueError: if the global batch is smaller than the number of ranks.
     """
     steps = cfg.steps if steps is None else steps
     groups = [g for g in param_groups if any(p.requires_grad for p in g["params"])]
     if not groups or steps <= 0:
         return []
+    params = list({id(p): p for g in groups for p in g["params"] if p.requires_grad}.values())
+    device, world = params[0].device, dist.world_size()
+    batch = min(cfg.batch_size, len(task.train_inputs))
+    if batch < world:
+        raise ValueError(f"a global batch of {batch} examples cannot be shared by {world} processes; "
+                         f"raise --batch-size to at least {world} or launch fewer processes")
+    model = _ddp(forward, params, some_unused)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = generator or torch.Generator().manual_seed(cfg.seed)
-    labels = torch.tensor(task.train_labels)
+    labels = torch.tensor(task.train_labels, device=device)
     losses = []
-    bar = tqdm(_batches(len(task.train_inputs), min(cfg.batch_size, len(task.train_inputs)), steps, gen),
-               total=steps, desc=desc or f"train {task.name}", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(_batches(len(task.train_inputs), batch, steps, gen),
+               total=steps, desc=desc or f"train {task.name}", disable=not (progress and dist.is_main()), leave=False,
+               dynamic_ncols=True)
     for step, idx in enumerate(bar):
-        logits = forward([task.train_inputs[i] for i in idx])
-        loss = F.cross_entropy(logits, labels[idx])
-        if not torch.isfinite(loss):
+        idx = dist.shard(idx)
+        logits = model([task.train_inputs[i] for i in idx])
+        if world == 1:
+            loss = F.cross_entropy(logits, labels[idx])
+            report = loss.detach()
+        else:
+            total = F.cross_entropy(logits, labels[idx], reduction="sum")
+            loss = total * (world / batch)
+            report = dist.all_reduce_sum(total.detach().clone()) / batch
+        if not torch.isfinite(report):
             raise NonFiniteLossError(
-                f"loss became {loss.item()} at step {step} of task {task.name!r}; lower the learning rate "
+                f"loss became {report.item()} at step {step} of task {task.name!r}; lower the learning rate "
                 f"(now {cfg.lr}) or check the data; nothing was stored")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(report.item())
         if rss is not None:
             rss.sample()
         if step % 5 == 0:
@@ -118,9 +174,19 @@ def predict_logits(forward: Callable[[list], torch.Tensor], inputs: list, batch_
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def evaluate(forward: Callable[[list], torch.Tensor], task: Task, batch_size: int) -> float:
-    """Accuracy (fraction in [0, 1]) on ``task``'s test split."""
+def evaluate(forward: Callable[[list], torch.Tensor], task: Task, batch_size: int, offset: int = 0) -> float:
+    """Accuracy (fraction in [0, 1]) on ``task``'s test split: ``argmax forward(x) == offset + label``.
+
+    Under ``torchrun`` each rank scores its interleaved shard and the counts are summed, so
+    every rank returns the accuracy over the whole split.
+    """
     if not task.test_inputs:
         return float("nan")
-    pred = predict_logits(forward, task.test_inputs, batch_size).argmax(-1)
-    return (pred == torch.tensor(task.test_labels)).float().mean().item()
+    inputs, labels = dist.shard(task.test_inputs), dist.shard(task.test_labels)
+    counts = torch.zeros(2, dtype=torch.float64)
+    if inputs:
+        pred = predict_logits(forward, inputs, batch_size).argmax(-1).cpu()
+        counts[0] = (pred == torch.tensor(labels) + offset).sum()
+        counts[1] = len(inputs)
+    counts = dist.all_reduce_sum(counts)
+    return (counts[0] / counts[1]).item()

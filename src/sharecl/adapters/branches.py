@@ -35,7 +35,7 @@ class StatsLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.token_mask: torch.Tensor | None = None
         self.collect = False
-        self.cov_sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+        self.cov_sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=base.weight.device)
         self.cov_count = 0
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,8 +47,17 @@ class StatsLinear(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         if self.collect:
             t = self._tokens(x.detach()).double()
+            self.cov_sum = self.cov_sum.to(t.device)
             self.cov_sum += t.T @ t
             self.cov_count += t.shape[0]
+
+    def reduce_stats(self) -> None:
+        """Sum ``cov_sum`` and the token count over ``torchrun`` ranks (no-op in one process)."""
+        from sharecl import distributed as dist
+
+        if dist.is_distributed():
+            self.cov_sum = dist.all_reduce_sum(self.cov_sum)
+            self.cov_count = int(dist.all_reduce_sum(torch.tensor([self.cov_count], dtype=torch.float64)).item())
 
     def covariance(self) -> torch.Tensor:
         """``C = mean_tokens x xᵀ`` ``(d_in, d_in)`` float64 since the last :meth:`reset_stats`.
@@ -83,8 +92,9 @@ class InfLoRALinear(StatsLinear):
         """Install the designed ``A`` ``(r, d_in)``; returns the new trainable ``B`` (zeros)."""
         if A.shape[1] != self.in_features:
             raise ValueError(f"A has {A.shape[1]} input columns, the layer has {self.in_features}")
-        self.A = A.to(self.base.weight.dtype)
-        self.B = nn.Parameter(torch.zeros(self.out_features, A.shape[0], dtype=self.base.weight.dtype))
+        w = self.base.weight
+        self.A = A.to(w)
+        self.B = nn.Parameter(w.new_zeros(self.out_features, A.shape[0]))
         return self.B
 
     @torch.no_grad()
@@ -116,8 +126,8 @@ class SDLoRALinear(StatsLinear):
     def __init__(self, base: nn.Linear, scaling: float):
         super().__init__(base)
         self.scaling = scaling
-        self.register_buffer("A_old", torch.zeros(0, self.in_features))
-        self.register_buffer("B_old", torch.zeros(self.out_features, 0))
+        self.register_buffer("A_old", base.weight.new_zeros(0, self.in_features))
+        self.register_buffer("B_old", base.weight.new_zeros(self.out_features, 0))
         self.ranks: list[int] = []  # rank of each old direction
         self.magnitudes: list[torch.Tensor] = []  # set by the method: α_k (0-dim) per old task, then α_t
         self.A: nn.Parameter | None = None
@@ -126,8 +136,9 @@ class SDLoRALinear(StatsLinear):
     def begin_task(self, r: int, generator: torch.Generator) -> list[nn.Parameter]:
         """A new rank-``r`` LoRA: ``A`` Kaiming-uniform (PEFT's init), ``B`` zeros."""
         bound = 1.0 / math.sqrt(self.in_features)
-        A = torch.empty(r, self.in_features).uniform_(-bound, bound, generator=generator)
-        self.A, self.B = nn.Parameter(A), nn.Parameter(torch.zeros(self.out_features, r))
+        A = torch.empty(r, self.in_features).uniform_(-bound, bound, generator=generator)  # CPU draw: same on every device
+        w = self.base.weight
+        self.A, self.B = nn.Parameter(A.to(w)), nn.Parameter(w.new_zeros(self.out_features, r))
         return [self.A, self.B]
 
     def current_norm(self) -> float:
@@ -160,7 +171,7 @@ class SDLoRALinear(StatsLinear):
         y = self.base(x)
         if self.ranks:
             alpha = torch.stack(self.magnitudes[: len(self.ranks)])
-            cols = torch.repeat_interleave(alpha, torch.tensor(self.ranks))
+            cols = torch.repeat_interleave(alpha, torch.tensor(self.ranks, device=alpha.device))
             y = y + ((x @ self.A_old.T) * cols) @ self.B_old.T
         if self.A is not None:
             y = y + self.magnitudes[len(self.ranks)] * self.scaling * ((x @ self.A.T) @ self.B.T)
@@ -192,13 +203,13 @@ class DualLoRALinear(StatsLinear):
     def __init__(self, base: nn.Linear, scaling: float):
         super().__init__(base)
         self.scaling = scaling
-        self.register_buffer("U", torch.zeros(0, self.in_features))  # stacked U_t
-        self.register_buffer("R", torch.zeros(self.out_features, 0))  # stacked frozen R_t
+        self.register_buffer("U", base.weight.new_zeros(0, self.in_features))  # stacked U_t
+        self.register_buffer("R", base.weight.new_zeros(self.out_features, 0))  # stacked frozen R_t
         self.res_ranks: list[int] = []
         self.energy_mean: list[float] = []  # ē_t
         self.A_O: nn.Parameter | None = None
         self.B_O: nn.Parameter | None = None
-        self.memory_basis = torch.zeros(self.in_features, 0)  # M while a task trains
+        self.memory_basis = base.weight.new_zeros(self.in_features, 0)  # M while a task trains
         self.R_cur: nn.Parameter | None = None
         self.merged: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.task_index: int | None = None  # route: one-hot weights on this task
@@ -215,14 +226,15 @@ class DualLoRALinear(StatsLinear):
         """
         bound = 1.0 / math.sqrt(self.in_features)
         A = torch.empty(r, self.in_features).uniform_(-bound, bound, generator=generator).double()
-        P = memory.double()
+        P = memory.double().cpu()
         A = A - (A @ P) @ P.T
-        self.A_O = nn.Parameter(A.float())
-        self.B_O = nn.Parameter(torch.zeros(self.out_features, r))
-        self.memory_basis = P.float()
-        self.U = torch.cat([self.U, U_t.float()], 0)
+        w = self.base.weight
+        self.A_O = nn.Parameter(A.to(w))
+        self.B_O = nn.Parameter(w.new_zeros(self.out_features, r))
+        self.memory_basis = P.to(w)
+        self.U = torch.cat([self.U, U_t.to(w)], 0)
         self.res_ranks.append(U_t.shape[0])
-        self.R_cur = nn.Parameter(torch.zeros(self.out_features, U_t.shape[0]))
+        self.R_cur = nn.Parameter(w.new_zeros(self.out_features, U_t.shape[0]))
         return [self.A_O, self.B_O, self.R_cur]
 
     def orthogonal_down(self) -> torch.Tensor:
@@ -270,10 +282,11 @@ class DualLoRALinear(StatsLinear):
             s = sum(self.res_ranks[: self.task_index])
             sl = slice(s, s + self.res_ranks[self.task_index])
             return y + (x @ self.U[sl].T) @ R[:, sl].T
-        rho = self.energies(x) / torch.tensor(self.energy_mean[:T] + [1.0] * (T - len(self.energy_mean))).clamp_min(1e-12)
+        ebar = torch.tensor(self.energy_mean[:T] + [1.0] * (T - len(self.energy_mean)), device=x.device)
+        rho = self.energies(x) / ebar.clamp_min(1e-12)
         self.last_relevance = rho.detach()
         w = torch.softmax(rho / self.temperature, -1)  # (N, T)
-        cols = torch.repeat_interleave(w, torch.tensor(self.res_ranks), dim=-1)  # (N, Σr)
+        cols = torch.repeat_interleave(w, torch.tensor(self.res_ranks, device=x.device), dim=-1)  # (N, Σr)
         if x.dim() == 3:
             cols = cols.unsqueeze(1)
         return y + ((x @ self.U.T) * cols) @ R.T

@@ -98,11 +98,11 @@ def export_task(method, task_name: str, out_dir: str | Path) -> Path:
     tensors = {}
     for name, layer in method.layers.items():
         B, A = layer.task_factors(idx)
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = A.detach().contiguous().clone()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = B.detach().contiguous().clone()
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = A.detach().cpu().contiguous().clone()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = B.detach().cpu().contiguous().clone()
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     if task_name in method.heads:
         head = method.heads.heads[task_name]
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / "head.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in head.state_dict().items()}, str(out / "head.safetensors"))
     (out / "classes.json").write_text(json.dumps({"task": task_name, "classes": method.task_classes[task_name]}, indent=2))
     return out

@@ -41,7 +41,7 @@ class ContinualMethod(ABC):
 
     def __init__(self, encoder: Encoder, seed: int = 0):
         self.encoder = encoder
-        self.heads = TaskHeads(encoder.hidden_size)
+        self.heads = TaskHeads(encoder.hidden_size, encoder.device)
         self.task_names: list[str] = []
         self.task_classes: dict[str, list[str]] = {}
         self.seed = seed
@@ -161,18 +161,27 @@ class ContinualMethod(ABC):
     @torch.no_grad()
     def input_covariances(self, inputs: list, batch_size: int = 64) -> dict[str, torch.Tensor]:
         """One no-grad pass over ``inputs``: ``{layer: mean x xᵀ}`` ``(d_in, d_in)`` float64 of
-        every adapted layer's input, over real (non-padding) tokens, under the current routing."""
+        every adapted layer's input, over real (non-padding) tokens, under the current routing.
+
+        Under ``torchrun`` each rank passes its interleaved shard and the sums and token counts
+        are added over ranks before dividing, so every rank gets the covariance of all of ``inputs``.
+        """
+        from sharecl import distributed as dist
+
         layers = self.layers
         for m in layers.values():
             m.reset_stats()
             m.collect = True
+        mine = dist.shard(inputs)
         try:
-            for i in range(0, len(inputs), batch_size):
-                self._features(inputs[i: i + batch_size])
+            for i in range(0, len(mine), batch_size):
+                self._features(mine[i: i + batch_size])
         finally:
             for m in layers.values():
                 m.collect = False
-        return {n: m.covariance() for n, m in layers.items()}
+        for m in layers.values():
+            m.reduce_stats()
+        return {n: m.covariance().cpu() for n, m in layers.items()}  # GPM algebra runs on the CPU
 
     # -- store hooks (storable methods) ----------------------------------------
     def head_tensors(self) -> dict[str, torch.Tensor]:

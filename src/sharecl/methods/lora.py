@@ -186,7 +186,7 @@ class JointLoRAMethod(_PeftLoRA):
         groups = [{"params": params, "lr": self.config.lr or cfg.lr},
                   {"params": [p for h in heads for p in h.parameters()], "lr": cfg.head_lr}]
         losses = train_steps(forward, groups, union, cfg, steps=cfg.steps * len(tasks), desc=f"{self.name} · all tasks",
-                             generator=self.generator(11), rss=rss, progress=progress)
+                             generator=self.generator(11), rss=rss, progress=progress, some_unused=True)
         for p in self.peft_model.parameters():
             p.requires_grad_(False)
         return {"final_loss": losses[-1] if losses else None}

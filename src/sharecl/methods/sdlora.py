@@ -83,14 +83,14 @@ def gram_of_directions(layers: list[SDLoRALinear], extra: list[tuple[torch.Tenso
     """Gram matrix ``G[i, j] = Σ_layers ⟨B_i A_i, B_j A_j⟩_F`` float64 of the stored directions
     (plus one ``extra`` direction given per layer as ``(B, A)``), ``(K, K)``."""
     K = len(layers[0].ranks) + (1 if extra else 0)
-    G = torch.zeros(K, K, dtype=torch.float64)
+    G = torch.zeros(K, K, dtype=torch.float64)  # (K, K) on the CPU; the traces come from the factors' device
     for li, layer in enumerate(layers):
         fac = [tuple(f.double() for f in layer.direction(k)) for k in range(len(layer.ranks))]
         if extra:
             fac.append(tuple(f.double() for f in extra[li]))
         for i in range(K):
             for j in range(i, K):
-                v = torch.trace((fac[i][0].T @ fac[j][0]) @ (fac[j][1] @ fac[i][1].T))
+                v = torch.trace((fac[i][0].T @ fac[j][0]) @ (fac[j][1] @ fac[i][1].T)).cpu()
                 G[i, j] += v
                 if i != j:
                     G[j, i] += v
@@ -129,7 +129,7 @@ class SDLoRAMethod(ContinualMethod):
         gen = self.generator(5)
         r = self.config.rank_for(len(self.task_names) - 1)
         factors = [p for layer in self.layers.values() for p in layer.begin_task(r, gen)]
-        self.magnitudes.append(nn.Parameter(torch.tensor(1.0)))
+        self.magnitudes.append(nn.Parameter(torch.tensor(1.0, device=self.encoder.device)))
         for a in self.magnitudes:
             a.requires_grad_(True)
         self._trainable = sum(p.numel() for p in factors) + len(self.magnitudes)

@@ -235,7 +235,8 @@ class ShareMethod(ContinualMethod):
             if B.shape[0] != layer.out_features or A.shape[1] != layer.in_features or B.shape[1] != A.shape[0]:
                 raise ValueError(f"adapter layer {lname}: lora_B {tuple(B.shape)} / lora_A {tuple(A.shape)} do not fit "
                                  f"a ({layer.out_features}, {layer.in_features}) weight")
-            scaled[lname] = (B.to(torch.float32) * ratio, A.to(torch.float32))
+            w = layer.base.weight
+            scaled[lname] = (B.to(w) * ratio, A.to(w))
         self.task_names.append(name)
         self.task_classes[name] = list(classes or [])
         self.kinds[name] = "adapter"
@@ -251,7 +252,7 @@ class ShareMethod(ContinualMethod):
         """
         if len(inputs) != len(task_names):
             raise ValueError(f"{len(inputs)} inputs but {len(task_names)} task names")
-        rows = torch.tensor([self.index(t) for t in task_names], dtype=torch.long)
+        rows = torch.tensor([self.index(t) for t in task_names], dtype=torch.long, device=self.encoder.device)
         self._route(row_tasks=rows)
         try:
             z = self.encoder.encode(self.encoder.tokenize(inputs))
@@ -288,7 +289,7 @@ class ShareMethod(ContinualMethod):
         if score not in CIL_SCORES:
             raise ValueError(f"score must be one of {CIL_SCORES}, got {score!r}")
         T, N = len(self.task_names), len(inputs)
-        rows = torch.arange(T).repeat_interleave(N)
+        rows = torch.arange(T, device=self.encoder.device).repeat_interleave(N)
         self._route(row_tasks=rows)
         try:
             z = self._features(list(inputs) * T)
