@@ -361,6 +361,35 @@ def export(
 
 @app.command()
 @_user_errors
+def serve(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch_size: Annotated[int, typer.Option(help="Rows per mixed-task forward pass.")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests (ms).")] = 5.0,
+    max_inputs: Annotated[int, typer.Option(help="Inputs per request.")] = 64,
+    max_text_chars: Annotated[int, typer.Option(help="Characters per input text.")] = 4000,
+    max_body_bytes: Annotated[int, typer.Option(help="Request body limit in bytes.")] = 1_000_000,
+    reload_interval: Annotated[float, typer.Option(help="Seconds between checks for a new store version (0: never).")] = 1.0,
+    device: DeviceOpt = "cpu",
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+):
+    """Serve every task of a store over HTTP: POST /predict, GET /tasks, GET /health, /docs.
+
+    Requests for different tasks are micro-batched into one forward pass; a new store version
+    written by `sharecl learn` or `add-adapter` is picked up without a restart."""
+    dev = _setup_torch(threads, device)
+    from sharecl.serve import ServeConfig
+    from sharecl.serve import serve as run_server
+
+    cfg = ServeConfig(host=host, port=port, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_inputs=max_inputs,
+                      max_text_chars=max_text_chars, max_body_bytes=max_body_bytes, reload_interval_s=reload_interval,
+                      device=dev)
+    run_server(store, cfg, log=console.print)
+
+
+@app.command()
+@_user_errors
 def info(store: Annotated[Path, typer.Argument(help="Store directory.")]):
     """Describe a store: base model, config, tasks, sizes, last merge drift."""
     from sharecl.store import read_manifest

@@ -38,6 +38,9 @@ class ContinualMethod(ABC):
     name: ClassVar[str]
     scenarios: ClassVar[tuple[str, ...]] = ("til",)
     storable: ClassVar[bool] = False
+    #: the backbone computes the same features whatever the task (InfLoRA, SD-LoRA after merging):
+    #: a batch mixing tasks needs one forward and per-row heads.
+    task_independent_backbone: ClassVar[bool] = False
 
     def __init__(self, encoder: Encoder, seed: int = 0):
         self.encoder = encoder
@@ -131,6 +134,30 @@ class ContinualMethod(ABC):
         """Backbone + task head; builds an autograd graph only when ``training``."""
         with torch.set_grad_enabled(training and torch.is_grad_enabled()):
             return self.heads(self._features(inputs), task_name)
+
+    @torch.no_grad()
+    def mixed_logits(self, inputs: list, task_names: list[str]) -> list[torch.Tensor]:
+        """Logits for a batch whose rows belong to different tasks: one ``(C_task,)`` vector per row.
+
+        Default: one forward per distinct task (methods whose backbone does not depend on the
+        task do one forward in all); Share overrides it with its single mixed-task forward.
+
+        Raises:
+            ValueError: if the lengths differ; KeyError: for an unknown task.
+        """
+        if len(inputs) != len(task_names):
+            raise ValueError(f"{len(inputs)} inputs but {len(task_names)} task names")
+        for t in set(task_names):
+            self.check_task(t)
+        if self.task_independent_backbone:
+            z = self._features(list(inputs))
+            return [self.heads(z[i: i + 1], t)[0] for i, t in enumerate(task_names)]
+        out: list[torch.Tensor | None] = [None] * len(inputs)
+        for t in dict.fromkeys(task_names):
+            idx = [i for i, n in enumerate(task_names) if n == t]
+            for i, row in zip(idx, self.logits([inputs[i] for i in idx], t)):
+                out[i] = row
+        return out
 
     # -- class-incremental inference -------------------------------------------
     def class_offsets(self) -> dict[str, int]:

@@ -77,6 +77,7 @@ class InfLoRAMethod(ContinualMethod):
     name = "inflora"
     scenarios = ("til", "cil")
     storable = True
+    task_independent_backbone = True  # every task's B_t A_t is merged into W
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: InfLoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)

@@ -110,6 +110,7 @@ class SDLoRAMethod(ContinualMethod):
     name = "sd-lora"
     scenarios = ("til", "cil")
     storable = True
+    task_independent_backbone = True  # every direction with its current magnitude, whatever the task
     _variant: dict = {}
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: SDLoRAConfig | None = None, **overrides):
