@@ -29,7 +29,8 @@ def main(method_name: str, model_dir: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_distributed(torch.device("cpu"))
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, head_lr=1e-2, max_length=16, eval_batch_size=16)
-    options = {"share": dict(r=4, lora_alpha=8, p=2, k=4, phi=2), "inflora": dict(r=4, eps=0.9)}[method_name]
+    options = {"share": {"r": 4, "lora_alpha": 8, "p": 2, "k": 4, "phi": 2}, "inflora": {"r": 4, "eps": 0.9},
+               "sd-lora-kd": {"r": 4, "lora_alpha": 8}}[method_name]
     method = build_method(method_name, load_encoder(model_dir, max_length=16), seed=0, **options)
     method.begin_stream(2)
     tasks = [make_task("a", n_per_class=16), make_task("b", n_per_class=16)]

@@ -39,7 +39,9 @@ def _run_worker(method: str, model: str, out: Path, nproc: int) -> None:
 def _products(state: dict, method: str) -> dict[str, torch.Tensor]:
     """The tensors that carry meaning whatever sign an SVD gave a singular vector: each task's
     ``ΔW`` per layer (Share: ``U C_B[t] C_A[t]ᵀ Vᵀ``; InfLoRA: ``B_t A_t``), InfLoRA's memory
-    projector ``M Mᵀ``, and the heads."""
+    projector ``M Mᵀ``, and the heads. SD-LoRA has no SVD: all its tensors as they are."""
+    if method not in ("share", "inflora"):
+        return dict(state)
     out = {k: v for k, v in state.items() if k.startswith("heads.")}
     for key, v in state.items():
         if method == "share" and key.endswith(".U"):
@@ -59,7 +61,7 @@ def _sign_aligned(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.diag(torch.sign((a * b).sum(0)))
 
 
-@pytest.mark.parametrize("method", ["share", "inflora"])
+@pytest.mark.parametrize("method", ["share", "inflora", "sd-lora-kd"])
 def test_two_processes_learn_what_one_process_learns(method, tiny_model_dir, tmp_path):
     _run_worker(method, tiny_model_dir, tmp_path / "one", 1)
     _run_worker(method, tiny_model_dir, tmp_path / "two", 2)
@@ -71,7 +73,7 @@ def test_two_processes_learn_what_one_process_learns(method, tiny_model_dir, tmp
         assert torch.equal(r0[k], r1[k]), k
     # and it is what one process learns with the same global batch, within float32 tolerance
     p1, p2 = _products(one, method), _products(r0, method)
-    assert p1.keys() == p2.keys() and any(".dW." in k or ".BA." in k for k in p1)
+    assert p1.keys() == p2.keys() and any(".dW." in k or ".BA." in k or "_old" in k for k in p1)
     for k in p1:
         err = (p1[k].double() - p2[k].double()).norm() / p1[k].double().norm().clamp_min(1e-12)
         assert err < 1e-4, f"{k}: relative difference {err:.2e}"
@@ -207,3 +209,25 @@ def test_torchrun_compare_matches_one_process(tiny_model_dir, tmp_path):
         for row1, row2 in zip(r1["accuracy_matrix"], r2["accuracy_matrix"]):
             assert row1 == pytest.approx(row2, abs=1e-9), m
     assert (tmp_path / "two" / "seed-0" / "share" / "store" / "manifest.json").exists()
+
+
+def test_multi_node_torchrun_arguments(tiny_model_dir, tmp_path):
+    """Two "nodes" on this machine, launched as on two machines (--nnodes 2 --node_rank i
+    --master_addr/--master_port): the same state on both, equal to one process's."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "nodes"
+    cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}", "--nproc_per_node=1",
+             "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), "share", tiny_model_dir, str(out)] for i in (0, 1)]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()) for c in cmds]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(x[-2000:] for x in logs)
+    r0, r1 = (load_file(out / f"rank-{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    _run_worker("share", tiny_model_dir, tmp_path / "one", 1)
+    p1, p2 = _products(load_file(tmp_path / "one" / "rank-0.safetensors"), "share"), _products(r0, "share")
+    for k in p1:
+        assert (p1[k].double() - p2[k].double()).norm() / p1[k].double().norm().clamp_min(1e-12) < 1e-4, k

@@ -235,3 +235,29 @@ def test_serve_config_is_checked():
         ServeConfig(max_inputs=100, max_batch_size=10)
     with pytest.raises(ValueError, match="max_text_chars"):
         ServeConfig(max_text_chars=0)
+
+
+@pytest.mark.parametrize("name,config", [("inflora", {"r": 4}), ("dual-lora", {"r": 4, "residual_rank": 2})])
+def test_peer_stores_are_served_too(name, config, tiny_model_dir, tmp_path):
+    """A peer's store answers mixed batches as its own per-task logits do (InfLoRA: one
+    task-independent forward; DualLoRA: one forward per task in the batch)."""
+    from sharecl.backbone import load_encoder
+    from sharecl.methods import build_method
+    from sharecl.train import TrainConfig
+
+    m = build_method(name, load_encoder(tiny_model_dir, max_length=16), seed=0, **config)
+    cfg = TrainConfig(steps=4, batch_size=8, lr=1e-2, head_lr=1e-2, max_length=16)
+    tasks = [make_task("a"), make_task("b", seed=1)]
+    for t in tasks:
+        m.learn(t, cfg, progress=False)
+    save_store(m, tmp_path / "s")
+    xs = tasks[0].test_inputs[:3] + tasks[1].test_inputs[:3]
+    names = ["a", "b", "a", "b", "a", "b"]
+    mixed = m.mixed_logits(xs, names)
+    for x, t, row in zip(xs, names, mixed):
+        torch.testing.assert_close(row, m.logits([x], t)[0], atol=1e-5, rtol=0)
+    with client_for(tmp_path / "s") as c:
+        r = c.post("/predict", json={"task": "b", "inputs": xs})
+        assert r.status_code == 200 and c.get("/tasks").json()["method"] == name
+        torch.testing.assert_close(torch.tensor([p["probabilities"] for p in r.json()["predictions"]]),
+                                   m.logits(xs, "b").softmax(-1), atol=1e-5, rtol=0)

@@ -163,3 +163,17 @@ def test_a_store_keeps_its_method(tiny_share, store_dir, tiny_model_dir):
         save_store(build_method("inflora", load_encoder(tiny_model_dir, max_length=16)), store_dir)
     with pytest.raises(StoreError, match="no store format"):
         save_store(build_method("seq-lora", load_encoder(tiny_model_dir, max_length=16)), store_dir)
+
+
+def test_manifest_keeps_merge_summaries_and_the_last_per_task_drift(tiny_share, fast_cfg, tmp_path):
+    for i, name in enumerate("abc"):
+        tiny_share.learn(make_task(name, seed=i), fast_cfg, progress=False)
+    save_store(tiny_share, tmp_path / "s")
+    merges = read_manifest(tmp_path / "s")["merges"]
+    assert len(merges) == 3 and "per_task" not in merges[1] and set(merges[2]["per_task"]) == {"a", "b"}
+    full = tiny_share.drift[1]["per_task"]["a"]
+    assert merges[1]["worst_task"] == "a" and merges[1]["drift_max"] == full["max"] and merges[1]["k"] == tiny_share.drift[1]["k"]
+    loaded = load_store(tmp_path / "s")
+    loaded.learn(make_task("d", seed=3), fast_cfg, progress=False)  # learning goes on from the compact records
+    save_store(loaded, tmp_path / "s")
+    assert set(read_manifest(tmp_path / "s")["merges"][-1]["per_task"]) == {"a", "b", "c"}

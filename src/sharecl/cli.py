@@ -368,7 +368,7 @@ def serve(
     max_batch_size: Annotated[int, typer.Option(help="Rows per mixed-task forward pass.")] = 64,
     max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests (ms).")] = 5.0,
     max_inputs: Annotated[int, typer.Option(help="Inputs per request.")] = 64,
-    max_text_chars: Annotated[int, typer.Option(help="Characters per input text.")] = 4000,
+    max_text_chars: Annotated[int, typer.Option(help="Characters per input text.")] = 16_000,
     max_body_bytes: Annotated[int, typer.Option(help="Request body limit in bytes.")] = 1_000_000,
     reload_interval: Annotated[float, typer.Option(help="Seconds between checks for a new store version (0: never).")] = 1.0,
     device: DeviceOpt = "cpu",

@@ -55,7 +55,7 @@ class ServeConfig:
     max_batch_size: int = 64
     max_wait_ms: float = 5.0
     max_inputs: int = 64
-    max_text_chars: int = 4000
+    max_text_chars: int = 16_000
     max_body_bytes: int = 1_000_000
     reload_interval_s: float = 1.0
     device: str = "cpu"

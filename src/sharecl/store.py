@@ -9,7 +9,7 @@ Layout of a store directory::
 
     manifest.json              format, version, method and config, base model (path, sha256),
                                tasks (name, classes, kind), method state that is not a tensor
-                               (merges, ranks, memory kinds), file checksums, versions
+                               (merge summaries, ranks, memory kinds), file checksums, versions
     state-v<N>.safetensors     every adapter/memory tensor, and every head
     .lock                      advisory lock held by a writer
 
@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "STORABLE", "StoreError", "StoreLockedError", "save_store", "load_store", "read_manifest",
+__all__ = ["FORMAT", "FORMAT_VERSION", "STORABLE", "StoreError", "StoreLockedError", "compact_merges", "save_store", "load_store", "read_manifest",
            "store_lock", "library_versions"]
 
 FORMAT = "sharecl-store"
@@ -156,6 +156,25 @@ def _state_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
         raise StoreError(f"cannot read {f}: {exc}") from exc
 
 
+def compact_merges(merges: list[dict]) -> list[dict]:
+    """Share's merge records as the manifest keeps them: every merge's summary (``k``, kept
+    energy, ``drift_mean``/``drift_max`` over old tasks and the ``worst_task``), and the per-task
+    drift of the last merge only, so the manifest grows linearly with the number of tasks."""
+    out = []
+    for i, rec in enumerate(merges):
+        per = rec.get("per_task")
+        if i == len(merges) - 1 or per is None:
+            out.append(rec)
+            continue
+        summary = {k: v for k, v in rec.items() if k != "per_task"}
+        if per:
+            worst = max(per, key=lambda n: per[n]["max"])
+            summary.update(drift_mean=sum(v["mean"] for v in per.values()) / len(per), drift_max=per[worst]["max"],
+                           worst_task=worst)
+        out.append(summary)
+    return out
+
+
 def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
     """Write ``method`` (a storable method, :data:`STORABLE`) as the next store version.
 
@@ -186,7 +205,7 @@ def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
         "base_model": base, "targets": list(method.layers),
         "tasks": [{"name": n, "classes": method.task_classes[n], "kind": getattr(method, "kinds", {}).get(n, "data"),
                    "head": n in method.heads} for n in method.task_names],
-        "merges": getattr(method, "drift", []),
+        "merges": compact_merges(getattr(method, "drift", [])),
         "method_state": method.state_meta(),
         "files": {"state": {"name": state_name, "sha256": _sha256(p / state_name)}},
         "library_versions": library_versions(),
