@@ -77,10 +77,19 @@ class Encoder:
     max_length: int = 128
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
+    images: object | None = None  # a sharecl.vision.transforms.ImagePipeline for vision backbones
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenise a list of strings to padded ``input_ids``/``attention_mask`` (int64, ``(N, L)``) on :attr:`device`."""
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+    @property
+    def image_size(self) -> int | None:
+        """Side of the square input in pixels (vision backbones), else None."""
+        return None if self.images is None else self.images.size
+
+    def tokenize(self, inputs: list) -> dict[str, torch.Tensor]:
+        """Model inputs on :attr:`device`: texts → padded ``input_ids``/``attention_mask`` (int64,
+        ``(N, L)``); images (vision backbones) → ``pixel_values`` ``(N, 3, S, S)`` float32."""
+        if self.images is not None:
+            return {"pixel_values": self.images(list(inputs)).to(self.device)}
+        batch = self.tokenizer(list(inputs), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -96,6 +105,8 @@ class Encoder:
         h = out.last_hidden_state.float()
         if self.pooling == "cls":
             return h[:, 0]
+        if self.pooling == "mean-patch":  # ViTs: the mean of the patch tokens (no CLS, no registers)
+            return h[:, 1:].mean(1)
         mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
         return (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
@@ -109,9 +120,31 @@ def _pooling_mode(path: str) -> str:
     return "mean"
 
 
+#: ``config.model_type`` of the vision transformers sharecl reads images for.
+VISION_MODEL_TYPES = ("dinov2", "vit")
+
+
+def _image_stats(path: str):
+    from sharecl.vision.transforms import IMAGENET_STATS
+
+    for name, keys in (("sharecl_image.json", ("mean", "std")), ("preprocessor_config.json", ("image_mean", "image_std"))):
+        f = Path(path, name)
+        if f.exists():
+            data = json.loads(f.read_text())
+            if all(k in data for k in keys):
+                return (tuple(data[keys[0]]), tuple(data[keys[1]]))
+    return IMAGENET_STATS
+
+
 def load_encoder(path: str | None = None, *, max_length: int = 128, device: str | torch.device | None = "cpu",
-                 precision: str = "fp32") -> Encoder:
+                 precision: str = "fp32", image_size: int = 56) -> Encoder:
     """Load a local transformers encoder (default: packaged all-MiniLM-L6-v2), offline.
+
+    A vision transformer (``config.model_type`` in :data:`VISION_MODEL_TYPES`, e.g. the
+    converted DINOv2 of :mod:`sharecl.vision.convert` or any local HF ViT/DINOv2 directory)
+    reads images: ``image_size`` × ``image_size`` pixels (a multiple of the patch size),
+    normalised with the statistics in ``sharecl_image.json`` / ``preprocessor_config.json``
+    (ImageNet's by default), pooled as the mean of the patch tokens.
 
     Args:
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (see :func:`sharecl.distributed.resolve_device`).
@@ -134,12 +167,21 @@ def load_encoder(path: str | None = None, *, max_length: int = 128, device: str 
     path = str(path or default_model_path())
     if not Path(path, "config.json").exists():
         raise FileNotFoundError(f"{path} is not a transformers model directory (no config.json); pass --model PATH")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
     model.to(dev)
+    if getattr(model.config, "model_type", None) in VISION_MODEL_TYPES:
+        from sharecl.vision.transforms import ImagePipeline
+
+        patch = int(getattr(model.config, "patch_size", 1))
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} is not a multiple of the model's patch size {patch}; "
+                             f"use {max(patch, round(image_size / patch) * patch)}")
+        return Encoder(model, None, "mean-patch", int(model.config.hidden_size), path, max_length, dev, precision,
+                       ImagePipeline(image_size, _image_stats(path)))
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return Encoder(model, tok, _pooling_mode(path), int(model.config.hidden_size), path, max_length, dev, precision)
 
 

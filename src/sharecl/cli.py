@@ -86,6 +86,9 @@ def _share_options(k: int, p: int, energy: Optional[float], rank: int, phi: int,
             "merge_finetune_steps": finetune}
 
 
+#: Default learning rate by stream modality: 5e-3 diverges on the ViT's first LoRA (fmnist-cil, 80 steps).
+DEFAULT_LR = {"text": 5e-3, "image": 1e-3}
+
 KOpt = Annotated[int, typer.Option(help="Share: basis size k per side (ignored with --energy).")]
 POpt = Annotated[int, typer.Option(help="Share: pseudo-rank p, columns of each task's coefficients.")]
 EOpt = Annotated[Optional[float], typer.Option(help="Share: choose k by kept energy fraction instead of a fixed k.")]
@@ -105,10 +108,11 @@ def run(
     model: Annotated[Optional[str], typer.Option(help="Local transformers model directory (default: packaged all-MiniLM-L6-v2).")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps per task.")] = 80,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Learning rate (adapters and heads).")] = 5e-3,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (adapters and heads); default 5e-3 for text, 1e-3 for image streams.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for splits, inits and batch order.")] = 0,
-    train_per_class: Annotated[int, typer.Option(help="Training examples per class.")] = 48,
-    test_per_class: Annotated[int, typer.Option(help="Test examples per class.")] = 30,
+    train_per_class: Annotated[Optional[int], typer.Option(help="Training examples per class (default: the stream's, 48 for text).")] = None,
+    test_per_class: Annotated[Optional[int], typer.Option(help="Test examples per class (default: the stream's, 30 for text).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56; DINOv2's native 224).")] = None,
     k: KOpt = 10, p: POpt = 2, energy: EOpt = None, phi: PhiOpt = 2, init: InitOpt = "zero", merge_finetune_steps: FtOpt = 0,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r (baselines, and Share's first-task seed).")] = 8,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
@@ -129,7 +133,9 @@ def run(
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
-    s = get_stream(stream, seed=seed, train_per_class=train_per_class, test_per_class=test_per_class)
+    caps = {"train_per_class": train_per_class, "test_per_class": test_per_class, "image_size": image_size}
+    s = get_stream(stream, seed=seed, **{k: v for k, v in caps.items() if v is not None})
+    lr = lr if lr is not None else DEFAULT_LR[s.modality]
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed)
     configs = {m: {"r": rank} for m in names}
     if "share" in configs:
@@ -144,16 +150,19 @@ def run(
 @app.command()
 @_user_errors
 def compare(
-    stream: Annotated[str, typer.Option(help="Task stream: text5 (task-incremental) or wordnet-cil (class-incremental).")] = "text5",
+    stream: Annotated[str, typer.Option(help="Task stream: text5, fmnist-then-mnist (task-incremental); wordnet-cil, fmnist-cil, mnist-cil (class-incremental).")] = "text5",
     methods: Annotated[str, typer.Option(help="'all' or comma-separated methods.")] = "all",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (splits, class order, inits, batches).")] = "0,1,2",
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default runs/compare-<stream>).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Local transformers model directory (default: packaged all-MiniLM-L6-v2).")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps per task (joint-lora: steps × tasks).")] = 80,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Learning rate (adapters and heads), the same for every method.")] = 5e-3,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (adapters and heads), the same for every method; default 5e-3 for text, 1e-3 for image streams.")] = None,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r of every method (Share: first-task seed).")] = 8,
     k: KOpt = 10, p: POpt = 2,
+    train_per_class: Annotated[Optional[int], typer.Option(help="Training examples per class (default: the stream's).")] = None,
+    test_per_class: Annotated[Optional[int], typer.Option(help="Test examples per class (default: the stream's).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option METHOD.KEY=VALUE (repeatable), e.g. sd-lora.lr=0.001.")] = None,
     resume: Annotated[bool, typer.Option(help="Reuse results.json files already in OUT.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
@@ -172,6 +181,12 @@ def compare(
     except ValueError:
         raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     out = out or Path(f"runs/compare-{stream}")
+    caps = {k: v for k, v in {"train_per_class": train_per_class, "test_per_class": test_per_class,
+                              "image_size": image_size}.items() if v is not None}
+    if lr is None:
+        from sharecl.data.streams import get_stream
+
+        lr = DEFAULT_LR[get_stream(stream, seed=seed_list[0] if seed_list else 0, **caps).modality]
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr)
     configs = {m: ({} if m == "head-only" else {"r": rank}) for m in names}
     if "share" in configs:
@@ -180,6 +195,7 @@ def compare(
         method, key, value = _parse_set(item, names)
         configs[method][key] = value
     summary, md = run_compare(stream, names, seed_list, cfg, out, model_path=model, method_configs=configs,
+                              stream_options=caps,
                               resume=resume, progress=progress, log=console.print, device=dev, precision=precision)
     console.print(md, highlight=False, markup=False)
     console.print(f"written: {out}/compare.md, compare.json, accuracy_curve.png, bytes.png, seed-*/<method>/results.json")

@@ -74,7 +74,12 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
         UnsupportedScenarioError: if the method does not support the stream's scenario.
     """
     torch.manual_seed(cfg.seed)
-    encoder = load_encoder(model_path, max_length=cfg.max_length, device=device, precision=precision)
+    if model_path is None and stream.modality == "image":
+        from sharecl.vision.convert import default_vit_path
+
+        model_path = str(default_vit_path())
+    encoder = load_encoder(model_path, max_length=cfg.max_length, device=device, precision=precision,
+                           image_size=stream.image_size or 56)
     if not dist.is_main():
         log = _quiet
     method = build_method(method_name, encoder, seed=cfg.seed, **(method_config or {}))

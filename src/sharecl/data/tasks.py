@@ -33,7 +33,7 @@ class Task:
     Attributes:
         name: task name (see :func:`check_task_name`).
         classes: class names; label ``i`` means ``classes[i]``.
-        train_inputs, test_inputs: input texts.
+        train_inputs, test_inputs: input texts, or uint8 image arrays ``(H, W[, C])``.
         train_labels, test_labels: ints in ``[0, len(classes))``.
         meta: where the data came from, the seed, caps: recorded in run manifests.
     """
@@ -79,6 +79,8 @@ class Stream:
     tasks: list[Task]
     seed: int
     scenario: str = "til"
+    modality: str = "text"  # "text" or "image": which default backbone reads it
+    image_size: int | None = None  # pixels per side the backbone sees (image streams)
 
     def __post_init__(self):
         names = [t.name for t in self.tasks]

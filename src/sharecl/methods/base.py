@@ -121,7 +121,7 @@ class ContinualMethod(ABC):
 
         batch = self.encoder.tokenize(inputs)
         stats = [m for m in self.layers.values() if isinstance(m, StatsLinear)]
-        mask = batch["attention_mask"].bool()
+        mask = batch["attention_mask"].bool() if "attention_mask" in batch else None  # images: every token is real
         for m in stats:
             m.token_mask = mask
         try:
