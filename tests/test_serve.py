@@ -261,3 +261,41 @@ def test_peer_stores_are_served_too(name, config, tiny_model_dir, tmp_path):
         assert r.status_code == 200 and c.get("/tasks").json()["method"] == name
         torch.testing.assert_close(torch.tensor([p["probabilities"] for p in r.json()["predictions"]]),
                                    m.logits(xs, "b").softmax(-1), atol=1e-5, rtol=0)
+
+
+def test_a_vision_store_answers_base64_images(tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from transformers import Dinov2Config, Dinov2Model
+
+    from sharecl.backbone import load_encoder
+    from sharecl.methods.share import ShareMethod
+    from sharecl.train import TrainConfig
+    from test_vision import _bright_dark
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=7,
+                             image_size=28)).save_pretrained(tmp_path / "vit")
+    m = ShareMethod(load_encoder(str(tmp_path / "vit"), image_size=28), seed=0, r=4, lora_alpha=8, p=2, k=4, phi=2)
+    task = _bright_dark("shade", 0)
+    m.learn(task, TrainConfig(steps=10, batch_size=8, lr=1e-2, head_lr=1e-2), progress=False)
+    save_store(m, tmp_path / "s")
+
+    def b64(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    xs = task.test_inputs[:4]
+    with client_for(tmp_path / "s") as c:
+        r = c.post("/predict", json={"task": "shade", "inputs": [b64(a) for a in xs]})
+        assert r.status_code == 200, r.text
+        want = m.logits([np.stack([a] * 3, -1) for a in xs], "shade").softmax(-1)  # PNG grey → RGB, as the server reads it
+        torch.testing.assert_close(torch.tensor([p["probabilities"] for p in r.json()["predictions"]]), want, atol=1e-5, rtol=0)
+        for bad, code in ((["not base64!"], "invalid_image"), ([base64.b64encode(b"plain text").decode()], "invalid_image"),
+                          (["aGVsbG8"], "invalid_image")):
+            r = c.post("/predict", json={"task": "shade", "inputs": bad})
+            assert r.status_code == 422 and r.json()["error"]["code"] == code, r.text

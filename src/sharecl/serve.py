@@ -16,7 +16,8 @@ Three parts, each usable on its own:
   ``GET /health`` and the OpenAPI schema at ``/openapi.json``. Every refusal is a 4xx with
   a JSON body ``{"error": {"code", "message"}}``: body too large (413), malformed JSON or
   wrong types (422), too many inputs or too long a text (422), unknown task (404), a task
-  without a head (422).
+  without a head (422); for a vision store (a ViT base model), an input that is not a
+  base64-encoded image (422).
 """
 
 
@@ -237,6 +238,41 @@ class MicroBatcher:
             pos += n
 
 
+#: Largest image accepted by a vision store, in pixels (width × height).
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def _decode_image(data: str, index: int):
+    """``inputs[index]``, a base64-encoded image, as an RGB uint8 array ``(H, W, 3)``.
+
+    Raises:
+        ValueError: not base64, not an image PIL can read, or more than :data:`MAX_IMAGE_PIXELS`.
+    """
+    import base64
+    import binascii
+    import io
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"inputs[{index}] is not base64 ({exc}); send each image file's bytes base64-encoded") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"inputs[{index}] is {im.width}×{im.height} pixels; the limit is {MAX_IMAGE_PIXELS:,}")
+                return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds on hostile bytes; all mean "not an image"
+        raise ValueError(f"inputs[{index}] is not an image PIL can read ({type(exc).__name__})") from exc
+
+
 def _error(status: int, code: str, message: str, **extra):
     from fastapi.responses import JSONResponse
 
@@ -295,12 +331,15 @@ def create_app(watcher: StoreWatcher, config: ServeConfig | None = None):
     import sharecl
 
     cfg = config or ServeConfig()
-    Text = Annotated[str, StringConstraints(max_length=cfg.max_text_chars)]
+    vision = getattr(watcher.current.method.encoder, "images", None) is not None  # fixed by the base model
+    per_input = cfg.max_body_bytes if vision else cfg.max_text_chars
+    Text = Annotated[str, StringConstraints(max_length=per_input)]
+    what = "base64-encoded images (PNG, JPEG, …)" if vision else "texts"
 
     class PredictRequest(BaseModel):
         task: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(description="task name (GET /tasks)")
         inputs: Annotated[list[Text], Field(min_length=1, max_length=cfg.max_inputs)] = Field(
-            description=f"texts to classify (1–{cfg.max_inputs}, each ≤ {cfg.max_text_chars} characters)")
+            description=f"{what} to classify (1–{cfg.max_inputs}, each ≤ {per_input} characters)")
         model_config = {"extra": "forbid"}
 
     class Prediction(BaseModel):
@@ -366,8 +405,14 @@ def create_app(watcher: StoreWatcher, config: ServeConfig | None = None):
                           + (" …" if len(known) > 20 else ""))
         if req.task not in cur.has_head:
             return _error(422, "no_head", f"task {req.task!r} was added as an adapter only and has no classification head")
+        inputs = req.inputs
+        if vision:
+            try:
+                inputs = [_decode_image(x, i) for i, x in enumerate(inputs)]
+            except ValueError as exc:
+                return _error(422, "invalid_image", str(exc))
         try:
-            version, probs = await asyncio.wrap_future(app.state.batcher.submit(req.task, req.inputs))
+            version, probs = await asyncio.wrap_future(app.state.batcher.submit(req.task, inputs))
         except Exception as exc:  # noqa: BLE001 - a fault of the server, not of the request
             return _error(503, "inference_failed", f"the model could not answer ({type(exc).__name__}: {exc}); retry")
         classes = cur.classes[req.task]  # a task's classes never change between store versions
