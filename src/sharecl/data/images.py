@@ -28,7 +28,7 @@ FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "san
 
 def _idx(path: Path, offset: int) -> np.ndarray:
     with gzip.open(path, "rb") as fh:
-        return np.frombuffer(fh.read(), np.uint8, offset=offset)
+        return np.frombuffer(fh.read(), np.uint8, offset=offset).copy()  # writable: torch.from_numpy needs it
 
 
 def fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
