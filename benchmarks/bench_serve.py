@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import socket
 import statistics
 import subprocess

@@ -4,7 +4,6 @@ the packaged converted one in the slow tests)."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sharecl.vision.transforms import (IDENTITY_STATS, IMAGENET_STATS, ImagePipeline, center_crop, hflip, normalize,
                                        pixel_batch, random_resized_crop, resize, to_pil, to_tensor)

@@ -22,6 +22,7 @@ Three parts, each usable on its own:
 
 
 import asyncio
+import dataclasses
 import concurrent.futures
 import os
 import queue
@@ -133,7 +134,7 @@ class StoreWatcher:
                 self.log(f"store reload deferred: {exc}")
             return False
         if new.version <= self._current.version:
-            self._current = Loaded(**{**self._current.__dict__, "signature": new.signature})
+            self._current = dataclasses.replace(self._current, signature=new.signature)  # same version, newer file
             return False
         self._current = new
         self.reloads += 1
