@@ -41,6 +41,14 @@ def test_compare_two_seeds_writes_reports_and_resumes(tiny_stream, tiny_model_di
                        method_configs=cfgs, progress=False, log=log)
     assert sum("reusing" in c for c in calls) == 2
     assert again["share"]["final_average_accuracy"] == summary["share"]["final_average_accuracy"]
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match=r"other settings: steps=6 \(now 7\)"):  # never mix budgets in one table
+        compare(tiny_stream, ["share"], [0], replace(fast_cfg, steps=7), tmp_path, model_path=tiny_model_dir,
+                method_configs=cfgs, progress=False, log=log)
+    with pytest.raises(ValueError, match=r"share.k=4 \(now 5\)"):
+        compare(tiny_stream, ["share"], [0], fast_cfg, tmp_path, model_path=tiny_model_dir,
+                method_configs={"share": {"r": 4, "k": 5, "p": 2}}, progress=False, log=log)
 
 
 def test_compare_rejects_unknown_methods_and_empty_lists(tiny_stream, fast_cfg, tmp_path):

@@ -97,6 +97,7 @@ InitOpt = Annotated[str, typer.Option(help="Share: coefficient init, 'zero' (ΔW
 FtOpt = Annotated[int, typer.Option(help="Share: steps fine-tuning the new task's coefficients after the merge.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (under torchrun, cuda is each rank's LOCAL_RANK GPU).")]
 PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16 (bfloat16 autocast of the backbone; weights stay float32).")]
+AugmentOpt = Annotated[bool, typer.Option(help="Images: train on random resized crops (area 25-100 %) and horizontal flips.")]
 
 
 @app.command()
@@ -115,6 +116,7 @@ def run(
     image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56; DINOv2's native 224).")] = None,
     k: KOpt = 10, p: POpt = 2, energy: EOpt = None, phi: PhiOpt = 2, init: InitOpt = "zero", merge_finetune_steps: FtOpt = 0,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r (baselines, and Share's first-task seed).")] = 8,
+    augment: AugmentOpt = False,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
@@ -136,7 +138,7 @@ def run(
     caps = {"train_per_class": train_per_class, "test_per_class": test_per_class, "image_size": image_size}
     s = get_stream(stream, seed=seed, **{k: v for k, v in caps.items() if v is not None})
     lr = lr if lr is not None else DEFAULT_LR[s.modality]
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed, augment=augment)
     configs = {m: {"r": rank} for m in names}
     if "share" in configs:
         configs["share"].update(_share_options(k, p, energy, rank, phi, init, merge_finetune_steps))
@@ -164,6 +166,7 @@ def compare(
     test_per_class: Annotated[Optional[int], typer.Option(help="Test examples per class (default: the stream's).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option METHOD.KEY=VALUE (repeatable), e.g. sd-lora.lr=0.001.")] = None,
+    augment: AugmentOpt = False,
     resume: Annotated[bool, typer.Option(help="Reuse results.json files already in OUT.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -187,7 +190,7 @@ def compare(
         from sharecl.data.streams import get_stream
 
         lr = DEFAULT_LR[get_stream(stream, seed=seed_list[0] if seed_list else 0, **caps).modality]
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, augment=augment)
     configs = {m: ({} if m == "head-only" else {"r": rank}) for m in names}
     if "share" in configs:
         configs["share"].update(_share_options(k, p, None, rank, 2, "zero", 0))
@@ -241,21 +244,26 @@ def _print_results(results: dict[str, dict]) -> None:
 @_user_errors
 def learn(
     store: Annotated[Path, typer.Argument(help="Store directory (created if missing).")],
-    task: Annotated[str, typer.Option(help="New task name.")],
-    data: Annotated[Path, typer.Option(help="CSV/JSONL file or datasets directory with text and label columns.")],
-    model: Annotated[Optional[str], typer.Option(help="Base model directory for a new store (default: packaged MiniLM).")] = None,
+    task: Annotated[str, typer.Option(help="New task name (for a stream file: one of its tasks, e.g. my-cifar-2).")],
+    data: Annotated[Path, typer.Option(help="Text: CSV/JSONL file or datasets directory. Images: image folder "
+                                            "root/<class>/*, datasets directory with an Image column, or stream file.")],
+    model: Annotated[Optional[str], typer.Option(help="Base model directory for a new store (default: packaged MiniLM "
+                                                      "for text, the packaged DINOv2 ViT-S/14 for images).")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 80,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-3,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 5e-3 for text, 1e-3 for images).")] = None,
     seed: Annotated[int, typer.Option(help="Seed (split, init, batch order).")] = 0,
     k: KOpt = 10, p: POpt = 2, energy: EOpt = None, phi: PhiOpt = 2, init: InitOpt = "zero", merge_finetune_steps: FtOpt = 0,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank (new store; Share: the first task's seeding LoRA).")] = 8,
     method_name: Annotated[str, typer.Option("--method", help="Method of a new store: share, inflora, sd-lora, sd-lora-rr, sd-lora-kd, dual-lora.")] = "share",
-    text_column: str = "text", label_column: str = "label",
+    text_column: str = "text", label_column: str = "label", image_column: str = "image",
+    image_size: Annotated[Optional[int], typer.Option(help="New vision store: pixels per side (default: the stream "
+                                                           "file's, else 56).")] = None,
+    augment: AugmentOpt = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
 ):
-    """Teach a store one new task from a labelled file (creates the store on first use).
+    """Teach a store one new task from labelled text or images (creates the store on first use).
 
     A store is open-ended: InfLoRA's and DualLoRA's memory threshold stays at its starting value.
     Under `torchrun` every rank trains on its shard of each batch and rank 0 alone locks and
@@ -266,24 +274,40 @@ def learn(
     from sharecl import distributed as dist
     from sharecl.backbone import load_encoder
     from sharecl.data.files import load_task_file
+    from sharecl.data.image_files import image_source_kind, load_image_task
     from sharecl.data.tasks import check_task_name
     from sharecl.methods import build_method
     from sharecl.store import STORABLE, load_store, save_store, store_lock
     from sharecl.train import TrainConfig, evaluate
+    from sharecl.vision.convert import default_vit_path
 
     check_task_name(task)
     if method_name not in STORABLE:
         raise ValueError(f"--method {method_name!r} cannot be stored; choose one of {', '.join(STORABLE)}")
+    kind = image_source_kind(data)  # the data is read before the store is touched: its errors change nothing
+    if kind:
+        t, stream_size = load_image_task(data, task, seed=seed, image_column=image_column, label_column=label_column)
+    else:
+        t, stream_size = load_task_file(data, task, seed=seed, text_column=text_column, label_column=label_column), None
+    modality = "image" if kind else "text"
     with dist.main_rank_lock(lambda: store_lock(store)):
         if (store / "manifest.json").exists():
             method = load_store(store, device=dev, precision=precision)
         else:
             opts = _share_options(k, p, energy, rank, phi, init, merge_finetune_steps) if method_name == "share" else {"r": rank}
-            method = build_method(method_name, load_encoder(model, device=dev, precision=precision), seed=seed, **opts)
+            enc = load_encoder(model or (str(default_vit_path()) if kind else None), device=dev, precision=precision,
+                               image_size=image_size or stream_size or 56)
+            method = build_method(method_name, enc, seed=seed, **opts)
+        reads = "image" if method.encoder.images is not None else "text"
+        if reads != modality:
+            raise ValueError(f"{data} holds {modality} data but the model ({method.encoder.path}) reads {reads}; "
+                             + ("pass --model with a ViT/DINOv2 directory (or omit it) for a new image store"
+                                if reads == "text" else "use a text store, or image data for this one"))
         if task in method.task_classes:
             raise ValueError(f"task {task!r} already exists in {store}; choose another name")
-        t = load_task_file(data, task, seed=seed, text_column=text_column, label_column=label_column)
-        cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed, max_length=method.encoder.max_length)
+        lr = lr if lr is not None else DEFAULT_LR[modality]
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed,
+                          max_length=method.encoder.max_length, augment=augment)
         method.learn(t, cfg, progress=progress)
         acc = evaluate(lambda xs: method.logits(xs, task), t, 64)
         dist.barrier()  # every rank finished: a rank lost before this point leaves the store untouched
@@ -331,11 +355,11 @@ def add_adapter(
 @_user_errors
 def predict(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
-    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
+    inputs: Annotated[list[str], typer.Argument(help="Texts to classify; for a vision store, image files.")],
     task: Annotated[str, typer.Option(help="Task whose adapter and head answer.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ):
-    """Classify texts with one task of a store."""
+    """Classify texts (or image files, for a store built on a vision model) with one task of a store."""
     _setup_torch(None)
     import torch
 
@@ -345,13 +369,19 @@ def predict(
     method.check_task(task)
     if task not in method.heads:
         raise ValueError(f"task {task!r} was added as an adapter only and has no classification head; it can be exported, not predicted")
+    xs = list(inputs)
+    if method.encoder.images is not None:
+        from sharecl.data.image_files import read_image
+
+        xs = [read_image(x) for x in inputs]
     with torch.no_grad():
-        probs = method.logits(list(texts), task).softmax(-1)
+        probs = method.logits(xs, task).softmax(-1)
     classes = method.task_classes[task]
-    for text, pr in zip(texts, probs):
+    key = "image" if method.encoder.images is not None else "text"
+    for text, pr in zip(inputs, probs):
         i = int(pr.argmax())
         if as_json:
-            print(json.dumps({"text": text, "label": classes[i], "probability": round(float(pr[i]), 6)}))
+            print(json.dumps({key: text, "label": classes[i], "probability": round(float(pr[i]), 6)}))
         else:
             console.print(f"{classes[i]}\t{float(pr[i]):.3f}\t{text[:80]}", highlight=False)
 

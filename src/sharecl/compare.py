@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from sharecl import distributed as dist
@@ -136,6 +136,19 @@ def _plots(summary: dict, out: Path, stream: str, kind: str) -> None:
     finish(fig, ax, "adapter bytes stored (float32, no heads)", f"{stream}: storage", "bytes.png")
 
 
+def _check_same_settings(path: Path, old: dict, cfg: TrainConfig, method_config: dict) -> None:
+    """Refuse to reuse a ``results.json`` made with another training budget or method option."""
+    now = asdict(cfg)
+    defaults = asdict(TrainConfig())
+    diff = [f"{k}={old['train_config'].get(k, defaults[k])!r} (now {v!r})" for k, v in now.items()
+            if old.get("train_config", {}).get(k, defaults[k]) != v]
+    oc = old.get("config", {})
+    diff += [f"{old.get('method')}.{k}={oc[k]!r} (now {v!r})" for k, v in method_config.items() if k in oc and oc[k] != v]
+    if diff:
+        raise ValueError(f"{path} was made with other settings: {', '.join(diff)}; pass another --out, or --no-resume "
+                         f"to recompute it")
+
+
 def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig, out_dir: str | Path, *,
             model_path: str | None = None, method_configs: dict[str, dict] | None = None, stream_options: dict | None = None,
             resume: bool = True, progress: bool = True, log=print, device: str | None = "cpu",
@@ -171,7 +184,9 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
                 continue
             f = out / f"seed-{seed}" / m / "results.json"
             if resume and f.exists():
-                per_seed[m].append(json.loads(f.read_text()))
+                old = json.loads(f.read_text())
+                _check_same_settings(f, old, replace(cfg, seed=seed), (method_configs or {}).get(m, {}))
+                per_seed[m].append(old)
                 log(f"seed {seed} · {m}: reusing {f}")
             else:
                 todo.append(m)

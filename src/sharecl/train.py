@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import psutil
 import torch
 from torch import nn
@@ -37,6 +38,9 @@ class TrainConfig:
         eval_batch_size: examples per forward pass at evaluation.
         max_length: tokens per text (longer texts are truncated).
         seed: seeds batch order and every random init.
+        augment: images only: train on :func:`sharecl.vision.transforms.augment_array` views
+            (random resized crop + horizontal flip), drawn from a generator seeded by the batch
+            generator, for the whole global batch before it is sharded across ranks.
     """
 
     steps: int = 60
@@ -47,6 +51,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     max_length: int = 64
     seed: int = 0
+    augment: bool = False
 
 
 class NonFiniteLossError(RuntimeError):
@@ -137,14 +142,26 @@ def train_steps(forward: Callable[[list], torch.Tensor], param_groups: Sequence[
     model = _ddp(forward, params, some_unused)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = generator or torch.Generator().manual_seed(cfg.seed)
+    aug = None
+    if cfg.augment:
+        from sharecl.vision.transforms import augment_array
+
+        first = task.train_inputs[0]
+        if not isinstance(first[1] if isinstance(first, tuple) else first, np.ndarray):
+            raise ValueError(f"augment applies to images; task {task.name!r} holds {type(first).__name__} inputs")
+        aug_rng = np.random.default_rng(int(torch.randint(2 ** 62, (1,), generator=gen)))
+
+        def aug(xs: list) -> list:  # joint LoRA's inputs are (task index, image) pairs
+            return [(x[0], augment_array(x[1], aug_rng)) if isinstance(x, tuple) else augment_array(x, aug_rng) for x in xs]
     labels = torch.tensor(task.train_labels, device=device)
     losses = []
     bar = tqdm(_batches(len(task.train_inputs), batch, steps, gen),
                total=steps, desc=desc or f"train {task.name}", disable=not (progress and dist.is_main()), leave=False,
                dynamic_ncols=True)
     for step, idx in enumerate(bar):
-        idx = dist.shard(idx)
-        logits = model([task.train_inputs[i] for i in idx])
+        xs = [task.train_inputs[i] for i in idx]
+        idx, xs = dist.shard(idx), dist.shard(aug(xs) if aug else xs)
+        logits = model(xs)
         if world == 1:
             loss = F.cross_entropy(logits, labels[idx])
             report = loss.detach()

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["ImageData", "UnsafePickleError", "RestrictedUnpickler", "load_image_folder", "load_cifar",
-           "load_hf_image_dataset", "load_stream_file", "IMAGE_EXTENSIONS"]
+           "load_hf_image_dataset", "load_stream_file", "image_source_kind", "load_image_task", "read_image", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -54,6 +54,18 @@ def _decode(path: Path, max_side: int | None) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}; remove or replace the file") from exc
+
+
+def read_image(path: str | Path, max_side: int | None = 256) -> np.ndarray:
+    """One image file as RGB uint8 ``(H, W, 3)`` (shorter side reduced to ``max_side``).
+
+    Raises:
+        FileNotFoundError: no such file; ValueError: a file PIL cannot read (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    return _decode(path, max_side)
 
 
 def load_image_folder(root: str | Path, *, max_side: int | None = 256) -> ImageData | tuple[ImageData, ImageData]:
@@ -275,6 +287,89 @@ def load_stream_file(path: str | Path, **overrides):
     if spec.get("scenario", "cil") not in ("til", "cil"):
         raise ValueError(f"{path}: scenario must be til or cil, got {spec['scenario']!r}")
     return Stream(name, tasks, seed, spec.get("scenario", "cil"), modality="image", image_size=int(spec.get("image_size", 56)))
+
+
+def image_source_kind(path: str | Path) -> str | None:
+    """What ``path`` holds when it holds images: ``"image-folder"`` (``root/<class>/<image>``,
+    optionally under ``train/`` and ``test/``), ``"hf-disk"`` (a ``save_to_disk`` directory with an
+    ``Image`` column), ``"stream-file"`` (``.yaml``/``.yml``, or a ``.json`` object with a
+    ``dataset`` key); ``None`` for anything else (text files, text datasets, missing paths).
+    Reads directory listings and small metadata files only."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix.lower() in (".yaml", ".yml"):
+            return "stream-file"
+        if p.suffix.lower() == ".json" and p.stat().st_size < 1_000_000:
+            try:
+                spec = json.loads(p.read_text())
+            except (ValueError, UnicodeDecodeError):  # JSON lines, or not JSON: a text data file
+                return None
+            return "stream-file" if isinstance(spec, dict) and "dataset" in spec else None
+        return None
+    if not p.is_dir():
+        return None
+    infos = [p / "dataset_info.json"] + [p / d / "dataset_info.json" for d in _splits(p)]
+    for info in infos:
+        if info.exists():
+            features = json.loads(info.read_text()).get("features") or {}
+            return "hf-disk" if any(isinstance(f, dict) and f.get("_type") == "Image" for f in features.values()) else None
+    roots = [p / "train"] if (p / "train").is_dir() and (p / "test").is_dir() else [p]
+    for r in roots:
+        for d in r.iterdir():
+            if d.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir()):
+                return "image-folder"
+    return None
+
+
+def _splits(p: Path) -> list[str]:
+    f = p / "dataset_dict.json"
+    return list(json.loads(f.read_text()).get("splits", [])) if f.exists() else []
+
+
+def load_image_task(path: str | Path, name: str, *, seed: int = 0, image_column: str = "image",
+                    label_column: str = "label", max_side: int | None = 256):
+    """One labelled image task for ``sharecl learn``: returns ``(task, image_size)``.
+
+    - an image folder or a ``datasets`` directory: every class is a class of the task; the
+      ``test`` split (``root/test``, a ``DatasetDict``'s ``test``) is the held-out set, else 20 %
+      of each class is held out with ``seed``. ``image_size`` is ``None`` (the store's or the
+      command's choice).
+    - a stream file (:func:`load_stream_file`): ``name`` picks one of its tasks (``<stream>-<i>``);
+      ``image_size`` is the stream's.
+
+    Raises:
+        ValueError: ``path`` holds no images, a stream has no task ``name`` (the message lists
+            them), fewer than two classes, or any loader error.
+    """
+    from sharecl.data.images import class_split_tasks
+
+    kind = image_source_kind(path)
+    if kind == "stream-file":
+        stream = load_stream_file(path, seed=seed)
+        names = [t.name for t in stream]
+        if name not in names:
+            raise ValueError(f"{path} declares tasks {', '.join(names)}; pass one of them as --task")
+        return stream.tasks[names.index(name)], stream.image_size
+    if kind == "image-folder":
+        got = load_image_folder(path, max_side=max_side)
+        train, test = got if isinstance(got, tuple) else (got, None)
+    elif kind == "hf-disk":
+        splits = _splits(Path(path))
+        if splits and "train" not in splits:
+            raise ValueError(f"{path} holds splits {splits}; learn needs a 'train' split (and optionally 'test')")
+        opts = {"image_column": image_column, "label_column": label_column}
+        train = load_hf_image_dataset(path, "train" if splits else None, **opts)
+        test = load_hf_image_dataset(path, "test", **opts) if "test" in splits else None
+    else:
+        raise ValueError(f"{path} holds no images: expected an image folder root/<class>/<image>, a datasets "
+                         f"directory with an Image column, or a stream file (.yaml/.json)")
+    if len(train.classes) < 2:
+        raise ValueError(f"{path}: found {len(train.classes)} class(es); a classification task needs at least 2")
+    task = class_split_tasks(name, train.classes, list(range(len(train.classes))), len(train.classes),
+                             (train.images, train.labels), None if test is None else (test.images, test.labels),
+                             seed=seed, train_per_class=None, test_per_class=None, source=f"{kind} {path}")[0]
+    task.name = name
+    return task, None
 
 
 def _unknown(path, name, classes):
