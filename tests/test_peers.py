@@ -208,6 +208,44 @@ def test_share_cil_scores_pick_the_task_their_rule_names(tiny_share, fast_cfg):
         tiny_share.cil_logits(x, score="vote")
 
 
+def _folded_features(m, task_name, inputs):
+    """Mean-pooled features from a copy of the backbone with the task's ΔW folded in (no routing)."""
+    batch = m.encoder.tokenize(inputs)
+    with torch.no_grad():
+        h = m.folded_model(task_name)(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return (h * mask).sum(1) / mask.sum(1)
+
+
+def test_share_prototypes_are_class_means_and_pick_the_most_similar_task(tiny_share, fast_cfg, tmp_path):
+    tasks = [make_task("a"), make_task("b", seed=1)]
+    tiny_share.learn(tasks[0], fast_cfg, progress=False)
+    z, y = _folded_features(tiny_share, "a", tasks[0].train_inputs), torch.tensor(tasks[0].train_labels)
+    expect = torch.stack([z[y == c].mean(0) for c in range(3)])
+    assert tiny_share.prototypes["a"].shape == (3, 32)
+    assert torch.allclose(tiny_share.prototypes["a"], expect, atol=1e-5)
+    tiny_share.learn(tasks[1], fast_cfg, progress=False)
+    x = tasks[0].test_inputs + tasks[1].test_inputs
+    sims = [torch.nn.functional.cosine_similarity(_folded_features(tiny_share, t.name, x)[:, None],
+                                                  tiny_share.prototypes[t.name][None], dim=-1).max(-1).values for t in tasks]
+    best_task = torch.stack(sims, -1).argmax(-1)
+    per_task = [tiny_share.logits(x, t.name) for t in tasks]
+    expect = torch.stack([per_task[int(t)][i].argmax() + 3 * int(t) for i, t in enumerate(best_task)])
+    scores = tiny_share.cil_logits(x)  # the default rule
+    assert tiny_share.config.cil_score == "prototype" and torch.equal(scores.argmax(-1), expect)
+    from sharecl.store import load_store, save_store
+
+    save_store(tiny_share, tmp_path / "s")
+    again = load_store(tmp_path / "s")
+    assert torch.equal(again.prototypes["b"], tiny_share.prototypes["b"])
+    assert torch.allclose(again.cil_logits(x), scores, atol=1e-6)
+    assert tiny_share.head_numbers_per_task() == 3 * 32 + 3 + 3 * 32  # head weight + bias + prototypes
+    del again.prototypes["a"]  # as in a store written before prototypes existed
+    with pytest.raises(ValueError, match=r"\['a'\] have no class prototypes.*'energy'"):
+        again.cil_logits(x)
+    assert again.cil_logits(x, score="energy").shape == (len(x), 6)
+
+
 def test_unknown_method_option_is_a_clear_error(tiny_model_dir):
     from sharecl.methods import build_method
 

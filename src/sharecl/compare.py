@@ -136,14 +136,18 @@ def _plots(summary: dict, out: Path, stream: str, kind: str) -> None:
     finish(fig, ax, "adapter bytes stored (float32, no heads)", f"{stream}: storage", "bytes.png")
 
 
-def _check_same_settings(path: Path, old: dict, cfg: TrainConfig, method_config: dict) -> None:
-    """Refuse to reuse a ``results.json`` made with another training budget or method option."""
-    now = asdict(cfg)
+def _check_same_settings(path: Path, old: dict, cfg: TrainConfig, method: str, method_config: dict) -> None:
+    """Refuse to reuse a ``results.json`` made with another training budget or method option
+    (given now, or a default that has changed since). Share's ``cil_score`` only matters for a
+    class-incremental stream."""
     defaults = asdict(TrainConfig())
-    diff = [f"{k}={old['train_config'].get(k, defaults[k])!r} (now {v!r})" for k, v in now.items()
-            if old.get("train_config", {}).get(k, defaults[k]) != v]
+    done = old.get("train_config", {})
+    diff = [f"{k}={done.get(k, defaults[k])!r} (now {v!r})" for k, v in asdict(cfg).items() if done.get(k, defaults[k]) != v]
     oc = old.get("config", {})
-    diff += [f"{old.get('method')}.{k}={oc[k]!r} (now {v!r})" for k, v in method_config.items() if k in oc and oc[k] != v]
+    want = METHODS[method].default_config(**method_config)
+    if old.get("scenario") != "cil":
+        want.pop("cil_score", None)
+    diff += [f"{method}.{k}={oc[k]!r} (now {v!r})" for k, v in want.items() if v is not None and k in oc and oc[k] != v]
     if diff:
         raise ValueError(f"{path} was made with other settings: {', '.join(diff)}; pass another --out, or --no-resume "
                          f"to recompute it")
@@ -185,7 +189,7 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
             f = out / f"seed-{seed}" / m / "results.json"
             if resume and f.exists():
                 old = json.loads(f.read_text())
-                _check_same_settings(f, old, replace(cfg, seed=seed), (method_configs or {}).get(m, {}))
+                _check_same_settings(f, old, replace(cfg, seed=seed), m, (method_configs or {}).get(m, {}))
                 per_seed[m].append(old)
                 log(f"seed {seed} · {m}: reusing {f}")
             else:

@@ -9,6 +9,8 @@ groups to train), trains through :meth:`ContinualMethod.logits`, then calls
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -41,6 +43,21 @@ class ContinualMethod(ABC):
     #: the backbone computes the same features whatever the task (InfLoRA, SD-LoRA after merging):
     #: a batch mixing tasks needs one forward and per-row heads.
     task_independent_backbone: ClassVar[bool] = False
+    #: the dataclass holding the method's options (``self.config``)
+    config_class: ClassVar[type | None] = None
+
+    @classmethod
+    def default_config(cls, **overrides) -> dict:
+        """The options a method built with ``overrides`` gets, as a JSON-ready dict, before it
+        sees a model (``None`` where the model decides, e.g. target modules).
+
+        Raises:
+            ValueError/TypeError: as the config class does for bad or unknown options.
+        """
+        if cls.config_class is None:
+            return {}
+        cfg = cls.config_class(**{**getattr(cls, "_variant", {}), **overrides})
+        return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
     def __init__(self, encoder: Encoder, seed: int = 0):
         self.encoder = encoder
@@ -112,6 +129,7 @@ class ContinualMethod(ABC):
         return {}
 
     def head_numbers_per_task(self) -> float:
+        """Numbers stored per task outside the adapter: its head (Share adds its class prototypes)."""
         sizes = [sum(p.numel() for p in self.heads.heads[n].parameters()) for n in self.task_names]
         return sum(sizes) / max(len(sizes), 1)
 

@@ -93,6 +93,7 @@ class DualLoRAMethod(ContinualMethod):
     """
 
     name = "dual-lora"
+    config_class = DualLoRAConfig
     scenarios = ("til", "cil")
     storable = True
 

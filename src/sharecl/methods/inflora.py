@@ -75,6 +75,7 @@ class InfLoRAMethod(ContinualMethod):
     """
 
     name = "inflora"
+    config_class = InfLoRAConfig
     scenarios = ("til", "cil")
     storable = True
     task_independent_backbone = True  # every task's B_t A_t is merged into W

@@ -48,6 +48,8 @@ class LoRAConfig:
 class _PeftLoRA(ContinualMethod):
     """Common PEFT plumbing: one ``PeftModel`` around the backbone, adapters by name."""
 
+    config_class = LoRAConfig
+
     def __init__(self, encoder: Encoder, seed: int = 0, config: LoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
         self.config = config or LoRAConfig(**overrides)

@@ -31,6 +31,7 @@ class HeadOnlyMethod(ContinualMethod):
     """Frozen backbone, per-task linear heads (task-incremental; class-incremental by concatenating heads)."""
 
     name = "head-only"
+    config_class = HeadOnlyConfig
     scenarios = ("til", "cil")
 
     def __init__(self, encoder, seed: int = 0, **overrides):

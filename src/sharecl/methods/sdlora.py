@@ -108,6 +108,7 @@ class SDLoRAMethod(ContinualMethod):
     """
 
     name = "sd-lora"
+    config_class = SDLoRAConfig
     scenarios = ("til", "cil")
     storable = True
     task_independent_backbone = True  # every direction with its current magnitude, whatever the task
