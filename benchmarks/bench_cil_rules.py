@@ -1,12 +1,15 @@
 """Share in class-incremental streams: which task-identification score works best.
 
-Evaluation only: loads the Share stores that ``sharecl compare --stream wordnet-cil`` left
+Evaluation only: loads the Share stores that ``sharecl compare --stream STREAM`` left
 in ``RUNS/seed-<s>/share/store`` and scores every test input of every task with no task id
 under each rule of :meth:`sharecl.methods.share.ShareMethod.cil_logits`. Reports the final
 class-incremental accuracy and the task-identification accuracy (how often the winning
 class belongs to the right task), per seed and averaged.
 
-    python benchmarks/bench_cil_rules.py [--runs runs/compare-wordnet-cil]
+    python benchmarks/bench_cil_rules.py [--stream wordnet-cil] [--runs runs/compare-wordnet-cil]
+
+Writes ``results/cil_rules.json`` (wordnet-cil) or ``results/cil_rules-<stream>.json``. The
+``prototype`` rule needs stores whose tasks were learned with class prototypes (skipped otherwise).
 """
 
 from __future__ import annotations
@@ -26,16 +29,21 @@ from sharecl.train import predict_logits
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", default="runs/compare-wordnet-cil")
+    ap.add_argument("--stream", default="wordnet-cil")
+    ap.add_argument("--runs", default=None, help="default: runs/compare-<stream>")
     args = ap.parse_args()
+    args.runs = args.runs or f"runs/compare-{args.stream}"
     rows = []
     for d in sorted(Path(args.runs).glob("seed-*/share/store")):
         seed = int(d.parent.parent.name.split("-")[1])
         method = load_store(d)
-        stream = get_stream("wordnet-cil", seed=seed)
+        stream = get_stream(args.stream, seed=seed)
         offsets = method.class_offsets()
         bounds = torch.tensor([offsets[t.name] for t in stream] + [sum(t.num_classes for t in stream)])
         for score in CIL_SCORES:
+            if score == "prototype" and len(method.prototypes) < len(method.task_names):
+                print(f"seed {seed}: no class prototypes in {d}; prototype rule skipped")
+                continue
             accs, tid = [], []
             for j, t in enumerate(stream):
                 pred = predict_logits(lambda xs: method.cil_logits(xs, score=score), t.test_inputs, 64).argmax(-1)
@@ -53,7 +61,8 @@ def main() -> None:
                             "final_cil_acc": statistics.fmean(r["final_cil_acc"] for r in sel),
                             "task_id_acc": statistics.fmean(r["task_id_acc"] for r in sel)})
     print(table(summary, ["score", "seeds", "final_cil_acc", "task_id_acc"]))
-    print("written:", write("cil_rules", {"runs": args.runs, "per_seed": rows, "summary": summary}))
+    name = "cil_rules" if args.stream == "wordnet-cil" else f"cil_rules-{args.stream}"
+    print("written:", write(name, {"stream": args.stream, "runs": args.runs, "per_seed": rows, "summary": summary}))
 
 
 if __name__ == "__main__":

@@ -142,3 +142,30 @@ def test_augmentation_is_seeded_keeps_shapes_and_changes_training(tiny_vit):
 
         p = torch.nn.Parameter(torch.zeros(1))
         train_steps(lambda xs: p.expand(len(xs), 2), [{"params": [p]}], make_task("t"), TrainConfig(steps=1, augment=True))
+
+
+@pytest.mark.slow
+def test_learn_from_a_folder_of_real_fashion_mnist_pngs_with_the_packaged_vit(tmp_path):
+    """Real images written as PNG files, the packaged DINOv2 chosen by default, augmentation on."""
+    from sharecl.data.images import fashion_mnist
+
+    x, y = fashion_mnist("train")
+    for label, name in ((1, "trouser"), (8, "bag")):
+        (tmp_path / "shop" / name).mkdir(parents=True)
+        for j, i in enumerate(np.flatnonzero(y == label)[:40]):
+            Image.fromarray(x[i]).save(tmp_path / "shop" / name / f"{j}.png")
+    store = tmp_path / "store"
+    out = sharecl("learn", store, "--task", "shop", "--data", tmp_path / "shop", "--steps", 30, "--augment", "--no-progress").stdout
+    acc = float(out.split("held-out accuracy ")[1].split("%")[0])
+    assert "(2 classes, 64 train)" in out and acc >= 90.0, out
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert "dinov2" in manifest["base_model"]["path"] and manifest["image_size"] == 56
+    xt, yt = fashion_mnist("test")  # unseen images, as files
+    probe, truth = [], []
+    for label, name in ((1, "trouser"), (8, "bag")):
+        for i in np.flatnonzero(yt == label)[:4]:
+            probe.append(tmp_path / f"probe-{i}.png")
+            Image.fromarray(xt[i]).save(probe[-1])
+            truth.append(name)
+    got = [json.loads(line)["label"] for line in sharecl("predict", store, *probe, "--task", "shop", "--json").stdout.splitlines()]
+    assert sum(g == t for g, t in zip(got, truth)) >= 7, (got, truth)
