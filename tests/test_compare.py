@@ -41,6 +41,9 @@ def test_compare_two_seeds_writes_reports_and_resumes(tiny_stream, tiny_model_di
                        method_configs=cfgs, progress=False, log=log)
     assert sum("reusing" in c for c in calls) == 2
     assert again["share"]["final_average_accuracy"] == summary["share"]["final_average_accuracy"]
+    compare(tiny_stream, ["head-only"], [0], fast_cfg, tmp_path, model_path=tiny_model_dir, progress=False, log=log)
+    listed = json.loads((tmp_path / "seed-0" / "manifest.json").read_text())["methods"]
+    assert listed == ["share", "inflora", "head-only"]  # a method added later joins the seed's manifest
     from dataclasses import replace
 
     with pytest.raises(ValueError, match=r"other settings: steps=6 \(now 7\)"):  # never mix budgets in one table

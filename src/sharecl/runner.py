@@ -150,10 +150,18 @@ def run_stream(stream: Stream, methods: list[str], cfg: TrainConfig, out_dir: st
     out = Path(out_dir)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
+        listed, configs = list(methods), dict(method_configs or {})
+        try:  # a resumed comparison adds methods to the same seed's directory: keep the earlier ones listed
+            before = json.loads((out / "manifest.json").read_text())
+            if (before.get("stream"), before.get("seed")) == (stream.name, stream.seed):
+                listed = [m for m in before.get("methods", []) if m not in methods] + listed
+                configs = {**before.get("method_configs", {}), **configs}
+        except (OSError, ValueError):
+            pass
         (out / "manifest.json").write_text(json.dumps({
-            "stream": stream.name, "seed": stream.seed, "scenario": stream.scenario, "methods": methods,
+            "stream": stream.name, "seed": stream.seed, "scenario": stream.scenario, "methods": listed,
             "tasks": [t.describe() for t in stream], "train_config": vars(cfg).copy(),
-            "method_configs": method_configs or {}, "model_path": model_path, "device": device, "precision": precision,
+            "method_configs": configs, "model_path": model_path, "device": device, "precision": precision,
             "world_size": dist.world_size(), "library_versions": library_versions(),
         }, indent=2))
     return {m: run_method(m, stream, cfg, out, model_path=model_path, method_config=(method_configs or {}).get(m),
