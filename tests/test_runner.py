@@ -29,7 +29,8 @@ def test_all_methods_two_tasks(tiny_model_dir, fast_cfg, tmp_path):
         assert R[0][1] is None and all(0 <= v <= 1 for row in R for v in row if v is not None)
         assert len(on_disk["adapter_bytes_after_task"]) == (1 if name == "joint-lora" else 2)
         assert (tmp_path / name / "accuracy_matrix.png").stat().st_size > 1000
-        assert on_disk["head_bytes_per_task"] == (32 * 3 + 3) * 4
+        protos = 3 * 32 * 4 if name == "share" else 0  # Share also stores class prototypes (3 classes × hidden 32)
+        assert on_disk["head_bytes_per_task"] == (32 * 3 + 3) * 4 + protos
     assert results["share"]["bytes_per_task"] == 4 * (4 + 4) * 2 * 4  # 4 layers, k_B + k_A = 8, p = 2, float32
     assert results["lora-per-task"]["bytes_per_task"] == 4 * 8 * (32 + 32) * 4
     assert results["seq-lora"]["bytes_per_task"] == 0 and results["seq-lora"]["bytes_shared"] == 4 * 8 * 64 * 4
