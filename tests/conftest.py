@@ -95,3 +95,15 @@ def cli_store(tmp_path_factory, tiny_model_dir):
 def learn_b(store, data_dir):
     b = write_csv(data_dir / "b.csv", make_task("b", seed=1))
     return ["learn", store, "--task", "b", "--data", b, "--steps", 40, "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory):
+    """A 2-layer DINOv2 (hidden 32, patch 7) with random weights, as a transformers directory."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    d = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=7,
+                             image_size=28)).save_pretrained(d)
+    return str(d)

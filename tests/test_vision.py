@@ -73,18 +73,6 @@ def test_class_split_tasks_are_disjoint_and_seeded():
         class_split_tasks("s", list("abcdef"), [0, 1, 2, 3, 4], 2, (x, y), None, **kw)
 
 
-@pytest.fixture(scope="module")
-def tiny_vit_dir(tmp_path_factory):
-    """A 2-layer DINOv2 (hidden 32, patch 7) with random weights, as a transformers directory."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    d = tmp_path_factory.mktemp("tiny-vit")
-    torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=7,
-                             image_size=28)).save_pretrained(d)
-    return str(d)
-
-
 def _bright_dark(name, seed, n=24):
     """Class 0: dark images, class 1: bright images (learnable from the pixels)."""
     from sharecl.data.tasks import Task

@@ -27,17 +27,6 @@ def _folder(root, n=12, seed=0, names=("dark", "bright")):
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory):
-    from transformers import Dinov2Config, Dinov2Model
-
-    d = tmp_path_factory.mktemp("tiny-vit")
-    torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=7,
-                             image_size=28)).save_pretrained(d)
-    return str(d)
-
-
 def test_image_source_kind_tells_images_from_text(tmp_path):
     from datasets import ClassLabel, Dataset, Features, Image as HFImage
 
@@ -65,13 +54,13 @@ def test_image_source_kind_tells_images_from_text(tmp_path):
         load_image_task(tmp_path / "s.yaml", "nope")
 
 
-def test_learn_and_predict_images_from_a_folder_a_dataset_and_a_stream_file(tiny_vit, tmp_path):
+def test_learn_and_predict_images_from_a_folder_a_dataset_and_a_stream_file(tiny_vit_dir, tmp_path):
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image as HFImage
 
     store = tmp_path / "store"
     folder = _folder(tmp_path / "shades")
     common = ["--steps", 30, "--batch-size", 8, "--lr", 1e-2, "-r", 4, "--k", 4, "--no-progress"]
-    out = sharecl("learn", store, "--task", "shades", "--data", folder, "--model", tiny_vit, "--image-size", 28, *common).stdout
+    out = sharecl("learn", store, "--task", "shades", "--data", folder, "--model", tiny_vit_dir, "--image-size", 28, *common).stdout
     assert "learned shades (2 classes" in out and "store version 1" in out
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["image_size"] == 28
@@ -113,7 +102,7 @@ def test_images_into_a_text_store_are_refused(cli_store, tmp_path):
     assert (cli_store / "store" / "manifest.json").read_bytes() == before
 
 
-def test_augmentation_is_seeded_keeps_shapes_and_changes_training(tiny_vit):
+def test_augmentation_is_seeded_keeps_shapes_and_changes_training(tiny_vit_dir):
     rng = np.random.default_rng(0)
     grey, rgb = _shade(rng, True, 28, 28), rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     a = [augment_array(x, np.random.default_rng(1)) for x in (grey, rgb)]
@@ -128,7 +117,7 @@ def test_augmentation_is_seeded_keeps_shapes_and_changes_training(tiny_vit):
 
     def losses(augment, tmp):
         task, _ = load_image_task(_folder(tmp), "t")
-        m = ShareMethod(load_encoder(tiny_vit, image_size=28), seed=0, r=4, lora_alpha=8, p=2, k=4, phi=2)
+        m = ShareMethod(load_encoder(tiny_vit_dir, image_size=28), seed=0, r=4, lora_alpha=8, p=2, k=4, phi=2)
         return m.learn(task, TrainConfig(steps=4, batch_size=8, augment=augment), progress=False)["final_loss"]
 
     import tempfile
