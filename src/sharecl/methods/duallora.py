@@ -196,19 +196,31 @@ class DualLoRAMethod(ContinualMethod):
         return out
 
     def state_meta(self) -> dict:
-        return {"memory_kinds": memory_tensors(self.memory)[1],
-                "residual_ranks": next(iter(self.layers.values())).res_ranks}
+        """Memory kinds and the residual rank of each task (one list, equal in every layer).
+
+        Raises:
+            RuntimeError: if the layers disagree or do not hold one residual adapter per task
+                (a store written from such a state could not be read back).
+        """
+        ranks = [list(layer.res_ranks) for layer in self.layers.values()]
+        if any(r != ranks[0] for r in ranks) or len(ranks[0]) != len(self.task_names):
+            raise RuntimeError(f"DualLoRA's residual ranks are inconsistent ({ranks[0]} for {len(self.task_names)} tasks); "
+                               f"refusing to write a store that could not be read back")
+        return {"memory_kinds": memory_tensors(self.memory)[1], "residual_ranks": ranks[0]}
 
     @torch.no_grad()
     def load_state(self, tensors: dict[str, torch.Tensor], tasks: list[dict], meta: dict) -> None:
         ranks = list(meta["residual_ranks"])
+        if len(ranks) != len(tasks):
+            raise ValueError(f"{len(ranks)} residual ranks for {len(tasks)} tasks")
         for n, layer in self.layers.items():
             for t in range(len(ranks)):
                 B, A = tensors[f"layers.{n}.B_O.{t}"], tensors[f"layers.{n}.A_O.{t}"]
                 layer.base.weight += layer.scaling * (B @ A)
                 layer.merged.append((B, A))
             layer.U, layer.R = tensors[f"layers.{n}.U"], tensors[f"layers.{n}.R"]
-            layer.res_ranks, layer.energy_mean = ranks, tensors[f"layers.{n}.energy_mean"].tolist()
+            layer.res_ranks = list(ranks)  # each layer its own list: begin_task appends to it
+            layer.energy_mean = tensors[f"layers.{n}.energy_mean"].tolist()
             if layer.U.shape[0] != sum(ranks) or layer.R.shape[1] != sum(ranks):
                 raise ValueError(f"layer {n}: residual ranks {ranks} do not match U {tuple(layer.U.shape)}")
         self.memory = load_memories({n: m.in_features for n, m in self.layers.items()}, tensors, meta["memory_kinds"])
