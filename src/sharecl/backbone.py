@@ -46,10 +46,17 @@ def sha256_files(paths) -> str:
     return h.hexdigest()
 
 
+#: weights_hash results by (path, (name, size, mtime_ns, inode) of every weight file)
+_HASHES: dict[tuple, str] = {}
+
+
 def weights_hash(path: str | os.PathLike) -> str:
     """sha256 over the model's weight files (``*.safetensors``/``*.bin``, sorted by name).
 
-    Identifies a base model independently of where it is installed.
+    Identifies a base model independently of where it is installed. The result is kept per
+    process, keyed by the directory and each weight file's name, size, mtime and inode, so an
+    unchanged model is hashed once (a server reloading store versions does not re-read it);
+    a rewritten file has a new key and is hashed again.
 
     Raises:
         FileNotFoundError: if ``path`` holds no weight files.
@@ -58,7 +65,11 @@ def weights_hash(path: str | os.PathLike) -> str:
     files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin")) if p.is_dir() else []
     if not files:
         raise FileNotFoundError(f"no *.safetensors or *.bin weights in {path}")
-    return sha256_files(files)
+    stats = tuple((f.name, st.st_size, st.st_mtime_ns, st.st_ino) for f, st in ((f, f.stat()) for f in files))
+    key = (str(p.resolve()), stats)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_files(files)
+    return _HASHES[key]
 
 
 @dataclass

@@ -373,7 +373,7 @@ def predict(
     if method.encoder.images is not None:
         from sharecl.data.image_files import read_image
 
-        xs = [read_image(x) for x in inputs]
+        xs = [read_image(x, max_side=method.encoder.images.decode_side) for x in inputs]  # as `sharecl serve` decodes
     with torch.no_grad():
         probs = method.logits(xs, task).softmax(-1)
     classes = method.task_classes[task]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 __all__ = ["ImageData", "UnsafePickleError", "RestrictedUnpickler", "load_image_folder", "load_cifar",
            "load_hf_image_dataset", "load_stream_file", "image_source_kind", "load_image_task", "read_image", "IMAGE_EXTENSIONS"]
@@ -45,15 +45,13 @@ def _objects(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def _decode(path: Path, max_side: int | None) -> np.ndarray:
+    from sharecl.vision.decode import ImageRefused, decode_image
+
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if max_side and min(im.size) > max_side:  # keep memory bounded: shorter side to max_side
-                s = max_side / min(im.size)
-                im = im.resize((max(1, round(im.size[0] * s)), max(1, round(im.size[1] * s))), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}; remove or replace the file") from exc
+        with open(path, "rb") as fh:
+            return decode_image(fh, max_side, what=f"image {path}")
+    except ImageRefused as exc:
+        raise ValueError(f"{exc}; remove or replace the file") from exc
 
 
 def read_image(path: str | Path, max_side: int | None = 256) -> np.ndarray:

@@ -116,6 +116,12 @@ class ImagePipeline:
     stats: tuple = IMAGENET_STATS
     resize_ratio: float = 1.0
 
+    @property
+    def decode_side(self) -> int:
+        """Shorter side, in pixels, that evaluation first resizes an image to: decoding an input
+        straight to this size (:func:`sharecl.vision.decode.decode_image`) loses nothing."""
+        return round(self.size * self.resize_ratio)
+
     def eval_one(self, x) -> torch.Tensor:
         img = to_rgb(to_pil(x))
         return normalize(to_tensor(center_crop(resize(img, round(self.size * self.resize_ratio)), self.size)), self.stats)

@@ -1,0 +1,266 @@
+"""The HTTP application of ``sharecl serve``: configuration, limits and routes (FastAPI).
+
+Every refusal is a 4xx with a JSON body ``{"error": {"code", "message"}}``: body too large
+(413; the body is read and dropped first, up to ``max_drain_bytes``, so a client that writes
+the whole body before reading still gets the answer), malformed JSON or wrong types (422), too
+many inputs or too long a text (422), unknown task (404), a task without a head (422); for a
+vision store, an input that is not a base64-encoded image (422) or whose declared size is over
+the limits of :mod:`sharecl.vision.decode` (413). Images are decoded off the event loop on a
+small pool of threads, so decoding never stalls other clients and at most that many images are
+decoded at full size at once.
+"""
+
+import asyncio
+import concurrent.futures
+from dataclasses import dataclass
+from typing import Annotated
+
+from sharecl.serve.batcher import MicroBatcher
+from sharecl.serve.watcher import StoreWatcher
+
+__all__ = ["ServeConfig", "create_app"]
+
+
+@dataclass
+class ServeConfig:
+    """Limits and batching of ``sharecl serve``.
+
+    Attributes:
+        host, port: where uvicorn listens (loopback by default).
+        max_batch_size: rows per forward pass (a request's inputs are never split).
+        max_wait_ms: how long the first request of a batch waits for company, in milliseconds.
+        max_inputs: inputs per request (≤ ``max_batch_size``).
+        max_text_chars: characters per input text.
+        max_body_bytes: request body size, in bytes.
+        max_drain_bytes: how much of a too-large body is read and dropped before the 413 is
+            sent, in bytes (a larger body is cut off: its client may see the connection reset).
+        decode_workers: threads decoding images (vision stores); also the most images decoded
+            at full size at once.
+        reload_interval_s: seconds between checks of the store's manifest (0: never reload).
+        device: where the model runs (``auto``, ``cpu``, ``cuda``).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 64
+    max_wait_ms: float = 5.0
+    max_inputs: int = 64
+    max_text_chars: int = 16_000
+    max_body_bytes: int = 1_000_000
+    max_drain_bytes: int = 64 << 20
+    decode_workers: int = 2
+    reload_interval_s: float = 1.0
+    device: str = "cpu"
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_inputs", "max_text_chars", "max_body_bytes", "decode_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_inputs > self.max_batch_size:
+            raise ValueError(f"max_inputs ({self.max_inputs}) cannot exceed max_batch_size ({self.max_batch_size}): "
+                             f"a request is never split across forward passes")
+        if self.max_wait_ms < 0 or self.reload_interval_s < 0 or self.max_drain_bytes < 0:
+            raise ValueError("max_wait_ms, reload_interval_s and max_drain_bytes must be ≥ 0")
+
+
+def _error(status: int, code: str, message: str, **extra):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message, **extra}})
+
+
+async def _drain(receive, budget: int) -> None:
+    """Read and drop the rest of a request body, at most ``budget`` bytes (so the connection
+    can close cleanly after the answer instead of being reset with unread data)."""
+    while budget >= 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse bodies over ``max_bytes`` with 413, by header or while streaming."""
+
+    def __init__(self, app, max_bytes: int, drain_bytes: int):
+        self.app, self.max_bytes, self.drain_bytes = app, max_bytes, drain_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = _error(413, "body_too_large", f"request body exceeds {self.max_bytes} bytes; send fewer or shorter inputs")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await _drain(receive, self.drain_bytes)
+            return await too_large(scope, receive, send)
+        seen, exceeded, done = 0, False, False
+
+        async def limited_receive():
+            nonlocal seen, exceeded, done
+            if exceeded:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                done = not message.get("more_body", False)
+                if seen > self.max_bytes:  # stop reading; the app sees a truncated body
+                    exceeded = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        async def guarded_send(message):
+            if not exceeded:
+                return await send(message)
+            if message["type"] == "http.response.start":  # whatever the app answered, the answer is 413
+                if not done:
+                    await _drain(receive, self.drain_bytes)
+                await too_large(scope, receive, send)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+
+def _decode_base64_images(inputs: list[str], max_side: int) -> list:
+    """``inputs`` (base64 image files) as RGB uint8 arrays, shorter side ``max_side``.
+
+    Raises:
+        ImageTooLarge / ImageRefused: see :func:`sharecl.vision.decode.decode_image`.
+    """
+    import base64
+    import binascii
+
+    from sharecl.vision.decode import ImageRefused, decode_image
+
+    out = []
+    for i, data in enumerate(inputs):
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ImageRefused(f"inputs[{i}] is not base64 ({exc}); send each image file's bytes base64-encoded") from exc
+        out.append(decode_image(raw, max_side, what=f"inputs[{i}]"))
+    return out
+
+
+def create_app(watcher: StoreWatcher, config: ServeConfig | None = None):
+    """The FastAPI application serving ``watcher``'s store (see the module docstring for the API).
+
+    The micro-batcher starts with the app and stops at shutdown; ``app.state.batcher`` and
+    ``app.state.watcher`` give access to both (for tests and metrics).
+    """
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import BaseModel, Field, StringConstraints
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    import sharecl
+
+    cfg = config or ServeConfig()
+    vision = getattr(watcher.current.method.encoder, "images", None) is not None  # fixed by the base model
+    per_input = cfg.max_body_bytes if vision else cfg.max_text_chars
+    Text = Annotated[str, StringConstraints(max_length=per_input)]
+    what = "base64-encoded images (PNG, JPEG, …)" if vision else "texts"
+
+    class PredictRequest(BaseModel):
+        task: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(description="task name (GET /tasks)")
+        inputs: Annotated[list[Text], Field(min_length=1, max_length=cfg.max_inputs)] = Field(
+            description=f"{what} to classify (1–{cfg.max_inputs}, each ≤ {per_input} characters)")
+        model_config = {"extra": "forbid"}
+
+    class Prediction(BaseModel):
+        label: str
+        probability: float
+        probabilities: list[float]
+
+    class PredictResponse(BaseModel):
+        task: str
+        store_version: int
+        classes: list[str]
+        predictions: list[Prediction]
+
+    @asynccontextmanager
+    async def lifespan(app):
+        app.state.batcher = MicroBatcher(lambda: watcher.current, cfg.max_batch_size, cfg.max_wait_ms)
+        app.state.decoder = concurrent.futures.ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="sharecl-decode")
+        watcher.start()
+        try:
+            yield
+        finally:
+            watcher.stop()
+            app.state.batcher.close()
+            app.state.decoder.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="sharecl", version=sharecl.__version__, lifespan=lifespan,
+                  description="Every task of one continual store, answered by one model.")
+    app.state.watcher = watcher
+    app.add_middleware(_BodyLimit, max_bytes=cfg.max_body_bytes, drain_bytes=cfg.max_drain_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        details = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()][:10]
+        return _error(422, "invalid_request", "the request body does not match the schema (see /openapi.json): "
+                      + "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in details), details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.get("/health")
+    def health() -> dict:
+        """Liveness, the served store version, batching counters, and the last failed reload.
+
+        ``status`` is ``ok``, or ``stale`` while a newer store version on disk fails to load
+        (``reload_error`` says why; the version named here keeps answering)."""
+        cur, b, failed = watcher.current, app.state.batcher, watcher.health()
+        return {"status": "stale" if failed else "ok", "store_version": cur.version, "tasks": len(cur.classes),
+                "batches": b.batches, "rows": b.rows, "isolated_batches": b.isolated, "reloads": watcher.reloads,
+                "reload_error": failed}
+
+    @app.get("/tasks")
+    def tasks() -> dict:
+        """Every task with its classes; ``predict`` is false for adapter-only tasks (no head)."""
+        cur = watcher.current
+        return {"store_version": cur.version, "method": cur.method.name,
+                "tasks": [{"name": t, "classes": c, "kind": cur.kinds.get(t, "data"), "predict": t in cur.has_head}
+                          for t, c in cur.classes.items()]}
+
+    @app.post("/predict", response_model=PredictResponse,
+              responses={404: {"description": "unknown task"}, 413: {"description": "body too large"},
+                         422: {"description": "invalid request or task without a head"}})
+    async def predict(req: PredictRequest):
+        """Classify ``inputs`` with ``task``; requests for any tasks are micro-batched into one forward.
+
+        A request whose own rows make the forward fail gets a 503; the requests batched with it
+        are answered (they are rerun one by one)."""
+        cur = watcher.current
+        if req.task not in cur.classes:
+            known = list(cur.classes)
+            return _error(404, "unknown_task", f"unknown task {req.task!r}; known tasks: {known[:20]}"
+                          + (" …" if len(known) > 20 else ""))
+        if req.task not in cur.has_head:
+            return _error(422, "no_head", f"task {req.task!r} was added as an adapter only and has no classification head")
+        inputs = req.inputs
+        if vision:
+            from sharecl.vision.decode import ImageRefused, ImageTooLarge
+
+            side = cur.method.encoder.images.decode_side
+            try:
+                inputs = await asyncio.get_running_loop().run_in_executor(app.state.decoder, _decode_base64_images, inputs, side)
+            except ImageTooLarge as exc:
+                return _error(413, "image_too_large", str(exc))
+            except ImageRefused as exc:
+                return _error(422, "invalid_image", str(exc))
+        try:
+            version, probs = await asyncio.wrap_future(app.state.batcher.submit(req.task, inputs))
+        except Exception as exc:  # noqa: BLE001 - a fault of the server, not of the request
+            return _error(503, "inference_failed", f"the model could not answer ({type(exc).__name__}: {exc}); retry")
+        classes = cur.classes[req.task]  # a task's classes never change between store versions
+        preds = []
+        for row in probs.tolist():
+            i = max(range(len(row)), key=row.__getitem__)
+            preds.append({"label": classes[i], "probability": row[i], "probabilities": row})
+        return {"task": req.task, "store_version": version, "classes": classes, "predictions": preds}
+
+    return app

@@ -1,0 +1,109 @@
+"""Mixed-task micro-batching: requests for any tasks that arrive together share one forward."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["MicroBatcher"]
+
+
+@dataclass
+class _Pending:
+    task: str
+    inputs: list
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class MicroBatcher:
+    """Gathers requests for any tasks into mixed-task forward passes on one worker thread.
+
+    Rows are gathered up to ``max_batch_size`` or ``max_wait_ms`` and run as **one** mixed-task
+    forward (Share: each row gathers its task's ``M_t = C_B[t] C_A[t]ᵀ``, METHODS.md §1
+    "Inference"; :meth:`~sharecl.methods.base.ContinualMethod.mixed_logits`). A request is never
+    split. When a forward fails, its requests are run again one by one, so only the request that
+    causes the failure gets the exception and its neighbours get their answers.
+
+    Args:
+        snapshot: returns the :class:`~sharecl.serve.watcher.Loaded` version to run the next batch on.
+        max_batch_size: rows per forward.
+        max_wait_ms: how long a batch's first request waits for more rows.
+
+    :meth:`submit` returns a future resolving to ``(store_version, probabilities (n, C) float32)``.
+    """
+
+    def __init__(self, snapshot, max_batch_size: int = 64, max_wait_ms: float = 5.0):
+        self.snapshot, self.max_batch_size, self.max_wait_s = snapshot, max_batch_size, max_wait_ms / 1000.0
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self.batches, self.rows, self.isolated = 0, 0, 0
+        self._thread = threading.Thread(target=self._run, name="sharecl-micro-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, task: str, inputs: list) -> concurrent.futures.Future:
+        item = _Pending(task, list(inputs))
+        self._queue.put(item)
+        return item.future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _gather(self, first: _Pending) -> tuple[list[_Pending], _Pending | None, bool]:
+        batch, rows, deadline = [first], len(first.inputs), time.perf_counter() + self.max_wait_s
+        while rows < self.max_batch_size:
+            left = deadline - time.perf_counter()
+            try:
+                item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, None, True
+            if rows + len(item.inputs) > self.max_batch_size:
+                return batch, item, False
+            batch.append(item)
+            rows += len(item.inputs)
+        return batch, None, False
+
+    def _run(self) -> None:
+        carry = None
+        while True:
+            first = carry if carry is not None else self._queue.get()
+            if first is None:
+                return
+            batch, carry, closing = self._gather(first)
+            self._answer(batch, self.snapshot())
+            if closing:
+                return
+
+    def _forward(self, batch: list[_Pending], loaded) -> list[torch.Tensor]:
+        inputs = [x for item in batch for x in item.inputs]
+        tasks = [item.task for item in batch for _ in item.inputs]
+        with torch.inference_mode():
+            rows = loaded.method.mixed_logits(inputs, tasks)
+        self.batches += 1
+        self.rows += len(inputs)
+        out, pos = [], 0
+        for item in batch:
+            n = len(item.inputs)
+            out.append(torch.stack(rows[pos: pos + n]).float().softmax(-1).cpu())
+            pos += n
+        return out
+
+    def _answer(self, batch: list[_Pending], loaded) -> None:
+        try:
+            probs = self._forward(batch, loaded)
+        except Exception as exc:  # noqa: BLE001 - find the request that fails; the others still get answers
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            self.isolated += 1
+            for item in batch:
+                self._answer([item], loaded)
+            return
+        for item, p in zip(batch, probs):
+            item.future.set_result((loaded.version, p))
