@@ -130,3 +130,68 @@ def test_parse_set_options():
         _parse_set("lr=0.1", ["share"])
     with pytest.raises(ValueError, match="not among"):
         _parse_set("inflora.r=4", ["share"])
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--method", "inflora"], "--method inflora contradicts"),
+    (["--k", 5], "--k 5 contradicts"),
+    (["--p", 1], "--p 1 contradicts"),
+    (["-r", 8], "--rank 8 contradicts"),
+    (["--energy", 0.9], "--energy 0.9 contradicts"),
+    (["--image-size", 28], "--image-size 28 contradicts"),
+    (["--model", "OTHER"], "is not the base model"),
+])
+def test_learn_refuses_options_that_contradict_the_store(cli_store, tmp_path, tiny_vit_dir, args, expect):
+    store = cli_store / "store"
+    before = (store / "manifest.json").read_bytes()
+    args = [tiny_vit_dir if a == "OTHER" else a for a in args]
+    p = sharecl("learn", store, "--task", "new", "--data", cli_store / "a.csv", "--no-progress", *args, check=False)
+    assert p.returncode == 1 and expect in " ".join(p.stderr.split()) and "Traceback" not in p.stderr, p.stderr
+    assert "drop" in p.stderr
+    assert (store / "manifest.json").read_bytes() == before
+
+
+def test_learn_accepts_the_store_own_options_and_its_model_at_a_new_place(cli_store, tmp_path, tiny_model_dir):
+    store, moved = tmp_path / "store", tmp_path / "moved-model"
+    shutil.copytree(cli_store / "store", store)
+    shutil.copytree(tiny_model_dir, moved)
+    args = learn_b(store, tmp_path)
+    args[args.index("--steps") + 1] = 3
+    out = sharecl(*args, "--method", "share", "--k", 4, "--p", 2, "-r", 4, "--model", moved)
+    assert "store version 2" in out.stdout
+    assert read_manifest(store)["base_model"]["path"] == str(moved)  # the manifest follows the model
+
+
+def test_a_store_path_that_is_a_file_gets_one_sentence(cli_store, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("not a store")
+    p = sharecl("learn", f, "--task", "a", "--data", cli_store / "a.csv", check=False)
+    assert p.returncode == 1 and "is a file, not a store directory" in " ".join(p.stderr.split()) and "Errno" not in p.stderr
+    assert f.read_text() == "not a store"
+
+
+@pytest.mark.parametrize("code,expect", [(28, "free some disk space"), (13, "check the permissions")])
+def test_disk_full_and_permission_denied_name_the_path_and_the_fix(cli_store, tmp_path, monkeypatch, code, expect):
+    import errno as errno_mod
+
+    from typer.testing import CliRunner
+
+    import sharecl.store as store_mod
+    from sharecl.cli import app
+
+    assert code in (errno_mod.ENOSPC, errno_mod.EACCES)
+    store = tmp_path / "store"
+    shutil.copytree(cli_store / "store", store)
+    before = (store / "manifest.json").read_bytes()
+
+    def failing_write(path, write):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(store_mod, "_atomic_write", failing_write)
+    args = learn_b(store, tmp_path)
+    args[args.index("--steps") + 1] = 2
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 1 and expect in out and str(store) in out and "previous version" in out, r.output
+    assert (store / "manifest.json").read_bytes() == before
+    assert load_store(store).task_names == ["a"]

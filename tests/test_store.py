@@ -3,6 +3,8 @@
 import json
 import os
 import pickle
+import re
+import threading
 
 import pytest
 import torch
@@ -34,7 +36,9 @@ def test_new_version_replaces_old_files(tiny_share, store_dir, fast_cfg):
     tiny_share.learn(make_task("c", seed=2), fast_cfg, progress=False)
     save_store(tiny_share, store_dir)
     names = sorted(os.listdir(store_dir))
-    assert names == [".lock", "manifest.json", "state-v2.safetensors"] or names == ["manifest.json", "state-v2.safetensors"]
+    state = read_manifest(store_dir)["files"]["state"]["name"]
+    assert re.fullmatch(r"state-v2-[0-9a-f]{16}\.safetensors", state)
+    assert names == [".lock", "manifest.json", state]
 
 
 def test_failed_manifest_write_leaves_previous_version_loadable(tiny_share, store_dir, fast_cfg, monkeypatch):
@@ -122,10 +126,21 @@ def test_not_a_store(tmp_path):
 
 
 def test_second_writer_is_refused(tmp_path):
-    with store_lock(tmp_path / "s"):
-        with pytest.raises(StoreLockedError, match="another process"):
+    errors = []
+
+    def other_writer():
+        try:
             with store_lock(tmp_path / "s"):
                 pass
+        except StoreLockedError as exc:
+            errors.append(str(exc))
+
+    with store_lock(tmp_path / "s"):
+        with store_lock(tmp_path / "s"):  # the same thread again: re-entrant
+            th = threading.Thread(target=other_writer)
+            th.start()
+            th.join()
+    assert len(errors) == 1 and "another process" in errors[0]
 
 
 @pytest.mark.parametrize("name,config", [("inflora", {"r": 4}), ("sd-lora", {"r": 4, "lora_alpha": 8}),
@@ -177,3 +192,76 @@ def test_manifest_keeps_merge_summaries_and_the_last_per_task_drift(tiny_share, 
     loaded.learn(make_task("d", seed=3), fast_cfg, progress=False)  # learning goes on from the compact records
     save_store(loaded, tmp_path / "s")
     assert set(read_manifest(tmp_path / "s")["merges"][-1]["per_task"]) == {"a", "b", "c"}
+
+
+def test_save_store_takes_the_lock_itself(tiny_share, store_dir, fast_cfg):
+    """A second writer through the Python API (another thread or process) is refused while the
+    lock is held, and the store is unchanged; the holder itself may save (re-entrant)."""
+    tiny_share.learn(make_task("c", seed=2), fast_cfg, progress=False)
+    before = (store_dir / "manifest.json").read_bytes()
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with store_lock(store_dir):
+            held.set()
+            release.wait(30)
+
+    th = threading.Thread(target=holder)
+    th.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(StoreLockedError):
+            save_store(tiny_share, store_dir)
+        assert (store_dir / "manifest.json").read_bytes() == before
+    finally:
+        release.set()
+        th.join()
+    with store_lock(store_dir):
+        assert save_store(tiny_share, store_dir)["version"] == 2  # re-entrant in the holding thread
+
+
+def test_state_file_names_are_never_reused(tiny_share, store_dir, fast_cfg):
+    """A file another writer could be writing under the old naming (or any unnamed state file) is
+    never the one the manifest points at, and the reload is exact."""
+    (store_dir / "state-v2.safetensors").write_bytes(b"another writer's half-written file")
+    tiny_share.learn(make_task("c", seed=2), fast_cfg, progress=False)
+    m = save_store(tiny_share, store_dir)
+    assert m["files"]["state"]["name"] != "state-v2.safetensors"
+    xs = make_task("c", seed=2).test_inputs
+    assert torch.equal(load_store(store_dir).logits(xs, "c"), tiny_share.logits(xs, "c"))
+    assert sorted(f.name for f in store_dir.iterdir()) == [".lock", "manifest.json", m["files"]["state"]["name"]]
+
+
+def test_a_version_on_another_base_model_is_refused(store_dir, tmp_path, tiny_model_dir, fast_cfg):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sharecl.backbone import load_encoder
+    from sharecl.methods.share import ShareMethod
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    w = load_file(str(other / "model.safetensors"))
+    k = next(iter(w))
+    w[k] = w[k] * 1.5
+    save_file(w, str(other / "model.safetensors"))
+    m = ShareMethod(load_encoder(str(other), max_length=16), seed=0, r=4, lora_alpha=8, p=2, k=4, phi=2)
+    m.learn(make_task("a"), fast_cfg, progress=False)
+    before = (store_dir / "manifest.json").read_bytes()
+    with pytest.raises(StoreError, match="was built on the base model .* save it to another directory"):
+        save_store(m, store_dir)
+    assert (store_dir / "manifest.json").read_bytes() == before
+
+
+def test_the_manifest_records_what_results_depend_on(store_dir):
+    env = read_manifest(store_dir)["environment"]
+    assert env["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "NO AVX", "ZVECTOR", "VSX", "SVE256")
+    assert env["threads"] >= 1 and env["blas"] and env["cpu"]
+
+
+def test_a_store_path_that_is_a_file_is_refused_clearly(tiny_share, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(StoreError, match="is a file, not a store directory"):
+        save_store(tiny_share, f)

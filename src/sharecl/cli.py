@@ -8,7 +8,6 @@ and what to do, and leaves the store as it was.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -19,43 +18,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sharecl.cli_checks import check_store_options, user_errors
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Continual parameter-efficient fine-tuning: Share (shared LoRA subspaces) and its peers.")
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _user_errors(fn):
-    """Turn the library's user-facing errors into one red line and exit code 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from safetensors import SafetensorError
-
-        from sharecl.interop.peft import AdapterError
-        from sharecl.store import StoreError
-        from sharecl.train import NonFiniteLossError
-
-        from torch.distributed import DistError
-
-        from sharecl.distributed import RankAborted
-
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, KeyError, FileNotFoundError, FileExistsError, StoreError, AdapterError,
-                NonFiniteLossError, SafetensorError) as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            err.print(f"[bold red]error:[/] {msg}", highlight=False)
-            raise typer.Exit(1)
-        except RankAborted:  # rank 0 printed the reason
-            raise typer.Exit(1)
-        except DistError as exc:  # a peer rank died or hung: say so in one line, write nothing
-            err.print(f"[bold red]error:[/] another process of this torchrun job failed or stopped answering "
-                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); nothing was written by this step, "
-                      f"a store stays at its previous version; see the failing rank's message above", highlight=False)
-            raise typer.Exit(1)
-
-    return wrapper
 
 
 def _setup_torch(threads: Optional[int], device: str = "cpu") -> str:
@@ -101,7 +68,7 @@ AugmentOpt = Annotated[bool, typer.Option(help="Images: train on random resized 
 
 
 @app.command()
-@_user_errors
+@user_errors
 def run(
     stream: Annotated[str, typer.Option(help="Task stream to learn.")] = "text5",
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "share,lora-per-task,seq-lora",
@@ -150,7 +117,7 @@ def run(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def compare(
     stream: Annotated[str, typer.Option(help="Task stream: text5, fmnist-then-mnist (task-incremental); wordnet-cil, fmnist-cil, mnist-cil (class-incremental).")] = "text5",
     methods: Annotated[str, typer.Option(help="'all' or comma-separated methods.")] = "all",
@@ -241,7 +208,7 @@ def _print_results(results: dict[str, dict]) -> None:
 
 
 @app.command()
-@_user_errors
+@user_errors
 def learn(
     store: Annotated[Path, typer.Argument(help="Store directory (created if missing).")],
     task: Annotated[str, typer.Option(help="New task name (for a stream file: one of its tasks, e.g. my-cifar-2).")],
@@ -253,9 +220,14 @@ def learn(
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 5e-3 for text, 1e-3 for images).")] = None,
     seed: Annotated[int, typer.Option(help="Seed (split, init, batch order).")] = 0,
-    k: KOpt = 10, p: POpt = 2, energy: EOpt = None, phi: PhiOpt = 2, init: InitOpt = "zero", merge_finetune_steps: FtOpt = 0,
-    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank (new store; Share: the first task's seeding LoRA).")] = 8,
-    method_name: Annotated[str, typer.Option("--method", help="Method of a new store: share, inflora, sd-lora, sd-lora-rr, sd-lora-kd, dual-lora.")] = "share",
+    k: Annotated[Optional[int], typer.Option(help="Share, new store: basis size k per side (default 10).")] = None,
+    p: Annotated[Optional[int], typer.Option(help="Share, new store: pseudo-rank p (default 2).")] = None,
+    energy: EOpt = None,
+    phi: Annotated[Optional[int], typer.Option(help="Share, new store: temporary directions per side (default 2).")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Share, new store: 'zero' (default) or 'previous'.")] = None,
+    merge_finetune_steps: Annotated[Optional[int], typer.Option(help="Share, new store: merge fine-tuning steps (default 0).")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA rank of a new store (default 8; Share: the first task's seeding LoRA).")] = None,
+    method_name: Annotated[Optional[str], typer.Option("--method", help="Method of a new store: share (default), inflora, sd-lora, sd-lora-rr, sd-lora-kd, dual-lora.")] = None,
     text_column: str = "text", label_column: str = "label", image_column: str = "image",
     image_size: Annotated[Optional[int], typer.Option(help="New vision store: pixels per side (default: the stream "
                                                            "file's, else 56).")] = None,
@@ -266,6 +238,9 @@ def learn(
     """Teach a store one new task from labelled text or images (creates the store on first use).
 
     A store is open-ended: InfLoRA's and DualLoRA's memory threshold stays at its starting value.
+    On an existing store, the options that define it (--method, --model, --rank, --k, --p,
+    --energy, --phi, --init, --merge-finetune-steps, --image-size) may be omitted; one that
+    contradicts the store is refused before anything is trained.
     Under `torchrun` every rank trains on its shard of each batch and rank 0 alone locks and
     writes the store (on a filesystem every node sees); if any rank fails, the store keeps its
     previous version.
@@ -282,7 +257,8 @@ def learn(
     from sharecl.vision.convert import default_vit_path
 
     check_task_name(task)
-    if method_name not in STORABLE:
+    share_opts = {"k": k, "p": p, "energy": energy, "phi": phi, "init": init, "merge_finetune_steps": merge_finetune_steps}
+    if method_name is not None and method_name not in STORABLE:
         raise ValueError(f"--method {method_name!r} cannot be stored; choose one of {', '.join(STORABLE)}")
     kind = image_source_kind(data)  # the data is read before the store is touched: its errors change nothing
     if kind:
@@ -292,9 +268,18 @@ def learn(
     modality = "image" if kind else "text"
     with dist.main_rank_lock(lambda: store_lock(store)):
         if (store / "manifest.json").exists():
-            method = load_store(store, device=dev, precision=precision)
+            moved = check_store_options(store, method_name, model, rank, image_size, share_opts)
+            method = load_store(store, model_path=moved, device=dev, precision=precision)
         else:
-            opts = _share_options(k, p, energy, rank, phi, init, merge_finetune_steps) if method_name == "share" else {"r": rank}
+            method_name, rank = method_name or "share", rank or 8
+            if method_name == "share":
+                opts = _share_options(10 if k is None else k, p or 2, energy, rank, 2 if phi is None else phi,
+                                      init or "zero", merge_finetune_steps or 0)
+            else:
+                given = [f"--{n.replace('_', '-')}" for n, v in share_opts.items() if v is not None]
+                if given:
+                    raise ValueError(f"{', '.join(given)} apply to Share stores only, not --method {method_name}")
+                opts = {"r": rank}
             enc = load_encoder(model or (str(default_vit_path()) if kind else None), device=dev, precision=precision,
                                image_size=image_size or stream_size or 56)
             method = build_method(method_name, enc, seed=seed, **opts)
@@ -319,7 +304,7 @@ def learn(
 
 
 @app.command("add-adapter")
-@_user_errors
+@user_errors
 def add_adapter(
     store: Annotated[Path, typer.Argument(help="Existing store directory.")],
     adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.")],
@@ -352,7 +337,7 @@ def add_adapter(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def predict(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
     inputs: Annotated[list[str], typer.Argument(help="Texts to classify; for a vision store, image files.")],
@@ -387,7 +372,7 @@ def predict(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def export(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
     out: Annotated[Path, typer.Argument(help="New directory for the PEFT adapter.")],
@@ -406,7 +391,7 @@ def export(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def serve(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
     host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = "127.0.0.1",
@@ -435,7 +420,7 @@ def serve(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def info(store: Annotated[Path, typer.Argument(help="Store directory.")]):
     """Describe a store: base model, config, tasks, sizes, last merge drift."""
     from sharecl.store import read_manifest

@@ -22,6 +22,7 @@ from sharecl.data.tasks import Stream
 from sharecl.methods.base import build_method
 from sharecl.metrics import summarize
 from sharecl.plots import accuracy_heatmap
+from sharecl.provenance import environment
 from sharecl.train import PeakRSS, TrainConfig, evaluate
 
 __all__ = ["run_method", "run_stream", "evaluate_cil"]
@@ -123,6 +124,7 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
         "train_seconds": seconds, "train_seconds_total": sum(seconds), "peak_rss_bytes": rss.peak,
         "config": method.config.to_dict(), "train_config": vars(cfg).copy(),
         "device": str(encoder.device), "precision": precision, "world_size": dist.world_size(),
+        "environment": environment(),
         "task_info": [{k: v for k, v in inf.items() if k != "merge"} for inf in infos],  # merges are in report()
         **method.report(),
     })
@@ -145,7 +147,7 @@ def run_stream(stream: Stream, methods: list[str], cfg: TrainConfig, out_dir: st
                method_configs: dict[str, dict] | None = None, progress: bool = True, log=print, device: str | None = "cpu",
                precision: str = "fp32") -> dict[str, dict]:
     """Run every method on ``stream``; writes ``OUT/manifest.json`` and per-method results (rank 0 only)."""
-    from sharecl.store import library_versions
+    from sharecl.provenance import library_versions
 
     out = Path(out_dir)
     if dist.is_main():
@@ -163,6 +165,7 @@ def run_stream(stream: Stream, methods: list[str], cfg: TrainConfig, out_dir: st
             "tasks": [t.describe() for t in stream], "train_config": vars(cfg).copy(),
             "method_configs": configs, "model_path": model_path, "device": device, "precision": precision,
             "world_size": dist.world_size(), "library_versions": library_versions(),
+            "environment": environment(),
         }, indent=2))
     return {m: run_method(m, stream, cfg, out, model_path=model_path, method_config=(method_configs or {}).get(m),
                           progress=progress, log=log, device=device, precision=precision) for m in methods}

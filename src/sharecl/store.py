@@ -10,15 +10,17 @@ Layout of a store directory::
     manifest.json              format, version, method and config, base model (path, sha256),
                                tasks (name, classes, kind), method state that is not a tensor
                                (merge summaries, ranks, memory kinds), file checksums, versions
-    state-v<N>.safetensors     every adapter/memory tensor, and every head
+    state-v<N>-<token>.safetensors  every adapter/memory tensor, and every head (a random token
+                               per write: no two writers ever share a file name)
     .lock                      advisory lock held by a writer
 
-Every change writes a new ``state-v<N+1>`` file (temporary name, fsync, rename), then the
-manifest the same way, last. A process killed at any instant leaves either the previous
-manifest (pointing at the previous, untouched state file) or the new one. Old state files
-and temporary debris are removed after the new manifest is in place. Every file is
+Every change takes the store's write lock (:func:`save_store` takes it itself, re-entrantly
+when the caller holds it already), writes a new state file (temporary name, fsync, rename),
+then the manifest the same way, last. A process killed at any instant leaves either the
+previous manifest (pointing at the previous, untouched state file) or the new one. Then the
+state files the new manifest does not name, and temporary debris, are removed. Every file is
 checked against the sha256 recorded in the manifest before it is read; nothing is ever
-unpickled.
+unpickled. A new version must run on the store's base model (same weights' sha256).
 """
 
 from __future__ import annotations
@@ -27,20 +29,24 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
 import re
+import secrets
+import threading
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sharecl.provenance import environment, library_versions
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "STORABLE", "StoreError", "StoreLockedError", "compact_merges", "save_store", "load_store", "read_manifest",
            "store_lock", "library_versions"]
 
 FORMAT = "sharecl-store"
 FORMAT_VERSION = 1
-_STATE = re.compile(r"^state-v(\d+)\.safetensors$")
+_STATE = re.compile(r"^state-v(\d+)(?:-[0-9a-f]{8,64})?\.safetensors$")
+_HELD = threading.local()  # per thread: {store path: depth} of the write locks this thread holds
 #: Methods a store can hold.
 STORABLE = ("share", "inflora", "sd-lora", "sd-lora-rr", "sd-lora-kd", "dual-lora")
 
@@ -51,17 +57,6 @@ class StoreError(RuntimeError):
 
 class StoreLockedError(StoreError):
     """Another process holds the store's write lock."""
-
-
-def library_versions() -> dict[str, str]:
-    import peft
-    import safetensors
-    import transformers
-
-    import sharecl
-
-    return {"sharecl": sharecl.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
 def _sha256(path: Path) -> str:
@@ -99,10 +94,25 @@ def _atomic_write(path: Path, write) -> None:
 def store_lock(path: str | Path, wait: bool = False):
     """Hold the store's exclusive write lock (``fcntl.flock`` on ``STORE/.lock``).
 
+    Re-entrant within one thread (``save_store`` inside ``with store_lock(...)`` does not
+    deadlock); another thread or process is refused (or waits, with ``wait``).
+
     Raises:
-        StoreLockedError: if another process holds it and ``wait`` is False.
+        StoreLockedError: if another process or thread holds it and ``wait`` is False.
+        StoreError: if ``path`` exists and is not a directory.
     """
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise StoreError(f"{p} is a file, not a store directory; pass a directory path (a new name creates a store)")
+    key = str(p.resolve())
+    held = _HELD.__dict__.setdefault("depth", {})
+    if held.get(key):
+        held[key] += 1
+        try:
+            yield
+        finally:
+            held[key] -= 1
+        return
     p.mkdir(parents=True, exist_ok=True)
     fh = open(p / ".lock", "a+")
     try:
@@ -110,7 +120,11 @@ def store_lock(path: str | Path, wait: bool = False):
             fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError as exc:
             raise StoreLockedError(f"store {p} is being written by another process; wait for it to finish and retry") from exc
-        yield
+        held[key] = 1
+        try:
+            yield
+        finally:
+            held.pop(key, None)
     finally:
         fh.close()
 
@@ -178,44 +192,53 @@ def compact_merges(merges: list[dict]) -> list[dict]:
 def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
     """Write ``method`` (a storable method, :data:`STORABLE`) as the next store version.
 
-    Call under :func:`store_lock` when other writers may exist. Returns the manifest.
+    Takes the store's write lock (re-entrant: callers may hold it already). Returns the manifest.
 
     Raises:
-        StoreError: if the method has no store format, or the store holds another method.
+        StoreError: if the method has no store format, the store holds another method, or the
+            method runs on another base model than the store's.
+        StoreLockedError: if another process or thread is writing the store.
     """
     from sharecl.backbone import weights_hash
 
     if method.name not in STORABLE:
         raise StoreError(f"method {method.name!r} has no store format; stores hold {', '.join(STORABLE)}")
     p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    previous = read_manifest(p) if (p / "manifest.json").exists() else None
-    if previous and previous.get("method") != method.name:
-        raise StoreError(f"{p} holds method {previous.get('method')!r}, not {method.name!r}; use another directory")
-    version = (previous["version"] + 1) if previous else 1
-    base = previous["base_model"] if previous else {
-        "path": method.encoder.path, "sha256": weights_hash(method.encoder.path),
-        "model_type": getattr(method.encoder.model.config, "model_type", None)}
-    state_name = f"state-v{version}.safetensors"
-    tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_tensors().items()}
-    _atomic_write(p / state_name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "version": str(version)}))
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "version": version, "method": method.name,
-        "config": method.config.to_dict(), "seed": method.seed, "max_length": method.encoder.max_length,
-        "image_size": method.encoder.image_size,
-        "base_model": base, "targets": list(method.layers),
-        "tasks": [{"name": n, "classes": method.task_classes[n], "kind": getattr(method, "kinds", {}).get(n, "data"),
-                   "head": n in method.heads} for n in method.task_names],
-        "merges": compact_merges(getattr(method, "drift", [])),
-        "method_state": method.state_meta(),
-        "files": {"state": {"name": state_name, "sha256": _sha256(p / state_name)}},
-        "library_versions": library_versions(),
-        **(extra or {}),
-    }
-    _atomic_write(p / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
-    for f in p.iterdir():  # old versions and debris of killed writers
-        if (_STATE.match(f.name) and f.name != state_name) or f.name.startswith(".state-v") or f.name.startswith(".manifest.json.tmp"):
-            f.unlink(missing_ok=True)
+    with store_lock(p):
+        previous = read_manifest(p) if (p / "manifest.json").exists() else None
+        if previous and previous.get("method") != method.name:
+            raise StoreError(f"{p} holds method {previous.get('method')!r}, not {method.name!r}; use another directory")
+        sha = weights_hash(method.encoder.path)
+        if previous and previous["base_model"]["sha256"] != sha:
+            raise StoreError(f"{p} was built on the base model {previous['base_model']['path']} (sha256 "
+                             f"{previous['base_model']['sha256'][:12]}…); this method runs on {method.encoder.path} "
+                             f"(sha256 {sha[:12]}…), so its tasks would be mislabelled; save it to another directory")
+        version = (previous["version"] + 1) if previous else 1
+        base = {"path": method.encoder.path, "sha256": sha,
+                "model_type": getattr(method.encoder.model.config, "model_type", None)}
+        state_name = f"state-v{version}-{secrets.token_hex(8)}.safetensors"
+        tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_tensors().items()}
+        meta = method.state_meta()
+        _atomic_write(p / state_name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "version": str(version)}))
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "version": version, "method": method.name,
+            "config": method.config.to_dict(), "seed": method.seed, "max_length": method.encoder.max_length,
+            "image_size": method.encoder.image_size,
+            "base_model": base, "targets": list(method.layers),
+            "tasks": [{"name": n, "classes": method.task_classes[n], "kind": getattr(method, "kinds", {}).get(n, "data"),
+                       "head": n in method.heads} for n in method.task_names],
+            "merges": compact_merges(getattr(method, "drift", [])),
+            "method_state": meta,
+            "files": {"state": {"name": state_name, "sha256": _sha256(p / state_name)}},
+            "library_versions": library_versions(),
+            "environment": environment(),
+            **(extra or {}),
+        }
+        _atomic_write(p / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+        for f in p.iterdir():  # state files the new manifest does not name, and debris of killed writers
+            if (_STATE.match(f.name) and f.name != state_name) or f.name.startswith(".state-v") \
+                    or f.name.startswith(".manifest.json.tmp"):
+                f.unlink(missing_ok=True)
     return manifest
 
 
