@@ -38,21 +38,24 @@ def test_exported_task_loads_in_peft_and_reproduces_outputs(tiny_share, fast_cfg
         export_task(m, "a", tmp_path / "a")
 
 
-def test_peft_adapter_folds_in_and_round_trips(tiny_share, fast_cfg, tiny_model_dir, tmp_path):
-    """A real PEFT LoRA saved by PEFT, folded into Share with k large enough, reproduces PEFT's outputs."""
+@pytest.mark.parametrize("alpha,rslora,scaling", [(4, False, 2.0), (3, False, 1.5), (5, True, 5 / 2 ** 0.5)])
+def test_peft_adapter_folds_in_and_round_trips(tiny_share, fast_cfg, tiny_model_dir, tmp_path, alpha, rslora, scaling):
+    """A real PEFT LoRA saved by PEFT, folded into Share with k large enough, reproduces PEFT's
+    outputs, whatever its scale (``lora_alpha / r`` equal to Share's or not, or rsLoRA's
+    ``lora_alpha / √r``) — Share's own scale is 8 / 4 = 2."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
     torch.manual_seed(0)
     base = AutoModel.from_pretrained(tiny_model_dir)
-    pm = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
+    pm = get_peft_model(base, LoraConfig(r=2, lora_alpha=alpha, use_rslora=rslora, target_modules=["query", "value"]))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
     pm.save_pretrained(tmp_path / "ext")
     lora = read_lora_adapter(tmp_path / "ext")
-    assert lora.rank == 2 and lora.scaling == 2.0 and len(lora.factors) == 4
+    assert lora.rank == 2 and lora.scaling == pytest.approx(scaling) and len(lora.factors) == 4
     m = tiny_share
     m.add_adapter("ext", lora.factors, lora.scaling)
     batch = m.encoder.tokenize(["a river of apples", "the engine"])

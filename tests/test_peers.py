@@ -50,6 +50,49 @@ def test_inflora_design_train_merge(enc, fast_cfg):
         assert m.memory[n].kept_energy(covs[n]) >= info["threshold"] - 1e-6
 
 
+def _input_covariance_by_hand(m, inputs) -> dict:
+    """``mean x xᵀ`` of each adapted layer's input over real tokens, each text run alone (no
+    padding at all), captured with forward hooks on the wrapped ``nn.Linear``."""
+    sums, counts, hooks = {}, {}, []
+    for n, layer in m.layers.items():
+        def hook(mod, args, n=n):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[n] = sums.get(n, 0) + x.T @ x
+            counts[n] = counts.get(n, 0) + x.shape[0]
+        hooks.append(layer.base.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for text in inputs:
+                m.encoder.encode(m.encoder.tokenize([text]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in sums}
+
+
+def test_inflora_designs_the_top_directions_of_the_projected_covariance(enc, fast_cfg):
+    """The designed rows of A_t capture as much of ``Ĉ = (I − M Mᵀ) C`` as its r leading left
+    singular vectors do (they are a top-r subspace), with C measured independently."""
+    m = InfLoRAMethod(enc, r=4, eps=0.9)
+    m.begin_stream(3)
+    _train(m, make_task("a"), fast_cfg)
+    task = make_task("b", seed=1)
+    memory = {n: m.memory[n].protected().clone() for n in m.layers}
+    C = _input_covariance_by_hand(m, task.train_inputs)
+    m.begin_task(task, fast_cfg)
+    for n, layer in m.layers.items():
+        M = memory[n]
+        P = torch.eye(M.shape[0], dtype=torch.float64) - M @ M.T
+        residual = P @ C[n]
+        sv = torch.linalg.svdvals(residual)
+        A = layer.A.double() / m.config.down_scale  # (r, d_in), orthonormal rows
+        captured = float(torch.linalg.norm(A @ residual) ** 2)  # ‖Aᵀ-projection of Ĉ's columns‖²
+        best = float((sv[:4] ** 2).sum())
+        assert sv[4] < 0.9 * sv[3] or captured == pytest.approx(best, rel=1e-3)
+        assert captured == pytest.approx(best, rel=1e-3), (n, captured, best, sv[:6].tolist())
+        assert captured > float((sv[4:8] ** 2).sum())  # and more than the next four directions would
+
+
 def test_inflora_merge_preserves_outputs(enc, fast_cfg):
     m = InfLoRAMethod(enc, r=4)
     task = make_task("a")
@@ -79,16 +122,56 @@ def test_sdlora_unit_directions_frozen_old_directions_and_moving_magnitudes(enc,
             assert torch.linalg.norm(B @ A) == pytest.approx(1.0, abs=1e-5)
 
 
+def _sd_updates(m) -> dict:
+    """Every layer's update as its forward applies it, ``layer(I) − base(I)`` transposed ``(d_out, d_in)``."""
+    out = {}
+    with torch.no_grad():
+        for n, layer in m.layers.items():
+            eye = torch.eye(layer.in_features)
+            out[n] = (layer(eye) - layer.base(eye)).T
+    return out
+
+
 def test_sdlora_freeze_keeps_the_least_squares_magnitude(enc, fast_cfg):
+    """After a task, each layer's update becomes ``α D_l`` with ``‖D_l‖_F = 1`` along the trained
+    update ``u_l``; the one magnitude α minimises ``Σ_l ‖α D_l − u_l‖²`` (checked by perturbation)."""
     m = SDLoRAMethod(enc, r=4, lora_alpha=8)
     task = make_task("a")
     groups = m.begin_task(task, fast_cfg)
     train_steps(lambda xs: m.logits(xs, "a", training=True), groups, task, fast_cfg, progress=False)
-    updates = {n: float(m.magnitudes[0]) * layer.scaling * (layer.B @ layer.A).detach() for n, layer in m.layers.items()}
+    trained = _sd_updates(m)
     m.end_task(task, fast_cfg)
     a = float(m.magnitudes[0])
-    fit = sum(torch.sum(torch.linalg.norm(u)) for u in updates.values()) / len(updates)
-    assert a == pytest.approx(float(fit), rel=1e-5)
+    D = {n: u / a for n, u in _sd_updates(m).items()}
+    norms = [float(torch.linalg.norm(u)) for u in trained.values()]
+    assert max(norms) > 1.2 * min(norms)  # layers moved by different amounts: the fit is not trivial
+    for n in D:
+        assert float(torch.linalg.norm(D[n])) == pytest.approx(1.0, rel=1e-4)
+        cos = float((D[n] * trained[n]).sum() / torch.linalg.norm(trained[n]))
+        assert cos == pytest.approx(1.0, abs=1e-4)  # the direction is the trained update's
+
+    def objective(x):
+        return sum(float(((x * D[n] - trained[n]) ** 2).sum()) for n in D)
+
+    for step in (1e-2, 1e-3):
+        assert objective(a) < objective(a * (1 + step)) and objective(a) < objective(a * (1 - step))
+
+
+def test_sdlora_freeze_preserves_the_function_when_layers_moved_equally(enc, fast_cfg):
+    """When every layer's trained update has the same norm, freezing (unit directions + the
+    least-squares magnitude) leaves every output unchanged."""
+    m = SDLoRAMethod(enc, r=4, lora_alpha=8)
+    task = make_task("a")
+    groups = m.begin_task(task, fast_cfg)
+    train_steps(lambda xs: m.logits(xs, "a", training=True), groups, task, fast_cfg, progress=False)
+    with torch.no_grad():
+        m.magnitudes[-1].fill_(1.0)  # the trained magnitude, too, is part of the update
+        for layer in m.layers.values():  # rescale each layer's update to norm 0.7
+            layer.B.mul_(0.7 / layer.current_norm())
+    before = m.logits(task.test_inputs, "a")
+    m.end_task(task, fast_cfg)
+    assert float(m.magnitudes[0]) == pytest.approx(0.7, rel=1e-4)
+    torch.testing.assert_close(m.logits(task.test_inputs, "a"), before, atol=1e-5, rtol=0)
 
 
 def _direction_sum(m):

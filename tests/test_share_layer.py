@@ -44,10 +44,30 @@ def test_mixed_task_forward_equals_per_task_forwards():
         assert torch.allclose(mixed[i], layer(x[i: i + 1])[0], atol=1e-5)
 
 
-def test_task_factors_match_delta_weight():
+def _applied_update(layer, t):
+    """``ΔW_t`` as the adapter's forward applies it: ``layer(I) − base(I)`` under task t, transposed."""
+    eye = torch.eye(layer.base.in_features)
+    layer.task_index = t
+    try:
+        with torch.no_grad():
+            return (layer(eye) - layer.base(eye)).T
+    finally:
+        layer.task_index = None
+
+
+def test_task_factors_and_delta_weight_match_the_forward():
+    """``delta_weight`` and ``s · B_t A_t`` equal the update the routed forward really adds, and a
+    folded linear layer carries exactly that update (an independent path: the forward gathers
+    the coefficients, ``delta_weight`` multiplies the bases)."""
     layer = layer_with_tasks()
-    B, A = layer.task_factors(1)
-    assert torch.allclose(layer.scaling * B @ A, layer.delta_weight(1), atol=1e-6)
+    for t in range(layer.num_tasks):
+        applied = _applied_update(layer, t)
+        assert applied.abs().max() > 1e-3  # not trivially zero
+        B, A = layer.task_factors(t)
+        assert torch.allclose(layer.delta_weight(t), applied, atol=1e-5)
+        assert torch.allclose(layer.scaling * B @ A, applied, atol=1e-5)
+        assert torch.allclose(layer.folded_linear(t).weight - layer.base.weight, applied, atol=1e-5)
+    assert not torch.allclose(_applied_update(layer, 0), _applied_update(layer, 1), atol=1e-3)
 
 
 def test_zero_init_leaves_the_model_unchanged_and_temporaries_start_outside_the_basis():

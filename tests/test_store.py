@@ -80,10 +80,40 @@ def test_bit_flipped_state_file_is_refused(store_dir):
         load_store(store_dir)
 
 
-def test_pickle_in_place_of_tensors_is_refused(store_dir):
-    _state_file(store_dir).write_bytes(pickle.dumps({"U": [1, 2, 3]}))
+class _Payload:
+    """Unpickling this writes a marker file: proof that something was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_in_place_of_tensors_is_refused(store_dir, tmp_path):
+    marker = tmp_path / "unpickled"
+    _state_file(store_dir).write_bytes(pickle.dumps({"U": _Payload(marker)}))
     with pytest.raises(StoreError, match="sha256"):
         load_store(store_dir)
+    assert not marker.exists()
+
+
+def test_pickle_whose_checksum_matches_the_manifest_is_refused_unread(store_dir, tmp_path):
+    """A tampered store whose manifest carries the pickle's own sha256: the checksum passes, and
+    the file is still never unpickled (safetensors only)."""
+    import hashlib
+
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps({"U": _Payload(marker)})
+    f = _state_file(store_dir)
+    f.write_bytes(payload)
+    mf = store_dir / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["files"]["state"]["sha256"] = hashlib.sha256(payload).hexdigest()
+    mf.write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="cannot read"):
+        load_store(store_dir)
+    assert not marker.exists()
 
 
 def test_wrong_format_version_is_refused(store_dir):

@@ -138,13 +138,16 @@ def test_the_converted_vit_matches_the_onnx_model(tmp_path):
 
 @pytest.mark.slow
 def test_share_on_split_fashion_mnist_with_the_packaged_vit():
-    """Two fmnist-cil tasks on the converted DINOv2 at 56 px: both tasks learned (TIL), and
-    class-incremental scoring well above the 25 % of chance over 4 classes.
+    """Two fmnist-cil tasks on the converted DINOv2 at 56 px, at the default image learning rate
+    (1e-3): both tasks learned (TIL) and class-incremental scoring (default prototype rule) far
+    above the 25 % of chance over 4 classes, on any machine of our kind.
 
-    CIL is checked with the energy rule: at this tiny budget (64 images per class, 40 steps, the
-    heads saturated) the default prototype rule gets CIL 0.50 / 0.475 (and 0.50 / 0.01 in one run
-    on a loaded machine), energy 0.66 / 0.86; the prototype rule is measured on the full
-    fmnist-cil benchmark instead (README)."""
+    Measured (AMD EPYC, AVX-512, MKL 2024.2; the same with ATEN_CPU_CAPABILITY=avx2,
+    MKL_CBWR=COMPATIBLE or one thread): TIL 0.99 / 1.00, CIL prototype 0.975 / 0.675 (energy
+    0.99 / 0.24), first task's loss below 0.05 from step 12 on. At lr 5e-3 (the old default of
+    ``TrainConfig``) the first task's loss oscillates (1.12, 0.49, 0.85, 0.02, 0.14, 1.19, …
+    every 4th step) and ends at chance on some platforms' kernels and not on others: that
+    test was a coin toss. The training loss is checked too, so a return to that regime fails."""
     from sharecl.data.streams import get_stream
     from sharecl.runner import evaluate_cil
     from sharecl.backbone import load_encoder
@@ -155,12 +158,11 @@ def test_share_on_split_fashion_mnist_with_the_packaged_vit():
     s = get_stream("fmnist-cil", seed=0, train_per_class=64, test_per_class=40)
     m = ShareMethod(load_encoder(str(default_vit_path()), image_size=56), seed=0)
     m.begin_stream(2)
-    cfg = TrainConfig(steps=40, batch_size=16)
-    for t in s.tasks[:2]:
-        m.learn(t, cfg, progress=False)
+    cfg = TrainConfig(steps=40, batch_size=16)  # lr None: the image default
+    final = [m.learn(t, cfg, progress=False)["final_loss"] for t in s.tasks[:2]]
     til = [evaluate(lambda xs, n=t.name: m.logits(xs, n), t, 64) for t in s.tasks[:2]]
     offsets = m.class_offsets()
-    m.config.cil_score = "energy"
     cil = [evaluate_cil(m, t, offsets[t.name], 64) for t in s.tasks[:2]]
-    assert min(til) > 0.8, til
-    assert sum(cil) / 2 > 0.5, cil
+    assert max(final) < 0.3, final
+    assert min(til) > 0.9, til
+    assert sum(cil) / 2 > 0.6, cil

@@ -25,6 +25,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
+@app.callback()
+def _main(reproducible: Annotated[bool, typer.Option(
+        "--reproducible", help="Pin MKL's and ATen's CPU code paths (MKL_CBWR=COMPATIBLE, ATEN_CPU_CAPABILITY=default, "
+                               "ONEDNN_MAX_CPU_ISA=SSE41) so a seed gives the same numbers on every x86 machine; "
+                               "slower (README: Reproducibility).")] = False):
+    """Continual parameter-efficient fine-tuning: Share (shared LoRA subspaces) and its peers."""
+    if reproducible:
+        from sharecl.provenance import reproducible_mode
+
+        reproducible_mode()
+
+
 def _setup_torch(threads: Optional[int], device: str = "cpu") -> str:
     """Quiet library noise, set threads, resolve ``--device`` and join torchrun's process group
     when there is one (rank ≠ 0 prints nothing). Returns the device, e.g. ``cpu`` or ``cuda:1``."""
@@ -53,8 +65,11 @@ def _share_options(k: int, p: int, energy: Optional[float], rank: int, phi: int,
             "merge_finetune_steps": finetune}
 
 
-#: Default learning rate by stream modality: 5e-3 diverges on the ViT's first LoRA (fmnist-cil, 80 steps).
-DEFAULT_LR = {"text": 5e-3, "image": 1e-3}
+def _default_lr(modality: str) -> float:
+    """The learning rate by modality (:data:`sharecl.train.DEFAULT_LR`; imported late: torch loads slowly)."""
+    from sharecl.train import DEFAULT_LR
+
+    return DEFAULT_LR[modality]
 
 KOpt = Annotated[int, typer.Option(help="Share: basis size k per side (ignored with --energy).")]
 POpt = Annotated[int, typer.Option(help="Share: pseudo-rank p, columns of each task's coefficients.")]
@@ -104,7 +119,7 @@ def run(
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
     caps = {"train_per_class": train_per_class, "test_per_class": test_per_class, "image_size": image_size}
     s = get_stream(stream, seed=seed, **{k: v for k, v in caps.items() if v is not None})
-    lr = lr if lr is not None else DEFAULT_LR[s.modality]
+    lr = lr if lr is not None else _default_lr(s.modality)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed, augment=augment)
     configs = {m: {"r": rank} for m in names}
     if "share" in configs:
@@ -156,7 +171,7 @@ def compare(
     if lr is None:
         from sharecl.data.streams import get_stream
 
-        lr = DEFAULT_LR[get_stream(stream, seed=seed_list[0] if seed_list else 0, **caps).modality]
+        lr = _default_lr(get_stream(stream, seed=seed_list[0] if seed_list else 0, **caps).modality)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, augment=augment)
     configs = {m: ({} if m == "head-only" else {"r": rank}) for m in names}
     if "share" in configs:
@@ -290,7 +305,7 @@ def learn(
                                 if reads == "text" else "use a text store, or image data for this one"))
         if task in method.task_classes:
             raise ValueError(f"task {task!r} already exists in {store}; choose another name")
-        lr = lr if lr is not None else DEFAULT_LR[modality]
+        lr = lr if lr is not None else _default_lr(modality)
         cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed,
                           max_length=method.encoder.max_length, augment=augment)
         method.learn(t, cfg, progress=progress)

@@ -12,11 +12,36 @@ import os
 import platform
 import re
 
-__all__ = ["library_versions", "environment", "REPRODUCIBILITY_VARIABLES"]
+__all__ = ["library_versions", "environment", "REPRODUCIBILITY_VARIABLES", "REPRODUCIBLE_MODE", "reproducible_mode"]
 
 #: Environment variables that change floating-point results, recorded when set.
-REPRODUCIBILITY_VARIABLES = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                             "OPENBLAS_CORETYPE", "CUBLAS_WORKSPACE_CONFIG")
+REPRODUCIBILITY_VARIABLES = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS",
+                             "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "CUBLAS_WORKSPACE_CONFIG", "SHARECL_REPRODUCIBLE")
+
+#: What ``sharecl --reproducible`` pins before torch loads: MKL's conditional numerical
+#: reproducibility in its processor-independent code path, ATen's portable (not vectorised)
+#: CPU kernels, and oneDNN's instruction set.
+REPRODUCIBLE_MODE = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+
+
+def reproducible_mode() -> dict[str, str]:
+    """Pin :data:`REPRODUCIBLE_MODE` in ``os.environ`` (values already set are kept) and mark it
+    with ``SHARECL_REPRODUCIBLE=1``; returns what is in force.
+
+    The variables are read when torch and MKL load, so this must run before ``import torch``.
+
+    Raises:
+        RuntimeError: if torch is already imported in this process.
+    """
+    import sys
+
+    if "torch" in sys.modules:
+        raise RuntimeError("reproducible mode must be set before torch is imported: pass --reproducible to sharecl, "
+                           "or set MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 in the environment")
+    for k, v in REPRODUCIBLE_MODE.items():
+        os.environ.setdefault(k, v)
+    os.environ["SHARECL_REPRODUCIBLE"] = "1"
+    return {k: os.environ[k] for k in REPRODUCIBLE_MODE}
 
 
 def library_versions() -> dict[str, str]:

@@ -10,7 +10,7 @@ test split (:mod:`sharecl.distributed`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import psutil
@@ -22,7 +22,11 @@ from tqdm.auto import tqdm
 from sharecl import distributed as dist
 from sharecl.data.tasks import Task
 
-__all__ = ["TrainConfig", "NonFiniteLossError", "train_steps", "predict_logits", "evaluate", "PeakRSS"]
+__all__ = ["DEFAULT_LR", "TrainConfig", "NonFiniteLossError", "train_steps", "predict_logits", "evaluate", "PeakRSS"]
+
+
+#: Learning rate by the backbone's modality when none is given (measured: README, "Training stability").
+DEFAULT_LR = {"text": 5e-3, "image": 1e-3}
 
 
 @dataclass
@@ -32,12 +36,19 @@ class TrainConfig:
     Attributes:
         steps: optimiser steps per task.
         batch_size: examples per step.
-        lr: AdamW learning rate for adapter parameters.
-        head_lr: AdamW learning rate for the task head.
+        lr: AdamW learning rate for adapter parameters; None (the default) = the backbone's
+            modality default, :data:`DEFAULT_LR` (5e-3 for text, 1e-3 for images: at 5e-3 the
+            first LoRA on the packaged ViT oscillates and can end at chance; warm-up and
+            clipping do not prevent it, a lower rate does — see the README).
+        head_lr: AdamW learning rate for the task head; None = ``lr``.
         weight_decay: AdamW weight decay (adapters and heads).
         eval_batch_size: examples per forward pass at evaluation.
         max_length: tokens per text (longer texts are truncated).
         seed: seeds batch order and every random init.
+        warmup_steps: linear learning-rate warm-up over the first steps (0: none); every
+            parameter group's rate rises from ``1/(warmup_steps+1)`` of its value to all of it.
+        max_grad_norm: clip the global gradient norm of the trained parameters to this value
+            (``torch.nn.utils.clip_grad_norm_``); None: no clipping.
         augment: images only: train on :func:`sharecl.vision.transforms.augment_array` views
             (random resized crop + horizontal flip), drawn from a generator seeded by the batch
             generator, for the whole global batch before it is sharded across ranks.
@@ -45,13 +56,32 @@ class TrainConfig:
 
     steps: int = 60
     batch_size: int = 16
-    lr: float = 5e-3
-    head_lr: float = 5e-3
+    lr: float | None = None
+    head_lr: float | None = None
     weight_decay: float = 0.0
     eval_batch_size: int = 64
     max_length: int = 64
     seed: int = 0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None
     augment: bool = False
+
+    def resolved(self, modality: str) -> "TrainConfig":
+        """A copy with ``lr`` / ``head_lr`` filled in for ``modality`` (``text`` or ``image``) where None.
+
+        Raises:
+            ValueError: for an unknown modality.
+        """
+        if modality not in DEFAULT_LR:
+            raise ValueError(f"modality must be one of {sorted(DEFAULT_LR)}, got {modality!r}")
+        lr = DEFAULT_LR[modality] if self.lr is None else self.lr
+        return replace(self, lr=lr, head_lr=lr if self.head_lr is None else self.head_lr)
+
+    def __post_init__(self):
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {self.max_grad_norm}")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -130,6 +160,8 @@ def train_steps(forward: Callable[[list], torch.Tensor], param_groups: Sequence[
         ValueError: if the global batch is smaller than the number of ranks.
     """
     steps = cfg.steps if steps is None else steps
+    if cfg.lr is None:
+        raise ValueError("TrainConfig.lr is None: call cfg.resolved('text' or 'image') first (ContinualMethod.learn does)")
     groups = [g for g in param_groups if any(p.requires_grad for p in g["params"])]
     if not groups or steps <= 0:
         return []
@@ -141,6 +173,8 @@ def train_steps(forward: Callable[[list], torch.Tensor], param_groups: Sequence[
                          f"raise --batch-size to at least {world} or launch fewer processes")
     model = _ddp(forward, params, some_unused)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = cfg.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (warm + 1))) if warm else None
     gen = generator or torch.Generator().manual_seed(cfg.seed)
     aug = None
     if cfg.augment:
@@ -175,7 +209,11 @@ def train_steps(forward: Callable[[list], torch.Tensor], param_groups: Sequence[
                 f"(now {cfg.lr}) or check the data; nothing was stored")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
+        if sched is not None:
+            sched.step()
         losses.append(report.item())
         if rss is not None:
             rss.sample()

@@ -68,6 +68,11 @@ class ContinualMethod(ABC):
         self.num_tasks: int | None = None
         self.layers: dict[str, nn.Module] = {}
 
+    @property
+    def modality(self) -> str:
+        """``image`` for a vision backbone, else ``text``."""
+        return "image" if self.encoder.images is not None else "text"
+
     def begin_stream(self, num_tasks: int | None) -> None:
         """Told once before a stream of ``num_tasks`` tasks (None: open-ended, e.g. a store)."""
         self.num_tasks = num_tasks
@@ -104,7 +109,9 @@ class ContinualMethod(ABC):
 
     def learn(self, task: Task, cfg: TrainConfig, *, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         """Train one task end to end (begin, train, end). Restores nothing on failure: callers
-        that must keep old state (the store) work on a loaded copy."""
+        that must keep old state (the store) work on a loaded copy. A ``cfg`` without a learning
+        rate gets the modality's default (:meth:`TrainConfig.resolved`)."""
+        cfg = cfg.resolved(self.modality)
         groups = self.begin_task(task, cfg)
         losses = train_steps(lambda xs: self.logits(xs, task.name, training=True), groups, task, cfg,
                              desc=f"{self.name} · {task.name}", generator=self.generator(11), rss=rss, progress=progress)

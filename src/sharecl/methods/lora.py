@@ -165,6 +165,7 @@ class JointLoRAMethod(_PeftLoRA):
         from sharecl.train import train_steps
 
         self.check_scenario(scenario)
+        cfg = cfg.resolved(self.modality)
         heads = [self._add_task(t) for t in tasks]
         params = self._ensure_adapter("joint")
         offsets = self.class_offsets()
