@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
-import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def environment() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor() or "unknown"}
+    """Library versions and the floating-point set-up the numbers depend on (:mod:`sharecl.provenance`)."""
+    from sharecl.provenance import environment as fp_environment, library_versions
+
+    return {**library_versions(), **fp_environment()}
 
 
 def write(name: str, payload: dict) -> Path:

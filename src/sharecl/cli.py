@@ -79,6 +79,8 @@ InitOpt = Annotated[str, typer.Option(help="Share: coefficient init, 'zero' (ΔW
 FtOpt = Annotated[int, typer.Option(help="Share: steps fine-tuning the new task's coefficients after the merge.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (under torchrun, cuda is each rank's LOCAL_RANK GPU).")]
 PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16 (bfloat16 autocast of the backbone; weights stay float32).")]
+WarmupOpt = Annotated[int, typer.Option(help="Linear learning-rate warm-up over the first N steps of each task (0: none).")]
+ClipOpt = Annotated[Optional[float], typer.Option(help="Clip the gradient norm of the trained parameters to this value.")]
 AugmentOpt = Annotated[bool, typer.Option(help="Images: train on random resized crops (area 25-100 %) and horizontal flips.")]
 
 
@@ -98,7 +100,7 @@ def run(
     image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56; DINOv2's native 224).")] = None,
     k: KOpt = 10, p: POpt = 2, energy: EOpt = None, phi: PhiOpt = 2, init: InitOpt = "zero", merge_finetune_steps: FtOpt = 0,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r (baselines, and Share's first-task seed).")] = 8,
-    augment: AugmentOpt = False,
+    augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
@@ -120,7 +122,8 @@ def run(
     caps = {"train_per_class": train_per_class, "test_per_class": test_per_class, "image_size": image_size}
     s = get_stream(stream, seed=seed, **{k: v for k, v in caps.items() if v is not None})
     lr = lr if lr is not None else _default_lr(s.modality)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed, augment=augment)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed, augment=augment,
+                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm)
     configs = {m: {"r": rank} for m in names}
     if "share" in configs:
         configs["share"].update(_share_options(k, p, energy, rank, phi, init, merge_finetune_steps))
@@ -148,7 +151,7 @@ def compare(
     test_per_class: Annotated[Optional[int], typer.Option(help="Test examples per class (default: the stream's).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option METHOD.KEY=VALUE (repeatable), e.g. sd-lora.lr=0.001.")] = None,
-    augment: AugmentOpt = False,
+    augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None,
     resume: Annotated[bool, typer.Option(help="Reuse results.json files already in OUT.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -172,7 +175,8 @@ def compare(
         from sharecl.data.streams import get_stream
 
         lr = _default_lr(get_stream(stream, seed=seed_list[0] if seed_list else 0, **caps).modality)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, augment=augment)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, augment=augment,
+                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm)
     configs = {m: ({} if m == "head-only" else {"r": rank}) for m in names}
     if "share" in configs:
         configs["share"].update(_share_options(k, p, None, rank, 2, "zero", 0))
@@ -246,7 +250,7 @@ def learn(
     text_column: str = "text", label_column: str = "label", image_column: str = "image",
     image_size: Annotated[Optional[int], typer.Option(help="New vision store: pixels per side (default: the stream "
                                                            "file's, else 56).")] = None,
-    augment: AugmentOpt = False,
+    augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
 ):
@@ -307,7 +311,8 @@ def learn(
             raise ValueError(f"task {task!r} already exists in {store}; choose another name")
         lr = lr if lr is not None else _default_lr(modality)
         cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed,
-                          max_length=method.encoder.max_length, augment=augment)
+                          max_length=method.encoder.max_length, augment=augment, warmup_steps=warmup_steps,
+                          max_grad_norm=max_grad_norm)
         method.learn(t, cfg, progress=progress)
         acc = evaluate(lambda xs: method.logits(xs, task), t, 64)
         dist.barrier()  # every rank finished: a rank lost before this point leaves the store untouched
