@@ -46,15 +46,17 @@ def test_a_poisoned_request_fails_alone_in_its_micro_batch(served_store):
     good = StoreWatcher(served_store, interval_s=0).current
     loaded = dataclasses.replace(good, method=_Poisoned(good.method))
     xs = make_task("a").test_inputs[:2]
-    b = MicroBatcher(lambda: loaded, max_batch_size=64, max_wait_ms=200)
+    # the batch closes when its 6 rows are in (never on the timer, even on a loaded machine)
+    b = MicroBatcher(lambda: loaded, max_batch_size=6, max_wait_ms=30_000)
     futs = [b.submit("a", xs), b.submit("b", ["POISON"]), b.submit("a", xs[:1]), b.submit("b", xs)]
     with pytest.raises(RuntimeError, match="breaks the forward"):
-        futs[1].result(timeout=60)
+        futs[1].result(timeout=120)
+    got = [futs[i].result(timeout=120)[1] for i in (0, 2, 3)]
+    b.close()  # the batcher thread is done before this thread uses the same model
     want = {t: good.method.logits(xs, t).softmax(-1) for t in "ab"}
-    torch.testing.assert_close(futs[0].result(timeout=60)[1], want["a"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(futs[2].result(timeout=60)[1], want["a"][:1], atol=1e-5, rtol=0)
-    torch.testing.assert_close(futs[3].result(timeout=60)[1], want["b"], atol=1e-5, rtol=0)
-    b.close()
+    torch.testing.assert_close(got[0], want["a"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], want["a"][:1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[2], want["b"], atol=1e-5, rtol=0)
     assert b.isolated == 1  # the four requests shared one failed forward, then ran one by one
 
 
@@ -65,7 +67,7 @@ def test_through_the_app_healthy_neighbours_get_200(served_store):
     watcher = StoreWatcher(served_store, interval_s=0)
     watcher._current = dataclasses.replace(watcher.current, method=_Poisoned(watcher.current.method))
     statuses = {}
-    with TestClient(create_app(watcher, ServeConfig(max_wait_ms=300))) as c:
+    with TestClient(create_app(watcher, ServeConfig(max_batch_size=6, max_inputs=1, max_wait_ms=30_000))) as c:
         def post(key, inputs):
             statuses[key] = c.post("/predict", json={"task": "a", "inputs": inputs}).status_code
 
