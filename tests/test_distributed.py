@@ -206,8 +206,15 @@ def test_torchrun_compare_matches_one_process(tiny_model_dir, tmp_path):
     for m in ("share", "dual-lora", "joint-lora"):
         r1, r2 = (json.loads((tmp_path / d / "seed-0" / m / "results.json").read_text()) for d in ("one", "two"))
         assert (r1["world_size"], r2["world_size"]) == (1, 2)
+        # the training itself agrees to float32 round-off (the all-reduced losses of every task) ...
+        l1, l2 = ([t["final_loss"] for t in r["task_info"]] for r in (r1, r2))
+        assert l1 == pytest.approx(l2, rel=1e-4), m
+        # ... and accuracies to one test example per task: on a tiny random model some test inputs sit on
+        # a decision boundary, and the order of float sums (2 shards vs 1, AVX-512 vs portable kernels)
+        # can flip one (measured: 1 of 180 under MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default)
         for row1, row2 in zip(r1["accuracy_matrix"], r2["accuracy_matrix"]):
-            assert row1 == pytest.approx(row2, abs=1e-9), m
+            for a1, a2 in zip(row1, row2):
+                assert (a1 is None) == (a2 is None) and (a1 is None or abs(a1 - a2) <= 1 / 150 + 1e-9), m  # text5: ≥ 150 test inputs a task
     assert (tmp_path / "two" / "seed-0" / "share" / "store" / "manifest.json").exists()
 
 
