@@ -107,3 +107,44 @@ def tiny_vit_dir(tmp_path_factory):
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=7,
                              image_size=28)).save_pretrained(d)
     return str(d)
+
+
+# -- a tiny random causal LM (Llama) with a character tokenizer, built in memory: no files -------
+def tiny_lm(chat: bool = True, seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A fresh :class:`sharecl.generation.lm.CausalLM`: a random 2-layer Llama (hidden 32) and a
+    character-level tokenizer with a small chat template; the same ``seed`` gives the same weights."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from sharecl.generation.lm import CausalLM
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(string.printable[:95])}}
+    t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    t.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=None, eos_token_id=2, pad_token_id=1, tie_word_embeddings=True,
+                      initializer_range=0.3)  # large enough weights that a frozen head can become confident
+    model = LlamaForCausalLM(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return CausalLM(model, tok, "tiny-llama", max_length=64, chat=chat)
+
+
+def tiny_generation_task(name: str, answer: str, n_train: int = 24, n_test: int = 6, metric: str = "exact-match"):
+    """A learnable generation task: every prompt ``"<name> <word>?"`` has the answer ``answer``."""
+    import random
+
+    from sharecl.generation.tasks import GenerationTask
+
+    rng = random.Random(name)
+    words = ["".join(rng.choices("abcdefghij", k=4)) for _ in range(n_train + n_test)]
+    pairs = [(f"{name} {w}?", answer) for w in words]
+    return GenerationTask(name, pairs[:n_train], pairs[n_train:], metric=metric, max_new_tokens=len(answer) + 2)

@@ -27,10 +27,9 @@ def test_exported_task_loads_in_peft_and_reproduces_outputs(tiny_share, fast_cfg
     for i, t in enumerate(tasks):
         out = export_task(m, t.name, tmp_path / t.name)
         batch = m.encoder.tokenize(t.test_inputs)
-        m._route(task_index=i)
-        with torch.no_grad():
-            want = m.encoder.model(**batch).last_hidden_state
-        m._route()
+        with m.task(m.task_names[i]):
+            with torch.no_grad():
+                want = m.encoder.model(**batch).last_hidden_state
         got = _peft_hidden(tiny_model_dir, out, batch)
         assert (got - want).abs().max().item() <= 1e-5
         assert json.loads((out / "classes.json").read_text())["classes"] == m.task_classes[t.name]
@@ -59,10 +58,9 @@ def test_peft_adapter_folds_in_and_round_trips(tiny_share, fast_cfg, tiny_model_
     m = tiny_share
     m.add_adapter("ext", lora.factors, lora.scaling)
     batch = m.encoder.tokenize(["a river of apples", "the engine"])
-    m._route(task_index=0)
-    with torch.no_grad():
-        got = m.encoder.model(**batch).last_hidden_state
-    m._route()
+    with m.task(m.task_names[0]):
+        with torch.no_grad():
+            got = m.encoder.model(**batch).last_hidden_state
     pm.eval()
     with torch.no_grad():
         want = pm(**batch).last_hidden_state

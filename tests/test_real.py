@@ -45,10 +45,9 @@ def test_real_export_reproduces_outputs_in_peft(real_share, two_real_tasks, tmp_
     m, _ = real_share
     out = export_task(m, "fortune-language", tmp_path / "exp")
     batch = m.encoder.tokenize(two_real_tasks[1].test_inputs[:8])
-    m._route(task_index=1)
-    with torch.no_grad():
-        want = m.encoder.model(**batch).last_hidden_state
-    m._route()
+    with m.task(m.task_names[1]):
+        with torch.no_grad():
+            want = m.encoder.model(**batch).last_hidden_state
     peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(m.encoder.path), str(out)).eval()
     with torch.no_grad():
         got = peft_model(**batch).last_hidden_state

@@ -24,35 +24,29 @@ def test_fold_equals_adapter_forward():
     layer = layer_with_tasks()
     x = torch.randn(3, 5, 24)
     for t in range(layer.num_tasks):
-        layer.task_index = t
-        want = layer(x)
+        with layer.router.use(task_index=t):
+            want = layer(x)
         got = layer.folded_linear(t)(x)
         assert torch.allclose(got, want, atol=1e-5)
-    layer.task_index = None
-    assert torch.allclose(layer(x), layer.base(x))
+    assert torch.allclose(layer(x), layer.base(x))  # outside any route: the base layer
 
 
 def test_mixed_task_forward_equals_per_task_forwards():
     layer = layer_with_tasks()
     x = torch.randn(6, 7, 24)
     rows = torch.tensor([2, 0, 3, 3, 1, 0])
-    layer.row_tasks = rows
-    mixed = layer(x)
-    layer.row_tasks = None
+    with layer.router.use(row_tasks=rows):
+        mixed = layer(x)
     for i, t in enumerate(rows.tolist()):
-        layer.task_index = t
-        assert torch.allclose(mixed[i], layer(x[i: i + 1])[0], atol=1e-5)
+        with layer.router.use(task_index=t):
+            assert torch.allclose(mixed[i], layer(x[i: i + 1])[0], atol=1e-5)
 
 
 def _applied_update(layer, t):
     """``ΔW_t`` as the adapter's forward applies it: ``layer(I) − base(I)`` under task t, transposed."""
     eye = torch.eye(layer.base.in_features)
-    layer.task_index = t
-    try:
-        with torch.no_grad():
-            return (layer(eye) - layer.base(eye)).T
-    finally:
-        layer.task_index = None
+    with layer.router.use(task_index=t), torch.no_grad():
+        return (layer(eye) - layer.base(eye)).T
 
 
 def test_task_factors_and_delta_weight_match_the_forward():

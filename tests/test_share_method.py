@@ -56,9 +56,8 @@ def test_folded_model_matches_adapter(tiny_share, fast_cfg):
     t = make_task("a")
     m.learn(t, fast_cfg, progress=False)
     batch = m.encoder.tokenize(t.test_inputs)
-    m._route(task_index=0)
-    want = m.encoder.model(**batch).last_hidden_state
-    m._route()
+    with m.task(m.task_names[0]):
+        want = m.encoder.model(**batch).last_hidden_state
     got = m.folded_model("a")(**batch).last_hidden_state
     assert torch.allclose(got, want, atol=1e-5)
 

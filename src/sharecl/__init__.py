@@ -15,6 +15,10 @@ _LAZY = {
     "Stream": "sharecl.data", "Task": "sharecl.data", "get_stream": "sharecl.data", "load_task_file": "sharecl.data",
     "METHODS": "sharecl.methods", "LoRAConfig": "sharecl.methods", "ShareConfig": "sharecl.methods",
     "ShareMethod": "sharecl.methods", "build_method": "sharecl.methods", "TrainConfig": "sharecl.train",
+    "InfLoRAConfig": "sharecl.methods", "SDLoRAConfig": "sharecl.methods", "DualLoRAConfig": "sharecl.methods",
+    "wrap": "sharecl.wrapping", "ContinualModel": "sharecl.wrapping",
+    "CausalLM": "sharecl.generation.lm", "load_causal_lm": "sharecl.generation.lm",
+    "GenerationTask": "sharecl.generation.tasks", "load_generation_file": "sharecl.generation.tasks",
 }
 
 __all__ = [*_LAZY, "__version__"]

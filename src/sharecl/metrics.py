@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["final_average_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer", "summarize"]
+__all__ = ["final_average_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer", "forward_transfer",
+           "summarize"]
 
 
 def _check(R: list[list[float | None]]) -> int:
@@ -48,6 +49,13 @@ def backward_transfer(R) -> float:
     if T < 2:
         return math.nan
     return sum(R[T - 1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
+
+
+def forward_transfer(R) -> float:
+    """``FWT = mean_j R[j][j]``: each task's score right after it is learned, as the LLM
+    continual-learning papers report it (SAPT, GainLoRA; METHODS.md §6)."""
+    T = _check(R)
+    return sum(R[j][j] for j in range(T)) / T
 
 
 def summarize(R) -> dict[str, float | None]:

@@ -20,12 +20,12 @@ from sharecl import distributed as dist
 from sharecl.backbone import load_encoder
 from sharecl.data.tasks import Stream
 from sharecl.methods.base import build_method
-from sharecl.metrics import summarize
+from sharecl.metrics import forward_transfer, summarize
 from sharecl.plots import accuracy_heatmap
 from sharecl.provenance import environment
 from sharecl.train import PeakRSS, TrainConfig, evaluate
 
-__all__ = ["run_method", "run_stream", "evaluate_cil"]
+__all__ = ["run_method", "run_stream", "evaluate_cil", "load_backbone"]
 
 BYTES_PER_NUMBER = 4  # float32 storage
 
@@ -36,10 +36,23 @@ def evaluate_cil(method, task, offset: int, batch_size: int) -> float:
     return evaluate(method.cil_logits, task, batch_size, offset=offset)
 
 
-def _rows(method, stream: Stream, upto: int, cfg: TrainConfig) -> tuple[list[float], list[float] | None]:
-    """TIL accuracies of tasks ``0..upto``, and CIL accuracies on a class-incremental stream."""
+def _score(method, task, cfg: TrainConfig, samples: dict | None = None) -> float:
+    """Task-incremental score of one task: accuracy, or for a generation task its metric over the
+    answers generated under the task (the first answers are kept in ``samples``)."""
+    if getattr(task, "kind", "classification") == "generation":
+        from sharecl.generation.evaluate import evaluate_generation
+
+        value, answers = evaluate_generation(method, task, cfg.eval_batch_size)
+        if samples is not None:
+            samples[task.name] = [{"prompt": p, "target": t, "answer": a} for (p, t), a in zip(task.test_inputs[:3], answers)]
+        return value
+    return evaluate(lambda xs, n=task.name: method.logits(xs, n), task, cfg.eval_batch_size)
+
+
+def _rows(method, stream: Stream, upto: int, cfg: TrainConfig, samples: dict | None = None) -> tuple[list[float], list[float] | None]:
+    """TIL scores of tasks ``0..upto``, and CIL accuracies on a class-incremental stream."""
     seen = stream.tasks[: upto + 1]
-    til = [evaluate(lambda xs, n=t.name: method.logits(xs, n), t, cfg.eval_batch_size) for t in seen]
+    til = [_score(method, t, cfg, samples) for t in seen]
     if stream.scenario != "cil":
         return til, None
     offsets = method.class_offsets()
@@ -75,12 +88,7 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
         UnsupportedScenarioError: if the method does not support the stream's scenario.
     """
     torch.manual_seed(cfg.seed)
-    if model_path is None and stream.modality == "image":
-        from sharecl.vision.convert import default_vit_path
-
-        model_path = str(default_vit_path())
-    encoder = load_encoder(model_path, max_length=cfg.max_length, device=device, precision=precision,
-                           image_size=stream.image_size or 56)
+    encoder = load_backbone(stream, model_path, cfg, device=device, precision=precision)
     if not dist.is_main():
         log = _quiet
     method = build_method(method_name, encoder, seed=cfg.seed, **(method_config or {}))
@@ -90,7 +98,7 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
     T = len(stream)
     R: list[list[float | None]] = [[None] * T for _ in range(T)]
     R_til: list[list[float | None]] = [[None] * T for _ in range(T)]
-    seconds, infos, stored = [], [], []
+    seconds, infos, stored, samples = [], [], [], {}
     steps = [(T - 1, None)] if getattr(method, "joint", False) else [(i, t) for i, t in enumerate(stream)]
     for i, task in steps:
         t0 = time.perf_counter()
@@ -99,7 +107,7 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
         else:
             info = method.learn(task, cfg, rss=rss, progress=progress)
         seconds.append(time.perf_counter() - t0)
-        til, cil = _rows(method, stream, i, cfg)
+        til, cil = _rows(method, stream, i, cfg, samples)
         rss.sample()
         stored.append((method.adapter_numbers_per_task() * len(method.task_names) + method.shared_numbers()) * BYTES_PER_NUMBER)
         R_til[i][: i + 1] = til
@@ -111,6 +119,10 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
         "method": method_name, "stream": stream.name, "scenario": stream.scenario,
         "tasks": [t.name for t in stream], "accuracy_matrix": R, **summarize(R),
     }
+    if stream.modality == "lm":  # scores are each task's metric; FWT as SAPT and GainLoRA report it
+        results["metrics"] = {t.name: t.metric for t in stream}
+        results["fwt"] = forward_transfer(R) if R[0][0] is not None else None
+        results["sample_answers"] = samples
     if stream.scenario == "cil":
         results["til_accuracy_matrix"] = R_til
         results.update({f"til_{k}": v for k, v in summarize(R_til).items()})
@@ -135,12 +147,29 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
     d.mkdir(parents=True, exist_ok=True)
     (d / "results.json").write_text(json.dumps(results, indent=2))
     kind = "class-incremental" if stream.scenario == "cil" else "task-incremental"
-    accuracy_heatmap(R, results["tasks"], f"{method_name} on {stream.name}, {kind} accuracy %", d / "accuracy_matrix.png")
+    what = "score (ROUGE-L / exact match) %" if stream.modality == "lm" else "accuracy %"
+    accuracy_heatmap(R, results["tasks"], f"{method_name} on {stream.name}, {kind} {what}", d / "accuracy_matrix.png")
     if method.storable:
         from sharecl.store import save_store
 
         save_store(method, d / "store", extra={"stream": stream.name})
     return results
+
+
+def load_backbone(stream: Stream, model_path: str | None, cfg: TrainConfig, *, device: str | None = "cpu",
+                  precision: str = "fp32"):
+    """The backbone a stream's tasks need: a causal LM for generation streams (default: the packaged
+    SmolLM2-135M-Instruct), the packaged ViT for image streams, else a text encoder (MiniLM)."""
+    if stream.modality == "lm":
+        from sharecl.generation.lm import load_causal_lm
+
+        return load_causal_lm(model_path, max_length=cfg.max_length, device=device, precision=precision)
+    if model_path is None and stream.modality == "image":
+        from sharecl.vision.convert import default_vit_path
+
+        model_path = str(default_vit_path())
+    return load_encoder(model_path, max_length=cfg.max_length, device=device, precision=precision,
+                        image_size=stream.image_size or 56)
 
 
 def run_stream(stream: Stream, methods: list[str], cfg: TrainConfig, out_dir: str | Path, *, model_path: str | None = None,

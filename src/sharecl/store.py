@@ -223,7 +223,8 @@ def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "version": version, "method": method.name,
             "config": method.config.to_dict(), "seed": method.seed, "max_length": method.encoder.max_length,
-            "image_size": method.encoder.image_size,
+            "image_size": method.encoder.image_size, "modality": method.modality,
+            **({"chat": method.encoder.chat} if method.modality == "lm" else {}),
             "base_model": base, "targets": list(method.layers),
             "tasks": [{"name": n, "classes": method.task_classes[n], "kind": getattr(method, "kinds", {}).get(n, "data"),
                        "head": n in method.heads} for n in method.task_names],
@@ -270,8 +271,14 @@ def load_store(path: str | Path, *, model_path: str | None = None, device: str |
         raise StoreError(f"base model at {base} differs from the one this store was built on (sha256 mismatch); "
                          f"use the original base model")
     tensors = _state_tensors(p, manifest)
-    encoder = load_encoder(base, max_length=manifest.get("max_length", 128), device=device, precision=precision,
-                           image_size=manifest.get("image_size") or 56)
+    if manifest.get("modality") == "lm":  # a causal LM with generation tasks
+        from sharecl.generation.lm import load_causal_lm
+
+        encoder = load_causal_lm(base, max_length=manifest.get("max_length", 256), device=device, precision=precision,
+                                 chat=manifest.get("chat"))
+    else:
+        encoder = load_encoder(base, max_length=manifest.get("max_length", 128), device=device, precision=precision,
+                               image_size=manifest.get("image_size") or 56)
     tensors = {k: v.to(encoder.device) for k, v in tensors.items()}
     method = build_method(manifest["method"], encoder, seed=manifest.get("seed", 0), **manifest["config"])
     if list(method.layers) != manifest["targets"]:

@@ -26,7 +26,7 @@ __all__ = ["DEFAULT_LR", "TrainConfig", "NonFiniteLossError", "train_steps", "pr
 
 
 #: Learning rate by the backbone's modality when none is given (measured: README, "Training stability").
-DEFAULT_LR = {"text": 5e-3, "image": 1e-3}
+DEFAULT_LR = {"text": 5e-3, "image": 1e-3, "lm": 1e-3}
 
 
 @dataclass
@@ -67,7 +67,7 @@ class TrainConfig:
     augment: bool = False
 
     def resolved(self, modality: str) -> "TrainConfig":
-        """A copy with ``lr`` / ``head_lr`` filled in for ``modality`` (``text`` or ``image``) where None.
+        """A copy with ``lr`` / ``head_lr`` filled in for ``modality`` (``text``, ``image`` or ``lm``) where None.
 
         Raises:
             ValueError: for an unknown modality.
@@ -150,7 +150,8 @@ def train_steps(forward: Callable[[list], torch.Tensor], param_groups: Sequence[
     the global batch's mean loss, as one process would compute it.
 
     Args:
-        forward: maps a list of raw inputs to logits ``(N, num_classes)``.
+        forward: maps a list of raw inputs to logits ``(N, num_classes)``; for a generation task
+            (``task.kind == "generation"``) to the batch's mean token loss itself (0-dim).
         param_groups: AdamW parameter groups (``{"params": [...], "lr": ...}``).
         steps: overrides ``cfg.steps``.
         some_unused: some trained parameters may get no gradient in a step (DDP must look for them).
@@ -187,7 +188,10 @@ def train_steps(forward: Callable[[list], torch.Tensor], param_groups: Sequence[
 
         def aug(xs: list) -> list:  # joint LoRA's inputs are (task index, image) pairs
             return [(x[0], augment_array(x[1], aug_rng)) if isinstance(x, tuple) else augment_array(x, aug_rng) for x in xs]
-    labels = torch.tensor(task.train_labels, device=device)
+    generation = getattr(task, "kind", "classification") == "generation"  # forward returns the loss itself
+    if generation and world > 1:
+        raise ValueError("generation tasks do not train under torchrun yet; run one process (see the README)")
+    labels = None if generation else torch.tensor(task.train_labels, device=device)
     losses = []
     bar = tqdm(_batches(len(task.train_inputs), batch, steps, gen),
                total=steps, desc=desc or f"train {task.name}", disable=not (progress and dist.is_main()), leave=False,
@@ -196,7 +200,10 @@ def train_steps(forward: Callable[[list], torch.Tensor], param_groups: Sequence[
         xs = [task.train_inputs[i] for i in idx]
         idx, xs = dist.shard(idx), dist.shard(aug(xs) if aug else xs)
         logits = model(xs)
-        if world == 1:
+        if generation:
+            loss = logits
+            report = loss.detach()
+        elif world == 1:
             loss = F.cross_entropy(logits, labels[idx])
             report = loss.detach()
         else:

@@ -4,7 +4,9 @@ Each wraps a frozen ``nn.Linear`` (``W`` ``(d_out, d_in)``) and adds the method'
 branches; PEFT's names are used throughout: a down-projection ``A`` ``(r, d_in)`` and an
 up-projection ``B`` ``(d_out, r)``, so a branch adds ``B A x``. Inputs are ``(..., d_in)``
 float32. Every layer can accumulate its *input covariance* ``mean x xᵀ`` over non-padding
-tokens (:class:`StatsLinear`), which InfLoRA and DualLoRA need between tasks.
+tokens (:class:`StatsLinear`), which InfLoRA and DualLoRA need between tasks. Which tokens
+are real, whether to collect, and (DualLoRA) which task to compute for come from the owning
+method's :class:`~sharecl.routing.Router`, never from attributes set from outside.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from sharecl.routing import Router
+
 __all__ = ["StatsLinear", "InfLoRALinear", "SDLoRALinear", "DualLoRALinear"]
 
 
@@ -22,31 +26,31 @@ class StatsLinear(nn.Module):
 
     Attributes:
         base: the wrapped ``nn.Linear`` (its weight may be merged into, never trained).
-        token_mask: optional bool ``(N, L)`` set by the method before a forward: which
-            token positions are real (padding is left out of statistics).
-        collect: when True, :meth:`forward` adds ``xᵀx`` of the real tokens to ``cov_sum``.
+        router: the owning method's routing context. While its route has ``collect`` set,
+            :meth:`forward` adds ``xᵀx`` of the real tokens (the route's ``token_mask``; every
+            token when None) to ``cov_sum``.
     """
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Linear, router: Router | None = None):
         super().__init__()
         self.base = base
+        self.router = router or Router()
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.token_mask: torch.Tensor | None = None
-        self.collect = False
         self.cov_sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=base.weight.device)
         self.cov_count = 0
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def _tokens(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The real tokens of ``x`` as ``(n, d_in)``."""
-        if self.token_mask is not None and x.dim() == 3 and self.token_mask.shape == x.shape[:2]:
-            return x[self.token_mask]
+        if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
+            return x[mask]
         return x.reshape(-1, x.shape[-1])
 
     def observe(self, x: torch.Tensor) -> None:
-        if self.collect:
-            t = self._tokens(x.detach()).double()
+        route = self.router.current
+        if route.collect:
+            t = self._tokens(x.detach(), route.token_mask).double()
             self.cov_sum = self.cov_sum.to(t.device)
             self.cov_sum += t.T @ t
             self.cov_count += t.shape[0]
@@ -82,8 +86,8 @@ class InfLoRALinear(StatsLinear):
     task, :meth:`merge` folds ``B_t A_t`` into ``W`` and keeps the factors for storage.
     """
 
-    def __init__(self, base: nn.Linear):
-        super().__init__(base)
+    def __init__(self, base: nn.Linear, router: Router | None = None):
+        super().__init__(base, router)
         self.register_buffer("A", None)
         self.B: nn.Parameter | None = None
         self.merged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (B_t, A_t) per task
@@ -123,8 +127,8 @@ class SDLoRALinear(StatsLinear):
     it trains (its ``B`` starts at zero, so its direction is undefined until it moves).
     """
 
-    def __init__(self, base: nn.Linear, scaling: float):
-        super().__init__(base)
+    def __init__(self, base: nn.Linear, scaling: float, router: Router | None = None):
+        super().__init__(base, router)
         self.scaling = scaling
         self.register_buffer("A_old", base.weight.new_zeros(0, self.in_features))
         self.register_buffer("B_old", base.weight.new_zeros(self.out_features, 0))
@@ -194,14 +198,14 @@ class DualLoRALinear(StatsLinear):
     - ``U_t`` ``(r_res, d_in)`` (orthonormal rows, frozen) are task t's own input
       directions and ``R_t`` ``(d_out, r_res)`` its trained residual up-projection;
     - ``w(x)`` ``(N, T)`` are the dynamic-memory weights: one-hot on the known task in
-      training and task-incremental inference (``task_index``), and in class-incremental
+      training and task-incremental inference (the route's ``task_index``), and in class-incremental
       inference a softmax over tasks of the relevance ``ρ_t = e_t(x)/ē_t`` divided by a
       temperature, where ``e_t(x)`` is the share of the sequence's input energy inside
       ``U_t`` (over its real tokens) and ``ē_t`` the same share on task t's training data.
     """
 
-    def __init__(self, base: nn.Linear, scaling: float):
-        super().__init__(base)
+    def __init__(self, base: nn.Linear, scaling: float, router: Router | None = None):
+        super().__init__(base, router)
         self.scaling = scaling
         self.register_buffer("U", base.weight.new_zeros(0, self.in_features))  # stacked U_t
         self.register_buffer("R", base.weight.new_zeros(self.out_features, 0))  # stacked frozen R_t
@@ -212,7 +216,6 @@ class DualLoRALinear(StatsLinear):
         self.memory_basis = base.weight.new_zeros(self.in_features, 0)  # M while a task trains
         self.R_cur: nn.Parameter | None = None
         self.merged: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.task_index: int | None = None  # route: one-hot weights on this task
         self.temperature = 0.1
         self.last_relevance: torch.Tensor | None = None  # (N, T) ρ of the last dynamic forward
 
@@ -256,15 +259,15 @@ class DualLoRALinear(StatsLinear):
         self.energy_mean.append(energy_mean)
         self.A_O = self.B_O = self.R_cur = None
 
-    def energies(self, x: torch.Tensor) -> torch.Tensor:
+    def energies(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``e_t(x)`` ``(N, T)``: share of each sequence's input energy (summed over its real
         tokens) inside each ``U_t``; ``ē_t = tr(U_t C U_tᵀ)/tr(C)`` is the same share on the task's data."""
         z = x @ self.U.T
         per_task = torch.stack([c.pow(2).sum(-1) for c in z.split(self.res_ranks, -1)], -1)  # (N, L, T) or (N, T)
         total = x.pow(2).sum(-1, keepdim=True)
         if x.dim() == 3:
-            if self.token_mask is not None and self.token_mask.shape == x.shape[:2]:
-                m = self.token_mask.to(x.dtype).unsqueeze(-1)
+            if token_mask is not None and token_mask.shape == x.shape[:2]:
+                m = token_mask.to(x.dtype).unsqueeze(-1)
                 per_task, total = per_task * m, total * m
             per_task, total = per_task.sum(1), total.sum(1)
         return per_task / total.clamp_min(1e-12)
@@ -278,12 +281,13 @@ class DualLoRALinear(StatsLinear):
         if T == 0:
             return y
         R = self.R if self.R_cur is None else torch.cat([self.R, self.R_cur], 1)
-        if self.task_index is not None:  # known task: its residual adapter alone
-            s = sum(self.res_ranks[: self.task_index])
-            sl = slice(s, s + self.res_ranks[self.task_index])
+        route = self.router.current
+        if route.task_index is not None:  # known task: its residual adapter alone
+            s = sum(self.res_ranks[: route.task_index])
+            sl = slice(s, s + self.res_ranks[route.task_index])
             return y + (x @ self.U[sl].T) @ R[:, sl].T
         ebar = torch.tensor(self.energy_mean[:T] + [1.0] * (T - len(self.energy_mean)), device=x.device)
-        rho = self.energies(x) / ebar.clamp_min(1e-12)
+        rho = self.energies(x, route.token_mask) / ebar.clamp_min(1e-12)
         self.last_relevance = rho.detach()
         w = torch.softmax(rho / self.temperature, -1)  # (N, T)
         cols = torch.repeat_interleave(w, torch.tensor(self.res_ranks, device=x.device), dim=-1)  # (N, Σr)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sharecl.routing import Router
 from sharecl.subspace import MergeResult, orthonormal_complement
 
 __all__ = ["ShareLinear", "ShareTrainState"]
@@ -64,16 +65,18 @@ class ShareLinear(nn.Module):
         base: the layer to adapt; its parameters are frozen.
         scaling: ``s`` in ``ΔW = s · B @ A`` (PEFT's ``lora_alpha / r``).
         p: pseudo-rank, the number of columns of each task's coefficients.
+        router: the routing context of the owning method (:mod:`sharecl.routing`); a private
+            one when None.
 
     Buffers (float32, saved in ``state_dict``): ``U`` ``(d_out, k_B)``, ``V`` ``(d_in, k_A)``,
     ``coeff_B`` ``(T, k_B, p)``, ``coeff_A`` ``(T, k_A, p)``.
 
-    Routing (set by the owning model, never by the layer itself): ``train_state`` when a
-    task trains; else ``row_tasks`` ``(N,)`` int64 for a batch mixing tasks; else
-    ``task_index`` for one task; else the plain base layer.
+    What a forward computes: ``train_state`` while a task trains (from ``begin_task`` to the
+    merge); else the router's current route: ``row_tasks`` ``(N,)`` int64 for a batch mixing
+    tasks, or ``task_index`` for one task; else the plain base layer.
     """
 
-    def __init__(self, base: nn.Linear, *, scaling: float, p: int):
+    def __init__(self, base: nn.Linear, *, scaling: float, p: int, router: Router | None = None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"ShareLinear wraps nn.Linear, got {type(base).__name__}")
@@ -88,9 +91,8 @@ class ShareLinear(nn.Module):
         self.register_buffer("V", w.new_zeros(d_in, 0))
         self.register_buffer("coeff_B", w.new_zeros(0, 0, self.p))
         self.register_buffer("coeff_A", w.new_zeros(0, 0, self.p))
+        self.router = router or Router()
         self.train_state: ShareTrainState | None = None
-        self.task_index: int | None = None
-        self.row_tasks: torch.Tensor | None = None
         self._mix_cache: torch.Tensor | None = None
         self._finetune_index: int | None = None
 
@@ -227,15 +229,16 @@ class ShareLinear(nn.Module):
         if self.train_state is not None:
             B, A = self.train_state.factors(self.U, self.V)
             return y + self.scaling * F.linear(F.linear(x, A), B)
-        if self.row_tasks is not None:
+        route = self.router.current
+        if route.row_tasks is not None:
             # y += s · ((x V) M_tᵀ) Uᵀ with M_t gathered per row: one rank-k adapter's cost.
-            M = self.mixing_matrices()[self.row_tasks]  # (N, k_B, k_A)
+            M = self.mixing_matrices()[route.row_tasks]  # (N, k_B, k_A)
             xv = x @ self.V  # (N, ..., k_A)
             shp = xv.shape
             z = torch.bmm(xv.reshape(shp[0], -1, shp[-1]), M.transpose(1, 2)).reshape(*shp[:-1], M.shape[1])
             return y + self.scaling * (z @ self.U.T)
-        if self.task_index is not None:
-            M = self.mixing_matrices()[self.task_index]
+        if route.task_index is not None:
+            M = self.mixing_matrices()[route.task_index]
             return y + self.scaling * (((x @ self.V) @ M.T) @ self.U.T)
         return y
 

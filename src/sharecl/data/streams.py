@@ -123,8 +123,15 @@ def fmnist_then_mnist(seed: int = 0, train_per_class: int = 200, test_per_class:
     return Stream("fmnist-then-mnist", a.tasks + b.tasks, seed, "til", modality="image", image_size=image_size)
 
 
+def gen5(seed: int = 0, train_size: int = 160, test_size: int = 40) -> Stream:
+    """Five real generation tasks for a causal LM: :func:`sharecl.generation.streams.gen5`."""
+    from sharecl.generation.streams import gen5 as build
+
+    return build(seed, train_size, test_size)
+
+
 STREAMS: dict[str, Callable[..., Stream]] = {"text5": text5, "wordnet-cil": wordnet_cil, "fmnist-cil": fmnist_cil,
-                                             "mnist-cil": mnist_cil, "fmnist-then-mnist": fmnist_then_mnist}
+                                             "mnist-cil": mnist_cil, "fmnist-then-mnist": fmnist_then_mnist, "gen5": gen5}
 
 
 def get_stream(name: str, **kwargs) -> Stream:

@@ -79,7 +79,7 @@ class Stream:
     tasks: list[Task]
     seed: int
     scenario: str = "til"
-    modality: str = "text"  # "text" or "image": which default backbone reads it
+    modality: str = "text"  # "text", "image" or "lm" (generation tasks): which default backbone reads it
     image_size: int | None = None  # pixels per side the backbone sees (image streams)
 
     def __post_init__(self):

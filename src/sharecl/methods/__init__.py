@@ -4,11 +4,11 @@ from sharecl.methods.base import METHODS, ContinualMethod, UnsupportedScenarioEr
 from sharecl.methods.duallora import DualLoRAConfig, DualLoRAMethod
 from sharecl.methods.inflora import InfLoRAConfig, InfLoRAMethod
 from sharecl.methods.lora import JointLoRAMethod, LoRAConfig, LoRAPerTaskMethod, SeqLoRAMethod
-from sharecl.methods.probe import HeadOnlyMethod
+from sharecl.methods.probe import HeadOnlyMethod, ZeroShotMethod
 from sharecl.methods.sdlora import SDLoRAConfig, SDLoRAKDMethod, SDLoRAMethod, SDLoRARRMethod
 from sharecl.methods.share import ShareConfig, ShareMethod
 
 __all__ = ["METHODS", "ContinualMethod", "UnsupportedScenarioError", "build_method", "ShareConfig", "ShareMethod",
-           "LoRAConfig", "LoRAPerTaskMethod", "SeqLoRAMethod", "JointLoRAMethod", "HeadOnlyMethod",
+           "LoRAConfig", "LoRAPerTaskMethod", "SeqLoRAMethod", "JointLoRAMethod", "HeadOnlyMethod", "ZeroShotMethod",
            "InfLoRAConfig", "InfLoRAMethod", "SDLoRAConfig", "SDLoRAMethod", "SDLoRARRMethod", "SDLoRAKDMethod",
            "DualLoRAConfig", "DualLoRAMethod"]

@@ -1,14 +1,19 @@
 """What every continual method provides, and the registry of methods.
 
-A method owns one backbone (an :class:`~sharecl.backbone.Encoder`) and the per-task heads.
-For each task the shared loop calls :meth:`ContinualMethod.begin_task` (returns parameter
-groups to train), trains through :meth:`ContinualMethod.logits`, then calls
-:meth:`ContinualMethod.end_task` (between-task work: merges, memories). Evaluation calls
-:meth:`ContinualMethod.logits` with ``training=False``.
+A method wraps one backbone (an :class:`~sharecl.backbone.Encoder`, a
+:class:`~sharecl.generation.lm.CausalLM`, or any HF model through :func:`sharecl.wrap`, :mod:`sharecl.wrapping`). For
+each task the shared loop calls :meth:`ContinualMethod.begin_task` (returns parameter groups
+to train), trains, then calls :meth:`ContinualMethod.end_task` (between-task work: merges,
+memories). What a task *scores* is the task's business: a classification task gets a head
+(kept in :attr:`ContinualMethod.heads`, trained through :meth:`ContinualMethod.logits`), a
+generation task none (trained through :meth:`ContinualMethod.lm_loss`, evaluated by generating
+under ``with method.task(name)``). Methods differ only in their adapters and in
+:meth:`ContinualMethod.routed`: which adapter state a forward for one task uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from abc import ABC, abstractmethod
@@ -19,6 +24,7 @@ from torch import nn
 
 from sharecl.backbone import Encoder, TaskHeads
 from sharecl.data.tasks import Task
+from sharecl.routing import Router
 from sharecl.train import PeakRSS, TrainConfig, train_steps
 
 __all__ = ["ContinualMethod", "METHODS", "register", "build_method", "UnsupportedScenarioError"]
@@ -45,6 +51,8 @@ class ContinualMethod(ABC):
     task_independent_backbone: ClassVar[bool] = False
     #: the dataclass holding the method's options (``self.config``)
     config_class: ClassVar[type | None] = None
+    #: the kinds of task the method learns: ``classification`` (a head) and/or ``generation`` (a causal LM)
+    task_kinds: ClassVar[tuple[str, ...]] = ("classification", "generation")
 
     @classmethod
     def default_config(cls, **overrides) -> dict:
@@ -63,15 +71,16 @@ class ContinualMethod(ABC):
         self.encoder = encoder
         self.heads = TaskHeads(encoder.hidden_size, encoder.device)
         self.task_names: list[str] = []
-        self.task_classes: dict[str, list[str]] = {}
+        self.task_classes: dict[str, list[str]] = {}  # [] for a generation task
         self.seed = seed
         self.num_tasks: int | None = None
         self.layers: dict[str, nn.Module] = {}
+        self.router = Router()  # handed to every layer the method wraps (sharecl.routing)
 
     @property
     def modality(self) -> str:
-        """``image`` for a vision backbone, else ``text``."""
-        return "image" if self.encoder.images is not None else "text"
+        """``image`` for a vision backbone, ``lm`` for a causal LM, else ``text``."""
+        return getattr(self.encoder, "modality", None) or ("image" if self.encoder.images is not None else "text")
 
     def begin_stream(self, num_tasks: int | None) -> None:
         """Told once before a stream of ``num_tasks`` tasks (None: open-ended, e.g. a store)."""
@@ -87,25 +96,83 @@ class ContinualMethod(ABC):
         """A CPU generator seeded from the method seed, the task count and ``salt``."""
         return torch.Generator().manual_seed(self.seed * 100_003 + len(self.task_names) * 1_009 + salt)
 
-    def _add_task(self, task: Task) -> nn.Linear:
+    def _add_task(self, task: Task) -> nn.Linear | None:
+        """Register ``task``; returns its new head, or None for a task without one (generation)."""
         if task.name in self.task_classes:
             raise ValueError(f"task {task.name!r} already exists; choose another name")
-        head = self.heads.add(task.name, task.num_classes, self.generator(7))
+        classes = list(getattr(task, "classes", []))
+        head = self.heads.add(task.name, task.num_classes, self.generator(7)) if classes else None
         self.task_names.append(task.name)
-        self.task_classes[task.name] = list(task.classes)
+        self.task_classes[task.name] = classes
         return head
+
+    @staticmethod
+    def _head_groups(head: nn.Linear | None, cfg: TrainConfig) -> list[dict]:
+        """The AdamW group of a task's head (none for a task without a head)."""
+        return [] if head is None else [{"params": list(head.parameters()), "lr": cfg.head_lr}]
 
     @abstractmethod
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
-        """Prepare to train ``task``; returns AdamW parameter groups (adapter and head)."""
+        """Prepare to train ``task``; returns AdamW parameter groups (adapter, and head if any)."""
 
     @abstractmethod
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         """Between-task work after training ``task``; returns JSON-ready info."""
 
-    @abstractmethod
+    # -- routing ---------------------------------------------------------------
+    def routed(self, task_name: str, training: bool = False) -> contextlib.AbstractContextManager:
+        """A context in which the wrapped model computes for ``task_name`` (``training``: for the
+        task being learned, whose trainable state the layers hold). Default: nothing to route
+        (every task shares the current weights: InfLoRA, SD-LoRA). Overridden by methods whose
+        layers keep tasks apart (Share, DualLoRA, LoRA per task).
+
+        Raises:
+            KeyError: for an unknown task.
+        """
+        self.check_task(task_name)
+        return contextlib.nullcontext()
+
+    def task(self, task_name: str) -> contextlib.AbstractContextManager:
+        """``with method.task(name): model.generate(...)``: inference for one learned task.
+
+        Raises:
+            KeyError: for an unknown task.
+        """
+        return self.routed(task_name, training=False)
+
     def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
-        """Logits ``(N, num_classes of task)`` for raw inputs under ``task_name``'s adapter and head."""
+        """Logits ``(N, num_classes of task)`` for raw inputs under ``task_name``'s adapter and head.
+
+        Raises:
+            KeyError: for an unknown task; ValueError: for a task without a head (generation).
+        """
+        with self.routed(task_name, training):
+            if task_name not in self.heads:
+                raise ValueError(f"task {task_name!r} is a generation task and has no classification head")
+            return self._encode_head(inputs, task_name, training)
+
+    def lm_loss(self, examples: list, task_name: str, training: bool = False) -> torch.Tensor:
+        """Mean token cross-entropy (0-dim float32) of the targets of ``(prompt, target)`` pairs,
+        prompts and padding masked (METHODS.md §6), under ``task_name``'s adapter.
+
+        Raises:
+            KeyError: for an unknown task; TypeError: if the backbone is not a causal LM.
+        """
+        from sharecl.generation.lm import CausalLM
+
+        if not isinstance(self.encoder, CausalLM):
+            raise TypeError(f"lm_loss needs a causal LM backbone, this method wraps a {type(self.encoder).__name__}")
+        with self.routed(task_name, training), torch.set_grad_enabled(training and torch.is_grad_enabled()):
+            batch = self.encoder.tokenize(examples)
+            with self.router.use(token_mask=batch["attention_mask"].bool()):
+                return self.encoder.loss(batch)
+
+    def training_forward(self, task: Task):
+        """What :func:`sharecl.train.train_steps` calls on a batch of ``task``'s training inputs:
+        logits for a classification task, the loss itself for a generation task."""
+        if getattr(task, "kind", "classification") == "generation":
+            return lambda xs: self.lm_loss(xs, task.name, training=True)
+        return lambda xs: self.logits(xs, task.name, training=True)
 
     def learn(self, task: Task, cfg: TrainConfig, *, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         """Train one task end to end (begin, train, end). Restores nothing on failure: callers
@@ -113,7 +180,7 @@ class ContinualMethod(ABC):
         rate gets the modality's default (:meth:`TrainConfig.resolved`)."""
         cfg = cfg.resolved(self.modality)
         groups = self.begin_task(task, cfg)
-        losses = train_steps(lambda xs: self.logits(xs, task.name, training=True), groups, task, cfg,
+        losses = train_steps(self.training_forward(task), groups, task, cfg,
                              desc=f"{self.name} · {task.name}", generator=self.generator(11), rss=rss, progress=progress)
         info = self.end_task(task, cfg, rss=rss, progress=progress)
         return {"final_loss": losses[-1] if losses else None, **info}
@@ -137,23 +204,15 @@ class ContinualMethod(ABC):
 
     def head_numbers_per_task(self) -> float:
         """Numbers stored per task outside the adapter: its head (Share adds its class prototypes)."""
-        sizes = [sum(p.numel() for p in self.heads.heads[n].parameters()) for n in self.task_names]
+        sizes = [sum(p.numel() for p in self.heads.heads[n].parameters()) if n in self.heads else 0 for n in self.task_names]
         return sum(sizes) / max(len(sizes), 1)
 
     def _features(self, inputs: list) -> torch.Tensor:
-        """Pooled backbone features ``(N, hidden)``; tells covariance-aware layers which tokens are real."""
-        from sharecl.adapters.branches import StatsLinear
-
+        """Pooled backbone features ``(N, hidden)``; the route tells covariance-aware layers which tokens are real."""
         batch = self.encoder.tokenize(inputs)
-        stats = [m for m in self.layers.values() if isinstance(m, StatsLinear)]
         mask = batch["attention_mask"].bool() if "attention_mask" in batch else None  # images: every token is real
-        for m in stats:
-            m.token_mask = mask
-        try:
+        with self.router.use(token_mask=mask):
             return self.encoder.encode(batch)
-        finally:
-            for m in stats:
-                m.token_mask = None
 
     def _encode_head(self, inputs: list, task_name: str, training: bool) -> torch.Tensor:
         """Backbone + task head; builds an autograd graph only when ``training``."""
@@ -223,14 +282,10 @@ class ContinualMethod(ABC):
         layers = self.layers
         for m in layers.values():
             m.reset_stats()
-            m.collect = True
         mine = dist.shard(inputs)
-        try:
+        with self.router.use(collect=True):
             for i in range(0, len(mine), batch_size):
                 self._features(mine[i: i + batch_size])
-        finally:
-            for m in layers.values():
-                m.collect = False
         for m in layers.values():
             m.reduce_stats()
         return {n: m.covariance().cpu() for n, m in layers.items()}  # GPM algebra runs on the CPU

@@ -96,40 +96,39 @@ class DualLoRAMethod(ContinualMethod):
     config_class = DualLoRAConfig
     scenarios = ("til", "cil")
     storable = True
+    needs_data = True  # designs its adapter from the task's input covariances
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: DualLoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
         self.config = config or DualLoRAConfig(**overrides)
         cfg = self.config
         cfg.target_modules = cfg.target_modules or default_targets(encoder.model)
-        self.layers = wrap_targets(encoder.model, cfg.target_modules, lambda lin: DualLoRALinear(lin, cfg.lora_alpha / cfg.r))
+        self.layers = wrap_targets(encoder.model, cfg.target_modules, lambda lin: DualLoRALinear(lin, cfg.lora_alpha / cfg.r, self.router))
         for layer in self.layers.values():
             layer.temperature = cfg.temperature
         self.memory = {n: DualGPM(m.in_features) for n, m in self.layers.items()}
         self.last_task_prediction: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _route(self, task_index: int | None) -> None:
-        for layer in self.layers.values():
-            layer.task_index = task_index
+    def routed(self, task_name: str, training: bool = False):
+        """Task ``task_name``'s residual adapter alone (training and task-incremental inference)."""
+        self.check_task(task_name)
+        return self.router.use(task_index=self.task_names.index(task_name))
 
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
         head = self._add_task(task)
-        self._route(None)
-        covs = self.input_covariances(task.train_inputs, cfg.eval_batch_size)
+        with self.router.nowhere():
+            covs = self.input_covariances(task.train_inputs, cfg.eval_batch_size)
         gen = self.generator(9)
         params = []
         for n, layer in self.layers.items():
             mem = self.memory[n]
             params += layer.begin_task(self.config.r, mem.design(covs[n], self.config.residual_rank).T, mem.protected(), gen)
-        return [{"params": params, "lr": self.config.lr or cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
+        return [{"params": params, "lr": self.config.lr or cfg.lr}, *self._head_groups(head, cfg)]
 
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         t = len(self.task_names) - 1
-        self._route(t)
-        try:
+        with self.router.use(task_index=t):
             covs = self.input_covariances(task.train_inputs, cfg.eval_batch_size)
-        finally:
-            self._route(None)
         eps_t = memory_threshold(self.config.eps, t, self.num_tasks)
         shares = []
         for n, layer in self.layers.items():
@@ -141,19 +140,11 @@ class DualLoRAMethod(ContinualMethod):
         dims = [m.dim for m in self.memory.values()]
         return {"threshold": eps_t, "memory_dim_mean": sum(dims) / len(dims), "residual_energy_mean": sum(shares) / len(shares)}
 
-    def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
-        self.check_task(task_name)
-        self._route(self.task_names.index(task_name))
-        try:
-            return self._encode_head(inputs, task_name, training)
-        finally:
-            self._route(None)
-
     @torch.no_grad()
     def cil_logits(self, inputs: list) -> torch.Tensor:
         """Dynamic-memory forward, then task identity and calibration (see module docstring)."""
-        self._route(None)
-        logits = self._concat_heads(self._features(inputs))
+        with self.router.nowhere():
+            logits = self._concat_heads(self._features(inputs))
         rho = torch.stack([layer.last_relevance for layer in self.layers.values()]).mean(0)  # (N, T)
         p = torch.softmax(rho / self.config.temperature, -1)
         top = p.topk(min(2, p.shape[-1]), -1)

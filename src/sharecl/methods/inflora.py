@@ -78,13 +78,14 @@ class InfLoRAMethod(ContinualMethod):
     config_class = InfLoRAConfig
     scenarios = ("til", "cil")
     storable = True
+    needs_data = True  # designs its adapter from the task's input covariances
     task_independent_backbone = True  # every task's B_t A_t is merged into W
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: InfLoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
         self.config = config or InfLoRAConfig(**overrides)
         self.config.target_modules = self.config.target_modules or default_targets(encoder.model)
-        self.layers = wrap_targets(encoder.model, self.config.target_modules, InfLoRALinear)
+        self.layers = wrap_targets(encoder.model, self.config.target_modules, lambda lin: InfLoRALinear(lin, self.router))
         self.memory = {n: DualGPM(m.in_features) for n, m in self.layers.items()}
         self.thresholds: list[float] = []
 
@@ -95,7 +96,7 @@ class InfLoRAMethod(ContinualMethod):
         for n, layer in self.layers.items():
             A = self.memory[n].design(covs[n], self.config.r).T
             params.append(layer.begin_task(A * self.config.down_scale))
-        return [{"params": params, "lr": self.config.lr or cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
+        return [{"params": params, "lr": self.config.lr or cfg.lr}, *self._head_groups(head, cfg)]
 
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         covs = self.input_covariances(task.train_inputs, cfg.eval_batch_size)
@@ -106,10 +107,6 @@ class InfLoRAMethod(ContinualMethod):
             layer.merge()
         dims = [m.dim for m in self.memory.values()]
         return {"threshold": eps_t, "memory_dim_mean": sum(dims) / len(dims), "memory_dim_max": max(dims)}
-
-    def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
-        self.check_task(task_name)
-        return self._encode_head(inputs, task_name, training)
 
     # -------------------------------------------------------------- accounting
     def adapter_numbers_per_task(self) -> float:

@@ -10,6 +10,7 @@ Both use the same rank, targets, scaling, steps and seed as Share; heads are per
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -87,17 +88,21 @@ class _PeftLoRA(ContinualMethod):
     def _adapter_of(self, task_name: str) -> str:
         raise NotImplementedError
 
-    def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
+    @contextlib.contextmanager
+    def routed(self, task_name: str, training: bool = False):
+        """The task's PEFT adapter made active (PEFT's ``set_adapter``; it stays active after the
+        block, since switching walks every module: not once per step). PEFT keeps the active
+        adapter on its layers, so two threads must not route one PEFT model to two tasks at once."""
         self.check_task(task_name)
         adapter = self._adapter_of(task_name)
-        if self.peft_model.active_adapter != adapter:  # set_adapter walks every module: not per step
+        if self.peft_model.active_adapter != adapter:
             self.peft_model.set_adapter(adapter)
-        return self._encode_head(inputs, task_name, training)
+        yield
 
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
         head = self._add_task(task)
         params = self._ensure_adapter(self._adapter_of(task.name))
-        return [{"params": params, "lr": self.config.lr or cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
+        return [{"params": params, "lr": self.config.lr or cfg.lr}, *self._head_groups(head, cfg)]
 
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         for p in self.peft_model.parameters():
@@ -168,6 +173,16 @@ class JointLoRAMethod(_PeftLoRA):
         cfg = cfg.resolved(self.modality)
         heads = [self._add_task(t) for t in tasks]
         params = self._ensure_adapter("joint")
+        if all(getattr(t, "kind", "") == "generation" for t in tasks):  # one causal-LM loss over every task's pairs
+            from sharecl.generation.tasks import GenerationTask
+
+            union = GenerationTask("joint", [ex for t in tasks for ex in t.train_inputs], [])
+            losses = train_steps(lambda xs: self.lm_loss(xs, tasks[0].name, training=True), [{"params": params, "lr": self.config.lr or cfg.lr}],
+                                 union, cfg, steps=cfg.steps * len(tasks), desc=f"{self.name} · all tasks",
+                                 generator=self.generator(11), rss=rss, progress=progress)
+            for p in self.peft_model.parameters():
+                p.requires_grad_(False)
+            return {"final_loss": losses[-1] if losses else None}
         offsets = self.class_offsets()
         inputs, labels, classes = [], [], []
         for i, t in enumerate(tasks):

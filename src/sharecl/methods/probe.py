@@ -15,7 +15,7 @@ from sharecl.data.tasks import Task
 from sharecl.methods.base import ContinualMethod, register
 from sharecl.train import PeakRSS, TrainConfig
 
-__all__ = ["HeadOnlyMethod"]
+__all__ = ["HeadOnlyMethod", "ZeroShotMethod"]
 
 
 @dataclass
@@ -33,23 +33,36 @@ class HeadOnlyMethod(ContinualMethod):
     name = "head-only"
     config_class = HeadOnlyConfig
     scenarios = ("til", "cil")
+    task_kinds = ("classification",)  # without a head it is the zero-shot model: see ZeroShotMethod
 
     def __init__(self, encoder, seed: int = 0, **overrides):
         super().__init__(encoder, seed)
         self.config = HeadOnlyConfig()
 
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
-        return [{"params": list(self._add_task(task).parameters()), "lr": cfg.head_lr}]
+        return self._head_groups(self._add_task(task), cfg)
 
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         return {}
-
-    def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
-        self.check_task(task_name)
-        return self._encode_head(inputs, task_name, training)
 
     def adapter_numbers_per_task(self) -> float:
         return 0.0
 
     def trainable_numbers_last_task(self) -> int:
         return 0
+
+
+@register
+class ZeroShotMethod(HeadOnlyMethod):
+    """The base model as it is: the floor row of a generation stream (METHODS.md §6). Nothing is
+    trained; every task is answered by the frozen pretrained causal LM."""
+
+    name = "zero-shot"
+    scenarios = ("til",)
+    task_kinds = ("generation",)
+
+    def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
+        if getattr(task, "kind", "classification") != "generation":
+            raise ValueError(f"zero-shot answers generation tasks; {task.name!r} is a classification task: use head-only")
+        self._add_task(task)
+        return []

@@ -119,7 +119,7 @@ class SDLoRAMethod(ContinualMethod):
         self.config = config or SDLoRAConfig(**{**self._variant, **overrides})
         self.config.target_modules = self.config.target_modules or default_targets(encoder.model)
         s = self.config.lora_alpha / self.config.r
-        self.layers = wrap_targets(encoder.model, self.config.target_modules, lambda lin: SDLoRALinear(lin, s))
+        self.layers = wrap_targets(encoder.model, self.config.target_modules, lambda lin: SDLoRALinear(lin, s, self.router))
         self.magnitudes: list[nn.Parameter] = []
         for layer in self.layers.values():
             layer.magnitudes = self.magnitudes  # one list, shared by every layer
@@ -136,7 +136,7 @@ class SDLoRAMethod(ContinualMethod):
             a.requires_grad_(True)
         self._trainable = sum(p.numel() for p in factors) + len(self.magnitudes)
         lr = self.config.lr or cfg.lr
-        return [{"params": factors + list(self.magnitudes), "lr": lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
+        return [{"params": factors + list(self.magnitudes), "lr": lr}, *self._head_groups(head, cfg)]
 
     @torch.no_grad()
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
@@ -173,10 +173,6 @@ class SDLoRAMethod(ContinualMethod):
             for layer in layers:
                 layer.drop_last_direction()
         return fit
-
-    def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
-        self.check_task(task_name)
-        return self._encode_head(inputs, task_name, training)
 
     # -------------------------------------------------------------- accounting
     def adapter_numbers_per_task(self) -> float:

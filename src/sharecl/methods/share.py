@@ -130,16 +130,19 @@ class ShareMethod(ContinualMethod):
         self.config.target_modules = targets
         cfg = self.config
         self.layers: dict[str, ShareLinear] = wrap_targets(
-            encoder.model, targets, lambda lin: ShareLinear(lin, scaling=cfg.scaling, p=cfg.p))
+            encoder.model, targets, lambda lin: ShareLinear(lin, scaling=cfg.scaling, p=cfg.p, router=self.router))
         self.drift: list[dict] = []
         self.kinds: dict[str, str] = {}
         self.prototypes: dict[str, torch.Tensor] = {}  # task → class-mean features (C, hidden) under its own ΔW
         self._last_trainable = 0
 
     # ----------------------------------------------------------------- routing
-    def _route(self, *, task_index: int | None = None, row_tasks: torch.Tensor | None = None) -> None:
-        for layer in self.layers.values():
-            layer.task_index, layer.row_tasks = task_index, row_tasks
+    def routed(self, task_name: str, training: bool = False):
+        """Training: the layers' trainable state (no route); inference: the task's coefficients."""
+        if training:
+            self.check_task(task_name)
+            return self.router.nowhere()
+        return self.router.use(task_index=self.index(task_name), row_tasks=None)
 
     def index(self, task_name: str) -> int:
         self.check_task(task_name)
@@ -154,17 +157,7 @@ class ShareMethod(ContinualMethod):
         self.kinds[task.name] = "data"
         adapter = [p for s in states for p in s.parameters()]
         self._last_trainable = sum(p.numel() for p in adapter)
-        return [{"params": adapter, "lr": self.config.lr or cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
-
-    def logits(self, inputs: list, task_name: str, training: bool = False) -> torch.Tensor:
-        if training:
-            self._route()
-        else:
-            self._route(task_index=self.index(task_name))
-        try:
-            return self._encode_head(inputs, task_name, training)
-        finally:
-            self._route()
+        return [{"params": adapter, "lr": self.config.lr or cfg.lr}, *self._head_groups(head, cfg)]
 
     def _merge_new(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], task_name: str) -> dict:
         """Merge one new task's factors ``{layer: (B, A)}`` into every layer; record drift."""
@@ -196,16 +189,17 @@ class ShareMethod(ContinualMethod):
             idx = self.index(task.name)
             states = [layer.begin_finetune(idx) for layer in self.layers.values()]
             params = [p for s in states for p in s.parameters()]
-            head = list(self.heads.heads[task.name].parameters())
+            head = self.heads.heads[task.name] if task.name in self.heads else None
             try:
-                train_steps(lambda xs: self.logits(xs, task.name, training=True),
-                            [{"params": params, "lr": self.config.lr or cfg.lr}, {"params": head, "lr": cfg.head_lr}],
+                train_steps(self.training_forward(task),
+                            [{"params": params, "lr": self.config.lr or cfg.lr}, *self._head_groups(head, cfg)],
                             task, cfg, steps=self.config.merge_finetune_steps, desc=f"share · {task.name} · finetune",
                             generator=self.generator(13), rss=rss, progress=progress)
             finally:
                 for layer in self.layers.values():
                     layer.end_finetune()
-        self.prototypes[task.name] = self.class_prototypes(task, cfg.eval_batch_size)
+        if task.name in self.heads:  # class prototypes identify the task in class-incremental inference
+            self.prototypes[task.name] = self.class_prototypes(task, cfg.eval_batch_size)
         return {"merge": record}
 
     @torch.no_grad()
@@ -224,14 +218,11 @@ class ShareMethod(ContinualMethod):
         sums = torch.zeros(C, self.encoder.hidden_size, dtype=torch.float64)
         counts = torch.zeros(C, dtype=torch.float64)
         xs, ys = dist.shard(task.train_inputs), dist.shard(task.train_labels)
-        self._route(task_index=self.index(task.name))
-        try:
+        with self.task(task.name):
             for i in range(0, len(xs), batch_size):
                 y = torch.tensor(ys[i: i + batch_size])
                 sums.index_add_(0, y, self._features(xs[i: i + batch_size]).double().cpu())
                 counts += torch.bincount(y, minlength=C).double()
-        finally:
-            self._route()
         sums, counts = dist.all_reduce_sum(sums), dist.all_reduce_sum(counts)
         return (sums / counts.clamp_min(1.0)[:, None]).float()
 
@@ -283,11 +274,8 @@ class ShareMethod(ContinualMethod):
         if len(inputs) != len(task_names):
             raise ValueError(f"{len(inputs)} inputs but {len(task_names)} task names")
         rows = torch.tensor([self.index(t) for t in task_names], dtype=torch.long, device=self.encoder.device)
-        self._route(row_tasks=rows)
-        try:
+        with self.router.use(task_index=None, row_tasks=rows):
             z = self.encoder.encode(self.encoder.tokenize(inputs))
-        finally:
-            self._route()
         return [self.heads(z[i: i + 1], t)[0] for i, t in enumerate(task_names)]
 
     @torch.no_grad()
@@ -332,11 +320,8 @@ class ShareMethod(ContinualMethod):
                              f"use the 'energy' score for this store")
         T, N = len(self.task_names), len(inputs)
         rows = torch.arange(T, device=self.encoder.device).repeat_interleave(N)
-        self._route(row_tasks=rows)
-        try:
+        with self.router.use(task_index=None, row_tasks=rows):
             z = self._features(list(inputs) * T)
-        finally:
-            self._route()
         out = []
         for i, t in enumerate(self.task_names):
             logits = self.heads(z[i * N:(i + 1) * N], t)

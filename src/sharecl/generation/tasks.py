@@ -1,0 +1,169 @@
+"""Generation tasks: (prompt, target) pairs scored by exact match or ROUGE-L (METHODS.md §6).
+
+A :class:`GenerationTask` holds fixed train and test splits of ``(prompt, target)`` string
+pairs, the metric it is scored by and how many tokens an answer may take. Users' tasks come
+from CSV or JSONL files with ``prompt`` / ``completion`` columns, or a ``messages`` column in
+chat form (a user turn, then the assistant's answer), or a ``datasets`` directory written by
+``save_to_disk``; :func:`load_generation_file` reads them with the ``datasets`` library.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sharecl.data.tasks import check_task_name
+from sharecl.generation.scoring import METRICS
+
+__all__ = ["GenerationTask", "split_pairs", "read_pairs", "load_generation_file", "GenerationDataError"]
+
+
+class GenerationDataError(ValueError):
+    """A generation data file that cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class GenerationTask:
+    """One generation task.
+
+    Attributes:
+        name: task name (:func:`sharecl.data.tasks.check_task_name`).
+        train_inputs, test_inputs: ``(prompt, target)`` string pairs.
+        metric: ``exact-match`` or ``rouge-l`` (:mod:`sharecl.generation.scoring`).
+        max_new_tokens: the most tokens an answer may take at evaluation.
+        meta: where the data came from, seed, sizes: recorded in run manifests.
+    """
+
+    name: str
+    train_inputs: list[tuple[str, str]]
+    test_inputs: list[tuple[str, str]]
+    metric: str = "rouge-l"
+    max_new_tokens: int = 32
+    meta: dict = field(default_factory=dict)
+    kind = "generation"
+    classes: tuple = ()
+
+    def __post_init__(self):
+        check_task_name(self.name)
+        if self.metric not in METRICS:
+            raise ValueError(f"task {self.name!r}: metric must be one of {METRICS}, got {self.metric!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"task {self.name!r}: max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if not self.train_inputs:
+            raise ValueError(f"task {self.name!r} has no training examples")
+        for split in (self.train_inputs, self.test_inputs):
+            for ex in split:
+                if not (isinstance(ex, tuple) and len(ex) == 2 and all(isinstance(s, str) for s in ex)):
+                    raise ValueError(f"task {self.name!r}: an example must be a (prompt, target) pair of strings, got {ex!r:.80}")
+
+    @property
+    def train_labels(self) -> list:
+        return []
+
+    @property
+    def num_classes(self) -> int:
+        return 0
+
+    def describe(self) -> dict:
+        """JSON-ready summary: name, kind, metric, sizes, meta, and one training example."""
+        return {"name": self.name, "kind": self.kind, "metric": self.metric, "max_new_tokens": self.max_new_tokens,
+                "train_size": len(self.train_inputs), "test_size": len(self.test_inputs),
+                "example": list(self.train_inputs[0]), **self.meta}
+
+
+def split_pairs(name: str, pairs: list[tuple[str, str]], *, seed: int, train_size: int | None, test_size: int | None,
+                test_fraction: float = 0.2, metric: str = "rouge-l", max_new_tokens: int = 32,
+                meta: dict | None = None) -> GenerationTask:
+    """A task from ``pairs`` with a seeded split; a prompt appearing twice is kept once (its first
+    target), so no test prompt is also a training prompt.
+
+    The pairs are sorted, then shuffled with ``random.Random(f"{seed}:{name}")``: the split depends
+    on nothing but the data and the seed. The first ``test_size`` go to test, the next
+    ``train_size`` to train (without sizes a ``test_fraction`` is held out).
+
+    Raises:
+        ValueError: if too few distinct prompts remain for a training split.
+    """
+    first: dict[str, str] = {}
+    for p, t in pairs:
+        first.setdefault(p, t)
+    items = sorted(first.items())
+    random.Random(f"{seed}:{name}").shuffle(items)
+    n_test = test_size if test_size is not None else max(1, round(len(items) * test_fraction))
+    test, rest = items[:n_test], items[n_test:]
+    train = rest[:train_size] if train_size is not None else rest
+    if not train:
+        raise ValueError(f"task {name!r}: {len(items)} distinct prompts leave none for training after {n_test} test examples")
+    info = {"seed": seed, "train_size": len(train), "test_size": len(test), **(meta or {})}
+    return GenerationTask(name, train, test, metric, max_new_tokens, info)
+
+
+def _chat_pair(messages, where: str) -> tuple[str, str]:
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise GenerationDataError(f"{where}: 'messages' must be a list of at least a user and an assistant turn")
+    try:
+        users = [m["content"] for m in messages[:-1] if m["role"] == "user"]
+        last = messages[-1]
+        role, answer = last["role"], last["content"]
+    except (KeyError, TypeError):
+        raise GenerationDataError(f"{where}: each message needs 'role' and 'content'") from None
+    if role != "assistant" or not users:
+        raise GenerationDataError(f"{where}: the last message must be the assistant's answer, after a user turn")
+    return "\n\n".join(str(u) for u in users), str(answer)
+
+
+def read_pairs(path: str | Path, *, prompt_column: str = "prompt", completion_column: str = "completion") -> list[tuple[str, str]]:
+    """``(prompt, target)`` pairs from a ``.csv``, ``.jsonl``/``.json`` file or a ``save_to_disk`` directory.
+
+    Columns: ``prompt`` and ``completion`` (names configurable), or ``messages`` (chat form: the
+    user turns joined form the prompt, the final assistant turn is the target).
+
+    Raises:
+        GenerationDataError: for a missing, empty or unreadable file, missing columns, or empty values.
+    """
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        raise GenerationDataError(f"data file {p} does not exist")
+    datasets.disable_progress_bars()
+    try:
+        if p.is_dir():
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        elif p.suffix.lower() in (".csv", ".jsonl", ".json"):
+            if p.stat().st_size == 0:
+                raise GenerationDataError(f"data file {p} is empty; it needs '{prompt_column}' and '{completion_column}' "
+                                          f"columns, or 'messages'")
+            ds = datasets.load_dataset("csv" if p.suffix.lower() == ".csv" else "json", data_files=str(p), split="train")
+        else:
+            raise GenerationDataError(f"unsupported data file {p}: use .csv, .jsonl or a datasets save_to_disk directory")
+    except GenerationDataError:
+        raise
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise GenerationDataError(f"cannot read {p}: {type(exc).__name__}: {exc}") from exc
+    cols = ds.column_names
+    out = []
+    if prompt_column in cols and completion_column in cols:
+        for i, row in enumerate(ds):
+            pr, co = row[prompt_column], row[completion_column]
+            if not isinstance(pr, str) or not isinstance(co, str) or not pr.strip() or not co.strip():
+                raise GenerationDataError(f"{p} row {i + 1}: '{prompt_column}' and '{completion_column}' must be non-empty text")
+            out.append((pr, co))
+    elif "messages" in cols:
+        out = [_chat_pair(row["messages"], f"{p} row {i + 1}") for i, row in enumerate(ds)]
+    else:
+        raise GenerationDataError(f"{p} needs '{prompt_column}' and '{completion_column}' columns, or 'messages'; it has {cols}")
+    if not out:
+        raise GenerationDataError(f"{p} has no rows")
+    return out
+
+
+def load_generation_file(name: str, path: str | Path, *, seed: int = 0, test_fraction: float = 0.2, metric: str = "rouge-l",
+                         max_new_tokens: int = 32, **columns) -> GenerationTask:
+    """A :class:`GenerationTask` from one data file (:func:`read_pairs`), split by :func:`split_pairs`."""
+    pairs = read_pairs(path, **columns)
+    return split_pairs(name, pairs, seed=seed, train_size=None, test_size=None, test_fraction=test_fraction,
+                       metric=metric, max_new_tokens=max_new_tokens, meta={"source": str(path)})

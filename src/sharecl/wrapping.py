@@ -1,0 +1,176 @@
+"""``sharecl.wrap``: continual learning on a Hugging Face model the user has already loaded,
+trained with the user's own loop or ``transformers.Trainer``.
+
+```python
+model = AutoModelForCausalLM.from_pretrained(path)
+cl = sharecl.wrap(model, ShareConfig(k=32, p=4))
+params = cl.begin_task("headlines")        # the tensors to train; everything else is frozen
+...                                        # train model(**batch).loss with any optimiser / Trainer
+cl.end_task()                              # Share's merge, InfLoRA's memory update, SD-LoRA's freeze, …
+with cl.task("headlines"):
+    out = model.generate(**inputs)
+```
+
+The method's layers replace the model's target linear layers in place (PEFT-style), so
+``model`` itself is what the user trains and calls. A task's routing is the ``cl.task(name)``
+context (:mod:`sharecl.routing`): per thread, restored on exit. Methods that design their
+adapter from the task's inputs (InfLoRA, DualLoRA) need ``data``: an iterable of model-input
+batches (dicts with ``input_ids`` / ``attention_mask``, as a ``DataLoader`` yields), read once at
+``begin_task`` and once at ``end_task`` without gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["ContinualModel", "wrap", "method_for_config"]
+
+
+class _ModelBackbone:
+    """The little a method needs from a user's model: the module, its device and hidden size,
+    and a forward on batches the user already tokenised."""
+
+    images = None
+
+    def __init__(self, model: nn.Module, modality: str):
+        self.model = model
+        self.modality = modality
+        self.path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+        p = next(iter(model.parameters()), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+        cfg = getattr(model, "config", None)
+        self.hidden_size = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "d_model", 0) or 1)
+
+    def tokenize(self, items: list) -> dict:
+        if len(items) != 1 or not isinstance(items[0], Mapping):
+            raise TypeError("data for a wrapped model must be an iterable of model-input dicts (a DataLoader's batches)")
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in items[0].items()}
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        keep = {k: v for k, v in batch.items() if k != "labels"}
+        self.model(**keep)
+        return torch.zeros(1, self.hidden_size)
+
+
+class _UserTask:
+    """A task known only by its name (and optionally its input batches)."""
+
+    kind = "user"
+    classes: tuple = ()
+    num_classes = 0
+    train_labels: list = []
+
+    def __init__(self, name: str, batches: list):
+        from sharecl.data.tasks import check_task_name
+
+        self.name = check_task_name(name)
+        self.train_inputs = batches
+
+
+def method_for_config(config) -> str:
+    """The registered method a config object builds: its class's method (LoRAConfig: ``lora-per-task``;
+    an SDLoRAConfig with ``rr`` / ``kd`` set: ``sd-lora-rr`` / ``sd-lora-kd``).
+
+    Raises:
+        TypeError: if no method takes this config class.
+    """
+    from sharecl.methods import METHODS
+
+    names = [n for n, cls in METHODS.items() if cls.config_class is type(config)]
+    if not names:
+        raise TypeError(f"no sharecl method takes a {type(config).__name__}; use one of "
+                        f"{sorted({c.config_class.__name__ for c in METHODS.values() if c.config_class})}")
+    if "sd-lora" in names:
+        return "sd-lora-kd" if getattr(config, "kd", False) else "sd-lora-rr" if getattr(config, "rr", False) else "sd-lora"
+    return "lora-per-task" if "lora-per-task" in names else names[0]
+
+
+class ContinualModel:
+    """A continual method wrapped around a user's model (see the module docstring).
+
+    Attributes:
+        model: the user's model, its target layers replaced in place.
+        method: the :class:`~sharecl.methods.base.ContinualMethod` doing the work.
+    """
+
+    def __init__(self, model: nn.Module, method):
+        self.model = model
+        self.method = method
+        self._current: _UserTask | None = None
+
+    @property
+    def tasks(self) -> list[str]:
+        """Names of the tasks learned (and being learned), in order."""
+        return list(self.method.task_names)
+
+    def begin_task(self, name: str, data: Iterable[Mapping] | None = None, *, lr: float = 1e-3) -> list[nn.Parameter]:
+        """Start learning task ``name``; returns the parameters to train (adapter only: the user's
+        loop owns the loss). ``lr`` is only recorded for methods that read it.
+
+        Raises:
+            RuntimeError: if a task is already open (call :meth:`end_task` first).
+            ValueError: for a bad or existing name, or missing ``data`` for InfLoRA / DualLoRA.
+        """
+        from sharecl.train import TrainConfig
+
+        if self._current is not None:
+            raise RuntimeError(f"task {self._current.name!r} is still being learned; call end_task() first")
+        batches = list(data) if data is not None else []
+        if getattr(self.method, "needs_data", False) and not batches:
+            raise ValueError(f"{self.method.name} designs its adapter from the task's inputs: pass data=<iterable of batches>")
+        task = _UserTask(name, batches)
+        groups = self.method.begin_task(task, TrainConfig(lr=lr, head_lr=lr, eval_batch_size=1))
+        self._current = task
+        return list({id(p): p for g in groups for p in g["params"] if p.requires_grad}.values())
+
+    def end_task(self) -> dict:
+        """Finish the open task (the method's between-task work); returns its JSON-ready info.
+
+        Raises:
+            RuntimeError: if no task is open.
+        """
+        if self._current is None:
+            raise RuntimeError("no task is being learned; call begin_task(name) first")
+        from sharecl.train import TrainConfig
+
+        task, self._current = self._current, None
+        with torch.no_grad():
+            return self.method.end_task(task, TrainConfig(lr=1e-3, eval_batch_size=1), progress=False)
+
+    def task(self, name: str) -> contextlib.AbstractContextManager:
+        """``with cl.task(name): model(...)`` / ``model.generate(...)`` computes for task ``name``.
+
+        Raises:
+            KeyError: for an unknown task.
+        """
+        return self.method.task(name)
+
+
+def wrap(model: nn.Module, config, *, method: str | None = None, seed: int = 0) -> ContinualModel:
+    """Wrap an already-loaded HF model (causal LM, encoder or ViT) with a continual method.
+
+    Args:
+        model: e.g. ``AutoModelForCausalLM.from_pretrained(path)``; its parameters are frozen.
+        config: a method config (``ShareConfig``, ``InfLoRAConfig``, ``SDLoRAConfig``,
+            ``DualLoRAConfig``, ``LoRAConfig``); ``target_modules=None`` takes the family default.
+        method: a registered method name, when the config class serves several (``seq-lora`` for a LoRAConfig).
+        seed: seeds every random initialisation.
+
+    Raises:
+        TypeError: for a config no method takes; KeyError: for an unknown method name.
+    """
+    from sharecl.methods import METHODS
+
+    name = method or method_for_config(config)
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    causal = any(a.endswith("ForCausalLM") for a in getattr(getattr(model, "config", None), "architectures", None) or []) \
+        or hasattr(model, "generate") and hasattr(model, "lm_head")
+    backbone = _ModelBackbone(model, "lm" if causal else "text")
+    return ContinualModel(model, METHODS[name](backbone, seed=seed, config=config))
