@@ -159,11 +159,11 @@ def compare(
 ):
     """Run every method on one stream with the same backbone, targets, rank, budget and seeds; write compare.md/json and plots."""
     dev = _setup_torch(threads, device)
-    from sharecl.compare import ALL_METHODS
+    from sharecl.compare import all_methods
     from sharecl.compare import compare as run_compare
+    from sharecl.data.streams import get_stream
     from sharecl.train import TrainConfig
 
-    names = ALL_METHODS if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     except ValueError:
@@ -171,13 +171,13 @@ def compare(
     out = out or Path(f"runs/compare-{stream}")
     caps = {k: v for k, v in {"train_per_class": train_per_class, "test_per_class": test_per_class,
                               "image_size": image_size}.items() if v is not None}
+    modality = get_stream(stream, seed=seed_list[0] if seed_list else 0, **caps).modality
+    names = all_methods(modality) if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
     if lr is None:
-        from sharecl.data.streams import get_stream
-
-        lr = _default_lr(get_stream(stream, seed=seed_list[0] if seed_list else 0, **caps).modality)
+        lr = _default_lr(modality)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, augment=augment,
                       warmup_steps=warmup_steps, max_grad_norm=max_grad_norm)
-    configs = {m: ({} if m == "head-only" else {"r": rank}) for m in names}
+    configs = {m: ({} if m in ("head-only", "zero-shot") else {"r": rank}) for m in names}
     if "share" in configs:
         configs["share"].update(_share_options(k, p, None, rank, 2, "zero", 0))
     for item in set_ or []:

@@ -21,10 +21,17 @@ from sharecl.data.streams import get_stream
 from sharecl.methods.base import METHODS
 from sharecl.train import TrainConfig
 
-__all__ = ["ALL_METHODS", "METRICS", "compare", "aggregate", "write_report"]
+__all__ = ["ALL_METHODS", "METRICS", "all_methods", "compare", "aggregate", "write_report"]
 
 #: What ``--methods all`` runs: the founding papers' methods and the baselines.
-ALL_METHODS = ["share", "inflora", "sd-lora", "dual-lora", "lora-per-task", "seq-lora", "joint-lora", "head-only"]
+ALL_METHODS = ["share", "inflora", "sd-lora", "dual-lora", "lora-per-task", "seq-lora", "joint-lora", "head-only", "zero-shot"]
+
+
+def all_methods(modality: str) -> list[str]:
+    """:data:`ALL_METHODS` that learn a stream of ``modality``'s tasks (``lm``: generation, where the
+    zero-shot model is the floor; else classification, where head-only is)."""
+    kind = "generation" if modality == "lm" else "classification"
+    return [m for m in ALL_METHODS if kind in METHODS[m].task_kinds]
 
 #: (results.json key, column title, scale) of the comparison table; accuracies in %.
 METRICS = [
@@ -32,6 +39,7 @@ METRICS = [
     ("forgetting", "forgetting", 100), ("bwt", "BWT", 100), ("til_final_average_accuracy", "TIL final acc %", 100),
     ("trainable_params_last_task", "trainable / task", 1), ("bytes_per_task", "bytes / task", 1),
     ("bytes_shared", "bytes shared", 1), ("head_bytes_per_task", "head bytes / task", 1), ("train_seconds_total", "train s", 1),
+    ("fwt", "FWT %", 100),
 ]
 
 
@@ -81,11 +89,17 @@ def _cell(v: dict, scale: float) -> str:
 def write_report(summary: dict, out: Path, stream: str, scenario: str, skipped: dict[str, str]) -> str:
     """Write ``compare.md``, ``compare.json`` and the two plots; returns the markdown."""
     kind = "class-incremental (no task id)" if scenario == "cil" else "task-incremental"
-    cols = [(k, t, s) for k, t, s in METRICS if k != "til_final_average_accuracy" or scenario == "cil"]
+    generation = any(e.get("fwt", {}).get("mean") is not None for e in summary.values())
+    cols = [(k, t, s) for k, t, s in METRICS if (k != "til_final_average_accuracy" or scenario == "cil")
+            and (k != "fwt" or generation)]
+    if generation:  # scores are each task's metric (ROUGE-L or exact match)
+        cols = [(k, t.replace("acc", "score"), s) for k, t, s in cols]
+    what = ("Scores in % (each task's metric: ROUGE-L F1 or exact match; FWT = mean score of each task right after it "
+            "is learned); zero-shot is the base model untouched") if generation else "Accuracies in %"
     lines = [f"# sharecl compare: `{stream}`, {kind}", "",
              "Mean ± sample std over seeds " + ", ".join(str(s) for s in next(iter(summary.values()))["seeds"]) + ". "
-             "Accuracies in %; bytes are float32 adapter state (heads separate); joint-lora is the non-continual "
-             "ceiling and has only a final accuracy.", "",
+             f"{what}; bytes are float32 adapter state (heads separate); joint-lora is the non-continual "
+             "ceiling and has only a final score.", "",
              "| method | " + " | ".join(t for _, t, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m, e in summary.items():
         lines.append(f"| {m} | " + " | ".join(_cell(e[k], s) for k, _, s in cols) + " |")
@@ -182,7 +196,11 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
         s = get_stream(stream, seed=seed, **(stream_options or {}))
         scenario = s.scenario
         todo = []
+        kind = "generation" if s.modality == "lm" else "classification"
         for m in methods:
+            if kind not in METHODS[m].task_kinds:
+                skipped[m] = f"learns {' and '.join(METHODS[m].task_kinds)} tasks, the stream holds {kind} tasks"
+                continue
             if s.scenario not in METHODS[m].scenarios:
                 skipped[m] = f"supports {list(METHODS[m].scenarios)}, the stream is {s.scenario}"
                 continue

@@ -163,7 +163,7 @@ def load_backbone(stream: Stream, model_path: str | None, cfg: TrainConfig, *, d
     if stream.modality == "lm":
         from sharecl.generation.lm import load_causal_lm
 
-        return load_causal_lm(model_path, max_length=cfg.max_length, device=device, precision=precision)
+        return load_causal_lm(model_path, max_length=stream.max_length or cfg.max_length, device=device, precision=precision)
     if model_path is None and stream.modality == "image":
         from sharecl.vision.convert import default_vit_path
 
@@ -191,7 +191,7 @@ def run_stream(stream: Stream, methods: list[str], cfg: TrainConfig, out_dir: st
             pass
         (out / "manifest.json").write_text(json.dumps({
             "stream": stream.name, "seed": stream.seed, "scenario": stream.scenario, "methods": listed,
-            "tasks": [t.describe() for t in stream], "train_config": vars(cfg).copy(),
+            "tasks": [t.describe() for t in stream], "stream_max_length": stream.max_length, "train_config": vars(cfg).copy(),
             "method_configs": configs, "model_path": model_path, "device": device, "precision": precision,
             "world_size": dist.world_size(), "library_versions": library_versions(),
             "environment": environment(),

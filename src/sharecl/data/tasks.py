@@ -81,6 +81,7 @@ class Stream:
     scenario: str = "til"
     modality: str = "text"  # "text", "image" or "lm" (generation tasks): which default backbone reads it
     image_size: int | None = None  # pixels per side the backbone sees (image streams)
+    max_length: int | None = None  # tokens per example the stream needs (generation streams), else the run's
 
     def __post_init__(self):
         names = [t.name for t in self.tasks]

@@ -86,4 +86,4 @@ def gen5(seed: int = 0, train_size: int = 160, test_size: int = 40) -> Stream:
         split_pairs("noun-category", category, metric="exact-match", max_new_tokens=4,
                     meta={"source": f"WordNet 3.0 data.noun: lemma + gloss → lexicographer file, 8 largest: {sorted(top)}"}, **caps),
     ]
-    return Stream("gen5", tasks, seed, "til", modality="lm")
+    return Stream("gen5", tasks, seed, "til", modality="lm", max_length=192)  # chat-formatted prompt + answer
