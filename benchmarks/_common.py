@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def environment() -> dict:
     """Library versions and the floating-point set-up the numbers depend on (:mod:`sharecl.provenance`)."""
-    from sharecl.provenance import environment as fp_environment, library_versions
+    from sharecl.provenance import environment as fp_environment
+    from sharecl.provenance import library_versions
 
     return {**library_versions(), **fp_environment()}
 

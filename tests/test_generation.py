@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_generation_task, tiny_lm
 
+from conftest import tiny_generation_task, tiny_lm
 from sharecl.generation.scoring import exact_match, normalize_answer, rouge_l
 from sharecl.generation.tasks import GenerationDataError, GenerationTask, read_pairs, split_pairs
 from sharecl.methods import METHODS, build_method
@@ -176,7 +176,6 @@ def test_routing_is_per_thread():
 def test_runner_writes_score_matrix_for_a_generation_stream(tmp_path, monkeypatch):
     from sharecl import runner
     from sharecl.data.tasks import Stream
-
     from sharecl.store import load_store
 
     stream = Stream("tiny-gen", [tiny_generation_task("ask", "yes"), tiny_generation_task("tell", "no")], 0, "til", modality="lm")

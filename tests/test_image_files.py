@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sharecl.data.image_files import (UnsafePickleError, load_cifar, load_hf_image_dataset, load_image_folder,
-                                      load_stream_file)
+from sharecl.data.image_files import UnsafePickleError, load_cifar, load_hf_image_dataset, load_image_folder, load_stream_file
 
 
 def _images(n, seed, h=32, w=32):
@@ -105,7 +104,8 @@ def test_a_hostile_cifar_pickle_is_refused(tmp_path):
 
 
 def test_hf_dataset_saved_to_disk(tmp_path):
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image as HFImage
+    from datasets import ClassLabel, Dataset, DatasetDict, Features
+    from datasets import Image as HFImage
 
     feats = Features({"img": HFImage(), "label": ClassLabel(names=["a", "b", "c"])})
     imgs = [Image.fromarray(a) for a in _images(9, 1, 16, 16)]

@@ -67,7 +67,7 @@ def test_lora_baselines_run_on_the_real_model(two_real_tasks):
     for name in ("lora-per-task", "seq-lora"):
         m = build_method(name, load_encoder(max_length=48), seed=0)
         m.learn(two_real_tasks[0], cfg, progress=False)
-        assert evaluate(lambda xs: m.logits(xs, "bbc-topic"), two_real_tasks[0], 64) > 0.4
+        assert evaluate(lambda xs, m=m: m.logits(xs, "bbc-topic"), two_real_tasks[0], 64) > 0.4
     assert m.shared_numbers() == 12 * 8 * (384 + 384)
 
 

@@ -23,7 +23,7 @@ def test_all_methods_two_tasks(tiny_model_dir, fast_cfg, tmp_path):
                          method_configs=configs, progress=False, log=lambda *a: None)
     assert set(results) == {"share", "lora-per-task", "seq-lora", "head-only", "joint-lora", "inflora", "sd-lora",
                             "sd-lora-rr", "sd-lora-kd", "dual-lora"}
-    for name, res in results.items():
+    for name in results:
         on_disk = json.loads((tmp_path / name / "results.json").read_text())
         assert KEYS <= set(on_disk), KEYS - set(on_disk)
         R = on_disk["accuracy_matrix"]
@@ -56,7 +56,7 @@ def test_class_incremental_stream_reports_both_matrices(tiny_model_dir, fast_cfg
     names = ["share", "inflora", "sd-lora", "dual-lora", "seq-lora", "head-only"]
     results = run_stream(stream, names, fast_cfg, tmp_path, model_path=tiny_model_dir,
                          method_configs={"share": {"r": 4, "k": 4, "p": 2}}, progress=False, log=lambda *a: None)
-    for name, res in results.items():
+    for res in results.values():
         assert res["scenario"] == "cil"
         assert len(res["til_accuracy_matrix"]) == 2 and res["til_final_average_accuracy"] is not None
     # with one task seen, class-incremental and task-incremental accuracy coincide (same classes)

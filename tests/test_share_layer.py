@@ -12,7 +12,7 @@ def layer_with_tasks(T=4, d_in=24, d_out=20, p=2, k=6, seed=0):
     base = nn.Linear(d_in, d_out)
     layer = ShareLinear(base, scaling=1.5, p=p)
     U = V = cB = cA = None
-    for t in range(T):
+    for _ in range(T):
         B, A = torch.randn(d_out, p, generator=g), torch.randn(p, d_in, generator=g)
         res = merge_subspace(U, V, cB, cA, B, A, p=p, k=k)
         U, V, cB, cA = res.U, res.V, res.coeff_B, res.coeff_A

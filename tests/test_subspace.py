@@ -5,8 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharecl.subspace import (balanced_factors, choose_rank, merge_subspace, naive_merge_subspace,
-                              orthonormal_complement)
+from sharecl.subspace import balanced_factors, choose_rank, merge_subspace, naive_merge_subspace, orthonormal_complement
 
 
 def rand_lora(d_out, d_in, r, seed, scale=1.0):

@@ -5,8 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from sharecl.vision.transforms import (IDENTITY_STATS, IMAGENET_STATS, ImagePipeline, center_crop, hflip, normalize,
-                                       pixel_batch, random_resized_crop, resize, to_pil, to_tensor)
+from sharecl.vision.transforms import (
+    IDENTITY_STATS,
+    IMAGENET_STATS,
+    ImagePipeline,
+    center_crop,
+    hflip,
+    normalize,
+    pixel_batch,
+    random_resized_crop,
+    resize,
+    to_pil,
+    to_tensor,
+)
 
 
 def _img(h=30, w=40, c=3, seed=0):
@@ -148,10 +159,10 @@ def test_share_on_split_fashion_mnist_with_the_packaged_vit():
     ``TrainConfig``) the first task's loss oscillates (1.12, 0.49, 0.85, 0.02, 0.14, 1.19, …
     every 4th step) and ends at chance on some platforms' kernels and not on others: that
     test was a coin toss. The training loss is checked too, so a return to that regime fails."""
-    from sharecl.data.streams import get_stream
-    from sharecl.runner import evaluate_cil
     from sharecl.backbone import load_encoder
+    from sharecl.data.streams import get_stream
     from sharecl.methods.share import ShareMethod
+    from sharecl.runner import evaluate_cil
     from sharecl.train import TrainConfig, evaluate
     from sharecl.vision.convert import default_vit_path
 

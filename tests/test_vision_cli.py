@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import sharecl, write_csv, make_task
+from conftest import make_task, sharecl, write_csv
 from sharecl.data.image_files import image_source_kind, load_image_task
 from sharecl.vision.transforms import augment_array
 
@@ -28,7 +28,8 @@ def _folder(root, n=12, seed=0, names=("dark", "bright")):
 
 
 def test_image_source_kind_tells_images_from_text(tmp_path):
-    from datasets import ClassLabel, Dataset, Features, Image as HFImage
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as HFImage
 
     _folder(tmp_path / "folder")
     _folder(tmp_path / "split" / "train")
@@ -55,7 +56,8 @@ def test_image_source_kind_tells_images_from_text(tmp_path):
 
 
 def test_learn_and_predict_images_from_a_folder_a_dataset_and_a_stream_file(tiny_vit_dir, tmp_path):
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image as HFImage
+    from datasets import ClassLabel, Dataset, DatasetDict, Features
+    from datasets import Image as HFImage
 
     store = tmp_path / "store"
     folder = _folder(tmp_path / "shades")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_generation_task, tiny_lm
 
 import sharecl
+from conftest import tiny_generation_task, tiny_lm
 from sharecl.methods import InfLoRAConfig, LoRAConfig, SDLoRAConfig, ShareConfig
 
 

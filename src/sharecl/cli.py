@@ -137,14 +137,16 @@ def run(
 @app.command()
 @user_errors
 def compare(
-    stream: Annotated[str, typer.Option(help="Task stream: text5, fmnist-then-mnist (task-incremental); wordnet-cil, fmnist-cil, mnist-cil (class-incremental).")] = "text5",
+    stream: Annotated[str, typer.Option(help="Task stream: text5, fmnist-then-mnist (task-incremental); wordnet-cil, fmnist-cil, "
+                                             "mnist-cil (class-incremental); gen5 (generation, causal LM).")] = "text5",
     methods: Annotated[str, typer.Option(help="'all' or comma-separated methods.")] = "all",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (splits, class order, inits, batches).")] = "0,1,2",
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default runs/compare-<stream>).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Local transformers model directory (default: packaged all-MiniLM-L6-v2).")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps per task (joint-lora: steps × tasks).")] = 80,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (adapters and heads), the same for every method; default 5e-3 for text, 1e-3 for image streams.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (adapters and heads), the same for every method; default 5e-3 for "
+                                                     "text, 1e-3 for image and generation streams.")] = None,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r of every method (Share: first-task seed).")] = 8,
     k: KOpt = 10, p: POpt = 2,
     train_per_class: Annotated[Optional[int], typer.Option(help="Training examples per class (default: the stream's).")] = None,
@@ -245,8 +247,10 @@ def learn(
     phi: Annotated[Optional[int], typer.Option(help="Share, new store: temporary directions per side (default 2).")] = None,
     init: Annotated[Optional[str], typer.Option(help="Share, new store: 'zero' (default) or 'previous'.")] = None,
     merge_finetune_steps: Annotated[Optional[int], typer.Option(help="Share, new store: merge fine-tuning steps (default 0).")] = None,
-    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA rank of a new store (default 8; Share: the first task's seeding LoRA).")] = None,
-    method_name: Annotated[Optional[str], typer.Option("--method", help="Method of a new store: share (default), inflora, sd-lora, sd-lora-rr, sd-lora-kd, dual-lora.")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA rank of a new store (default 8; Share: the first task's "
+                                                                     "seeding LoRA).")] = None,
+    method_name: Annotated[Optional[str], typer.Option("--method", help="Method of a new store: share (default), inflora, sd-lora, "
+                                                                        "sd-lora-rr, sd-lora-kd, dual-lora.")] = None,
     text_column: str = "text", label_column: str = "label", image_column: str = "image",
     image_size: Annotated[Optional[int], typer.Option(help="New vision store: pixels per side (default: the stream "
                                                            "file's, else 56).")] = None,

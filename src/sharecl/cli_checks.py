@@ -24,14 +24,12 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from safetensors import SafetensorError
-
-        from sharecl.interop.peft import AdapterError
-        from sharecl.store import StoreError
-        from sharecl.train import NonFiniteLossError
-
         from torch.distributed import DistError
 
         from sharecl.distributed import RankAborted
+        from sharecl.interop.peft import AdapterError
+        from sharecl.store import StoreError
+        from sharecl.train import NonFiniteLossError
 
         try:
             return fn(*args, **kwargs)
@@ -40,14 +38,14 @@ def user_errors(fn):
             if isinstance(exc, OSError) and exc.errno is not None:
                 msg = os_error_message(exc)
             err.print(f"[bold red]error:[/] {msg}", highlight=False)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
         except RankAborted:  # rank 0 printed the reason
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
         except DistError as exc:  # a peer rank died or hung: say so in one line, write nothing
             err.print(f"[bold red]error:[/] another process of this torchrun job failed or stopped answering "
                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); nothing was written by this step, "
                       f"a store stays at its previous version; see the failing rank's message above", highlight=False)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -148,7 +148,7 @@ class DualGPM:
         return 1.0 - float((self.residual(C) ** 2).sum()) / total if total > 0 else 1.0
 
     @classmethod
-    def from_state(cls, d: int, basis: torch.Tensor | None, kind: str) -> "DualGPM":
+    def from_state(cls, d: int, basis: torch.Tensor | None, kind: str) -> DualGPM:
         """Rebuild a memory from a store's ``basis`` and ``kind``.
 
         Raises:

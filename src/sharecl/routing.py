@@ -55,7 +55,7 @@ class Router:
     def __init__(self):
         self._var: contextvars.ContextVar[Route] = contextvars.ContextVar(f"sharecl-route-{next(_ids)}", default=_NOWHERE)
 
-    def __deepcopy__(self, memo) -> "Router":
+    def __deepcopy__(self, memo) -> Router:
         return self  # a deep-copied model stays routed by its method (a ContextVar cannot be copied)
 
     def __reduce__(self):

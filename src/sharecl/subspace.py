@@ -191,7 +191,8 @@ def merge_subspace(
     Every old task ``i`` is ``B_i = U @ coeff_B[i]``, ``A_i.T = V @ coeff_A[i]``; the new
     task is ``(new_B, new_A)``, balanced (:func:`balanced_factors`) and cut to its best
     rank-p part. All tasks are stacked side by side, truncated to the top-k singular
-    vectors per side, and every task is re-projected (METHODS.md §1, "Merging after task t"). Because old tasks lie in ``span(U)``, the B-stack lies in
+    vectors per side, and every task is re-projected (METHODS.md §1, "Merging after task t"). Because old tasks lie in
+    ``span(U)``, the B-stack lies in
     ``span([U, new_B])``: one thin QR of that ``(d_out, k + r)`` matrix gives coordinates in
     which the whole stack is a ``(k + r, T·p)`` matrix; likewise for A. Cost
     ``O(d·(k+r)² + T·p·(k+r)²)``, independent of ``d·T``.

@@ -66,7 +66,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     augment: bool = False
 
-    def resolved(self, modality: str) -> "TrainConfig":
+    def resolved(self, modality: str) -> TrainConfig:
         """A copy with ``lr`` / ``head_lr`` filled in for ``modality`` (``text``, ``image`` or ``lm``) where None.
 
         Raises:

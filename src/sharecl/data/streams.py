@@ -44,7 +44,8 @@ def text5(seed: int = 0, train_per_class: int = 48, test_per_class: int = 30) ->
         split_task("wordnet-noun", noun, meta={"source": "WordNet 3.0 data.noun (Debian wordnet-base), 8 most frequent lexicographer files"}, **caps),
         split_task("fortune-topic", packaged.fortunes_by_topic(TEXT5_FORTUNE_TOPICS), meta={"source": "Debian fortunes topic files"}, **caps),
         split_task("wordnet-verb", verb, meta={"source": "WordNet 3.0 data.verb (Debian wordnet-base), 8 most frequent lexicographer files"}, **caps),
-        split_task("fortune-language", packaged.fortunes_by_language(TEXT5_FORTUNE_TOPICS), meta={"source": "Debian fortunes, fortunes-de, -es, -it, -br"}, **caps),
+        split_task("fortune-language", packaged.fortunes_by_language(TEXT5_FORTUNE_TOPICS),
+                   meta={"source": "Debian fortunes, fortunes-de, -es, -it, -br"}, **caps),
     ]
     return Stream("text5", tasks, seed, "til")
 

@@ -306,3 +306,16 @@ def is_causal_lm_dir(path: str | os.PathLike) -> bool:
     except (OSError, ValueError):
         return False
     return any(a.endswith("ForCausalLM") for a in cfg.get("architectures") or [])
+
+
+def main() -> None:
+    """``python -m sharecl.generation.lm``: cache the packaged SmolLM2 (scripts/setup.sh runs it)."""
+    import time
+
+    t = time.perf_counter()
+    path = default_lm_path()
+    print(f"causal LM ready: {path} ({time.perf_counter() - t:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

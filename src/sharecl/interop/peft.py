@@ -43,7 +43,8 @@ def read_lora_adapter(path: str | Path) -> LoRAAdapter:
     if not cfg_path.is_file():
         raise AdapterError(f"{p} is not a PEFT adapter directory (no adapter_config.json)")
     if not w_path.is_file():
-        hint = " (found adapter_model.bin: sharecl never unpickles; re-save with safe_serialization=True)" if (p / "adapter_model.bin").exists() else ""
+        hint = (" (found adapter_model.bin: sharecl never unpickles; re-save with safe_serialization=True)"
+                if (p / "adapter_model.bin").exists() else "")
         raise AdapterError(f"{p} has no adapter_model.safetensors{hint}")
     try:
         cfg = json.loads(cfg_path.read_text())
