@@ -25,7 +25,11 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
     "gemma3_text": ["q_proj", "v_proj"],
+    "smollm3": ["q_proj", "v_proj"],
     "dinov2": ["q_proj", "v_proj"],
     "vit": ["q_proj", "v_proj"],
 }
@@ -67,6 +71,9 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
         ValueError: if nothing matches (the message lists some linear layer names).
     """
     found = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and match_target(n, target_modules)]
+    if not found and any(type(m).__name__ == "Conv1D" and match_target(n, target_modules) for n, m in model.named_modules()):
+        raise ValueError(f"target_modules={target_modules!r} selects GPT-2-style Conv1D layers, which sharecl's adapters "
+                         f"do not wrap yet (they wrap nn.Linear); use a Llama, Qwen2, Mistral or Gemma model")
     if not found:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear; some linear layers: {linear[:8]}")
