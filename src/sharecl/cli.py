@@ -127,7 +127,8 @@ def run(
     configs = {m: {"r": rank} for m in names}
     if "share" in configs:
         configs["share"].update(_share_options(k, p, energy, rank, phi, init, merge_finetune_steps))
-    console.print(f"stream [bold]{s.name}[/]: " + ", ".join(f"{t.name} ({t.num_classes} classes, {len(t.train_inputs)} train)" for t in s))
+    console.print(f"stream [bold]{s.name}[/]: " + ", ".join(
+        f"{t.name} ({getattr(t, 'metric', None) or f'{t.num_classes} classes'}, {len(t.train_inputs)} train)" for t in s))
     results = run_stream(s, names, cfg, out, model_path=model, method_configs=configs, progress=progress, log=console.print,
                          device=dev, precision=precision)
     _print_results(results)
