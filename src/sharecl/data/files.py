@@ -12,22 +12,25 @@ from pathlib import Path
 
 from sharecl.data.tasks import Task, split_task
 
-__all__ = ["read_labelled_file", "load_task_file"]
+__all__ = ["DataFileError", "open_table", "read_labelled_file", "load_task_file"]
 
 
 class DataFileError(ValueError):
     """A data file that cannot be used, with the reason and the fix in the message."""
 
 
-def read_labelled_file(path: str | Path, *, text_column: str = "text", label_column: str = "label") -> tuple[list[str], list[str]]:
-    """Read ``(texts, labels)`` from a ``.csv``, ``.jsonl``/``.json`` file or a ``save_to_disk`` directory.
+def open_table(p: Path, needs: str):
+    """The rows of a ``.csv``, ``.jsonl``/``.json`` file or a ``save_to_disk`` directory as a
+    ``datasets.Dataset`` (a DatasetDict's ``train`` split, else its first), read offline.
 
-    Labels are returned as strings. Raises :class:`DataFileError` for a missing, empty or
-    unreadable file, or missing columns.
+    Args:
+        needs: the columns the caller needs, for the messages of empty files.
+
+    Raises:
+        DataFileError: for a missing, empty, unreadable or unsupported file.
     """
     import datasets
 
-    p = Path(path)
     if not p.exists():
         raise DataFileError(f"data file {p} does not exist")
     datasets.disable_progress_bars()
@@ -38,14 +41,14 @@ def read_labelled_file(path: str | Path, *, text_column: str = "text", label_col
                 ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         elif p.suffix.lower() == ".csv":
             if p.stat().st_size == 0:
-                raise DataFileError(f"data file {p} is empty; it needs a header row with '{text_column}' and '{label_column}'")
+                raise DataFileError(f"data file {p} is empty; it needs a header row with {needs}")
             with open(p, encoding="utf-8", errors="replace") as fh:
                 if sum(1 for line in fh if line.strip()) < 2:
                     raise DataFileError(f"{p} has no rows below its header")
             ds = datasets.load_dataset("csv", data_files=str(p), split="train")
         elif p.suffix.lower() in (".jsonl", ".json"):
             if p.stat().st_size == 0:
-                raise DataFileError(f"data file {p} is empty; it needs one JSON object per line with '{text_column}' and '{label_column}'")
+                raise DataFileError(f"data file {p} is empty; it needs one JSON object per line with {needs}")
             ds = datasets.load_dataset("json", data_files=str(p), split="train")
         else:
             raise DataFileError(f"unsupported data file {p}: use .csv, .jsonl or a directory written by datasets' save_to_disk")
@@ -53,6 +56,17 @@ def read_labelled_file(path: str | Path, *, text_column: str = "text", label_col
         raise
     except Exception as exc:  # datasets raises many types for unreadable files
         raise DataFileError(f"cannot read {p}: {type(exc).__name__}: {exc}") from exc
+    return ds
+
+
+def read_labelled_file(path: str | Path, *, text_column: str = "text", label_column: str = "label") -> tuple[list[str], list[str]]:
+    """Read ``(texts, labels)`` from a ``.csv``, ``.jsonl``/``.json`` file or a ``save_to_disk`` directory.
+
+    Labels are returned as strings. Raises :class:`DataFileError` for a missing, empty or
+    unreadable file, or missing columns.
+    """
+    p = Path(path)
+    ds = open_table(p, f"'{text_column}' and '{label_column}'")
     missing = [c for c in (text_column, label_column) if c not in ds.column_names]
     if missing:
         raise DataFileError(f"{p} lacks column(s) {missing}; it has {ds.column_names}")

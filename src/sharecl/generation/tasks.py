@@ -13,14 +13,13 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sharecl.data.files import DataFileError as GenerationDataError  # one error type for every data file
 from sharecl.data.tasks import check_task_name
 from sharecl.generation.scoring import METRICS
 
 __all__ = ["GenerationTask", "split_pairs", "read_pairs", "load_generation_file", "GenerationDataError"]
 
 
-class GenerationDataError(ValueError):
-    """A generation data file that cannot be used; the message says why and what to do."""
 
 
 @dataclass
@@ -122,28 +121,10 @@ def read_pairs(path: str | Path, *, prompt_column: str = "prompt", completion_co
     Raises:
         GenerationDataError: for a missing, empty or unreadable file, missing columns, or empty values.
     """
-    import datasets
+    from sharecl.data.files import open_table
 
     p = Path(path)
-    if not p.exists():
-        raise GenerationDataError(f"data file {p} does not exist")
-    datasets.disable_progress_bars()
-    try:
-        if p.is_dir():
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        elif p.suffix.lower() in (".csv", ".jsonl", ".json"):
-            if p.stat().st_size == 0:
-                raise GenerationDataError(f"data file {p} is empty; it needs '{prompt_column}' and '{completion_column}' "
-                                          f"columns, or 'messages'")
-            ds = datasets.load_dataset("csv" if p.suffix.lower() == ".csv" else "json", data_files=str(p), split="train")
-        else:
-            raise GenerationDataError(f"unsupported data file {p}: use .csv, .jsonl or a datasets save_to_disk directory")
-    except GenerationDataError:
-        raise
-    except Exception as exc:  # datasets raises many types for unreadable files
-        raise GenerationDataError(f"cannot read {p}: {type(exc).__name__}: {exc}") from exc
+    ds = open_table(p, f"'{prompt_column}' and '{completion_column}' columns, or 'messages'")
     cols = ds.column_names
     out = []
     if prompt_column in cols and completion_column in cols:
