@@ -116,7 +116,7 @@ def read_pairs(path: str | Path, *, prompt_column: str = "prompt", completion_co
     """``(prompt, target)`` pairs from a ``.csv``, ``.jsonl``/``.json`` file or a ``save_to_disk`` directory.
 
     Columns: ``prompt`` and ``completion`` (names configurable), or ``messages`` (chat form: the
-    user turns joined form the prompt, the final assistant turn is the target).
+    user turns, joined, form the prompt, the final assistant turn is the target).
 
     Raises:
         GenerationDataError: for a missing, empty or unreadable file, missing columns, or empty values.
