@@ -24,12 +24,13 @@ def test_learn_predict_info_export(cli_store, tmp_path):
     rows = [json.loads(line) for line in pred.stdout.strip().splitlines()]
     assert len(rows) == 2 and all(r["label"] in make_task("b", seed=1).classes for r in rows)
     info = sharecl("info", store).stdout
-    assert "2 task(s)" in info and "largest old-task drift" in info
+    assert "2 task(s)" in info and "largest old-task drift" in info and "own truncation of a task to p=" in info
     sharecl("export", store, tmp_path / "exp", "--task", "a")
     assert (tmp_path / "exp" / "adapter_model.safetensors").exists()
     refused = sharecl("add-adapter", store, tmp_path / "exp", "--task", "a2", check=False)
     assert refused.returncode == 1 and "has rank 2" in refused.stderr and "--any-rank" in refused.stderr
-    sharecl("add-adapter", store, tmp_path / "exp", "--task", "a2", "--any-rank")
+    folded = sharecl("add-adapter", store, tmp_path / "exp", "--task", "a2", "--any-rank").stdout
+    assert "its own truncation to p" in folded
     assert [t["kind"] for t in read_manifest(store)["tasks"]] == ["data", "data", "adapter"]
     no_head = sharecl("predict", store, "--task", "a2", "x", check=False)
     assert no_head.returncode == 1 and "no classification head" in no_head.stderr

@@ -105,3 +105,32 @@ def test_orthonormal_complement():
     assert (U.T @ C).abs().max() < 1e-12
     with pytest.raises(ValueError):
         orthonormal_complement(U, 16)
+
+
+@pytest.mark.parametrize("merge", [merge_subspace, naive_merge_subspace], ids=["small-space", "naive"])
+def test_a_rank_r_task_builds_the_basis_from_all_its_directions_and_records_its_own_cut(merge):
+    """METHODS.md §1, "The new task's own truncation": a rank-6 seed with p = 2 puts all six
+    directions in the basis, stores its best rank-2 part, and reports what the cut loses; checked
+    against a dense SVD of ``B @ A`` (Eckart–Young), not against the merge's own algebra."""
+    B, A = rand_lora(40, 33, 6, 3)
+    res = merge(None, None, None, None, B, A, p=2, k=16)
+    assert res.U.shape[1] == 6 and res.V.shape[1] == 6  # not 2: the whole task spans the basis
+    assert (B - res.U @ (res.U.T @ B)).norm() < 1e-9 * B.norm()
+    assert res.coeff_B.shape == (1, 6, 2) and res.coeff_A.shape == (1, 6, 2)
+    X, s, Yh = torch.linalg.svd(B @ A)
+    best2 = X[:, :2] @ torch.diag(s[:2]) @ Yh[:2]
+    stored = res.U @ res.coeff_B[0] @ res.coeff_A[0].T @ res.V.T
+    assert torch.allclose(stored, best2, atol=1e-9 * best2.abs().max().item())
+    assert abs(res.truncation - ((s[2:] ** 2).sum() / (s**2).sum()).sqrt().item()) < 1e-12
+    assert res.drift[-1] < 1e-12  # the rank-2 part itself is exactly in the basis
+    # a task of rank ≤ p loses nothing of its own
+    B2, A2 = rand_lora(40, 33, 2, 4)
+    assert merge(None, None, None, None, B2, A2, p=2, k=16).truncation == 0.0
+    # folded into an existing basis: old tasks untouched while k holds everything, the new one cut
+    B5, A5 = rand_lora(40, 33, 5, 5)
+    nxt = merge(res.U, res.V, res.coeff_B, res.coeff_A, B5, A5, p=2, k=16)
+    assert nxt.U.shape[1] == 2 + 5  # the seed is stored at p = 2 now; the newcomer brings all five
+    assert nxt.drift[0] < 1e-9 and nxt.truncation > 0.1
+    # with no spare room the newcomer's unstored tail never displaces a stored direction
+    tight = merge(res.U, res.V, res.coeff_B, res.coeff_A, B5, A5, p=2, k=4)
+    assert tight.U.shape[1] == 4 and tight.drift.max() < 1e-9

@@ -358,7 +358,7 @@ def add_adapter(
         manifest = save_store(method, store)
     worst = max((v["max"] for v in rec["per_task"].values()), default=0.0)
     console.print(f"folded {adapter} as task [bold]{task}[/]; largest drift of an old task {100 * worst:.3f}%; "
-                  f"store version {manifest['version']}")
+                  f"its own truncation to p {100 * rec['new_task']['truncation_max']:.2f}%; store version {manifest['version']}")
 
 
 @app.command()
@@ -466,6 +466,11 @@ def info(store: Annotated[Path, typer.Argument(help="Store directory.")]):
         last = m["merges"][-1]
         worst = max((v["max"] for v in last["per_task"].values()), default=0.0)
         console.print(f"last merge (after {last['after_task']}): k per side {last['k'][0]}, largest old-task drift {100 * worst:.3f}%")
+        cuts = [(r["after_task"], r["new_task"]["truncation_max"]) for r in m["merges"] if "new_task" in r]
+        if cuts:
+            name, cut = max(cuts, key=lambda c: c[1])
+            console.print(f"own truncation of a task to p={m['config']['p']} (‖ΔW − ΔW^(p)‖/‖ΔW‖, worst layer): "
+                          f"largest {100 * cut:.2f}% ({name})")
 
 
 def main() -> None:  # pragma: no cover

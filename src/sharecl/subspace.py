@@ -124,6 +124,9 @@ class MergeResult:
         drift: ``(T,)`` relative Frobenius change ``‖ΔW_i' − ΔW_i‖ / ‖ΔW_i‖`` of each task
             caused by the truncation (0 for a task whose ΔW is 0).
         energy_B, energy_A: fraction of the stack's squared Frobenius norm the bases keep.
+        truncation: the new task's own loss from keeping ``p`` of its ``r`` directions,
+            ``‖ΔW_t − ΔW_t^(p)‖_F / ‖ΔW_t‖_F`` (0 when ``r ≤ p``, or for a zero ``ΔW_t``);
+            ``drift[-1]`` is what the basis then costs its rank-p part.
     """
 
     U: torch.Tensor
@@ -133,6 +136,7 @@ class MergeResult:
     drift: torch.Tensor
     energy_B: float
     energy_A: float
+    truncation: float = 0.0
 
 
 def _canonical_batch(b: torch.Tensor, a: torch.Tensor, p: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,14 +166,33 @@ def _drift(b_old, a_old, b_new, a_new) -> torch.Tensor:
     return torch.where(denom > 0, diff / denom.clamp_min(torch.finfo(_F).tiny), torch.zeros_like(denom))
 
 
-def _truncate(stack: torch.Tensor, k, energy, k_max, store_dtype):
-    """Top singular vectors of ``stack`` (m, N) with the rank rule; returns (W (m, k), kept energy)."""
-    w, s, _ = torch.linalg.svd(stack, full_matrices=False)
-    rank = numerical_rank(s, tuple(stack.shape), store_dtype)
-    kk = choose_rank(s, k=k, energy=energy, k_max=k_max, rank=rank)
+def _basis(stored: torch.Tensor, tail: torch.Tensor, k, energy, k_max, store_dtype):
+    """One side's basis ``(W (m, k'), kept energy)`` from the stored tasks' columns ``stored``
+    (m, T·p) and the new task's directions beyond p, ``tail`` (m, r − p).
+
+    The rank rule (:func:`choose_rank`) runs on the whole stack ``[stored, tail]`` (METHODS.md
+    §1: the basis is built from the new task's full factors). [ours] The directions are taken
+    stored-first: the top singular vectors of ``stored``, then, in whatever room the rule leaves,
+    the top directions of ``tail`` outside them. So a seed task of rank r puts all r directions
+    in the basis, while a newcomer's unstored tail never pushes out a direction a task keeps:
+    old tasks drift only as much as a p-column stack alone would make them. ``kept`` is the
+    fraction of ``stored``'s squared Frobenius norm inside ``W``.
+    """
+    full = torch.cat([stored, tail], 1)
+    s_full = torch.linalg.svdvals(full)
+    kk = choose_rank(s_full, k=k, energy=energy, k_max=k_max, rank=numerical_rank(s_full, tuple(full.shape), store_dtype))
+    w, s, _ = torch.linalg.svd(stored, full_matrices=False)
+    W = w[:, : min(kk, numerical_rank(s, tuple(stored.shape), store_dtype))]
+    if kk > W.shape[1] and tail.shape[1]:
+        rest = tail - W @ (W.T @ tail)
+        w2, s2, _ = torch.linalg.svd(rest, full_matrices=False)
+        tol = max(full.shape) * torch.finfo(store_dtype).eps * float(s_full[0])
+        extra = w2[:, : min(kk - W.shape[1], int((s2 > tol).sum()))]
+        extra = torch.linalg.qr(extra - W @ (W.T @ extra))[0]  # orthogonal to W to rounding
+        W = torch.cat([W, extra], 1)
     total = float((s**2).sum())
-    kept = float((s[:kk] ** 2).sum()) / total if total > 0 else 1.0
-    return w[:, :kk], kept
+    kept = float(((W.T @ stored) ** 2).sum()) / total if total > 0 else 1.0
+    return W, kept
 
 
 def merge_subspace(
@@ -189,12 +212,16 @@ def merge_subspace(
     """Share's data-free merge of one new task into one layer's subspace, in the small space.
 
     Every old task ``i`` is ``B_i = U @ coeff_B[i]``, ``A_i.T = V @ coeff_A[i]``; the new
-    task is ``(new_B, new_A)``, balanced (:func:`balanced_factors`) and cut to its best
-    rank-p part. All tasks are stacked side by side, truncated to the top-k singular
-    vectors per side, and every task is re-projected (METHODS.md §1, "Merging after task t"). Because old tasks lie in
-    ``span(U)``, the B-stack lies in
+    task is ``(new_B, new_A)``, balanced (:func:`balanced_factors`). The old tasks' factors
+    and **all r** balanced columns of the new task are stacked side by side, truncated to the
+    top-k singular vectors per side, and every task is re-projected; the new task's
+    coefficients keep its best rank-p part (METHODS.md §1, "Merging after task t" and "The new
+    task's own truncation"), and what that cut loses is :attr:`MergeResult.truncation`. The
+    basis takes the stored (rank-p) columns first and the new task's further directions only in
+    the room the rank rule leaves ([ours], see :func:`_basis`).
+    Because old tasks lie in ``span(U)``, the B-stack lies in
     ``span([U, new_B])``: one thin QR of that ``(d_out, k + r)`` matrix gives coordinates in
-    which the whole stack is a ``(k + r, T·p)`` matrix; likewise for A. Cost
+    which the whole stack is a ``(k + r, T_old·p + r)`` matrix; likewise for A. Cost
     ``O(d·(k+r)² + T·p·(k+r)²)``, independent of ``d·T``.
 
     Args:
@@ -204,7 +231,7 @@ def merge_subspace(
         coeff_A: ``(T_old, k_A, p)`` or None.
         new_B: ``(d_out, r)`` the new task's up-projection (any r ≥ 1).
         new_A: ``(r, d_in)`` the new task's down-projection.
-        p: pseudo-rank kept per task; the new task is truncated to its best rank-p part.
+        p: pseudo-rank kept per task; the new task's coefficients keep its best rank-p part.
         k, energy, k_max: the rank rule of :func:`choose_rank`, applied per side.
         store_dtype: dtype the factors are stored in; sets the numerical-rank tolerance.
 
@@ -228,17 +255,28 @@ def merge_subspace(
     qa, ra = torch.linalg.qr(torch.cat([V, na], 1))
     old_b = rb[:, :kb].unsqueeze(0) @ cB  # (T_old, kb + r, p): old tasks in small coordinates
     old_a = ra[:, :ka].unsqueeze(0) @ cA
-    new_b, new_a = _canonical_batch(rb[:, kb:].unsqueeze(0), ra[:, ka:].unsqueeze(0), p)
-    all_b = torch.cat([old_b, new_b], 0)  # old tasks were balanced when they were new; only
-    all_a = torch.cat([old_a, new_a], 0)  # the new task is canonicalised (METHODS.md §1)
+    # old tasks were balanced when they were new; only the new task is canonicalised (METHODS.md §1)
+    full_b, full_a = _canonical_batch(rb[:, kb:].unsqueeze(0), ra[:, ka:].unsqueeze(0), max(r, p))
+    wb, wa, cb_new, ca_new, drift, eb, ea, cut = _merge_stacks(old_b, old_a, full_b, full_a, p, k, energy, k_max, store_dtype)
+    return MergeResult(qb @ wb, qa @ wa, cb_new, ca_new, drift, eb, ea, cut)
 
+
+def _merge_stacks(old_b, old_a, full_b, full_a, p, k, energy, k_max, store_dtype):
+    """The merge in one coordinate system: old tasks ``(T_old, m, p)``, the new task's full
+    balanced factors ``(1, m, r')`` (columns by singular value); returns the bases, every task's
+    coefficients, drift, kept energies and the new task's own truncation."""
+    all_b = torch.cat([old_b, full_b[:, :, :p]], 0)  # every task at p columns, as stored
+    all_a = torch.cat([old_a, full_a[:, :, :p]], 0)
     T = all_b.shape[0]
-    wb, eb = _truncate(all_b.transpose(0, 1).reshape(all_b.shape[1], T * p), k, energy, k_max, store_dtype)
-    wa, ea = _truncate(all_a.transpose(0, 1).reshape(all_a.shape[1], T * p), k, energy, k_max, store_dtype)
+    wb, eb = _basis(all_b.transpose(0, 1).reshape(all_b.shape[1], T * p), full_b[0, :, p:], k, energy, k_max, store_dtype)
+    wa, ea = _basis(all_a.transpose(0, 1).reshape(all_a.shape[1], T * p), full_a[0, :, p:], k, energy, k_max, store_dtype)
     cb_new = wb.T.unsqueeze(0) @ all_b  # (T, k_B', p)
     ca_new = wa.T.unsqueeze(0) @ all_a
     drift = _drift(all_b, all_a, wb.unsqueeze(0) @ cb_new, wa.unsqueeze(0) @ ca_new)
-    return MergeResult(qb @ wb, qa @ wa, cb_new, ca_new, drift, eb, ea)
+    s2 = (torch.linalg.vector_norm(full_b[0], dim=0) * torch.linalg.vector_norm(full_a[0], dim=0)) ** 2  # σ_j² of ΔW_t
+    total = float(s2.sum())
+    cut = float(s2[p:].sum() / total) ** 0.5 if total > 0 else 0.0
+    return wb, wa, cb_new, ca_new, drift, eb, ea, cut
 
 
 def naive_merge_subspace(U, V, coeff_B, coeff_A, new_B, new_A, *, p, k=None, energy=None, k_max=None,
@@ -247,12 +285,10 @@ def naive_merge_subspace(U, V, coeff_B, coeff_A, new_B, new_A, *, p, k=None, ene
 
     Same contract as :func:`merge_subspace`; exists for tests and for the merge benchmark.
     """
-    bs, as_ = _canonical_batch(new_B.to(_F).unsqueeze(0), new_A.to(_F).T.unsqueeze(0), p)
+    r = new_B.shape[1]
+    fb, fa = _canonical_batch(new_B.to(_F).unsqueeze(0), new_A.to(_F).T.unsqueeze(0), max(r, p))
     if U is not None:
-        bs = torch.cat([U.to(_F) @ coeff_B.to(_F), bs])
-        as_ = torch.cat([V.to(_F) @ coeff_A.to(_F), as_])
-    T = bs.shape[0]
-    wb, eb = _truncate(bs.transpose(0, 1).reshape(bs.shape[1], T * p), k, energy, k_max, store_dtype)
-    wa, ea = _truncate(as_.transpose(0, 1).reshape(as_.shape[1], T * p), k, energy, k_max, store_dtype)
-    cb, ca = wb.T @ bs, wa.T @ as_
-    return MergeResult(wb, wa, cb, ca, _drift(bs, as_, wb @ cb, wa @ ca), eb, ea)
+        ob, oa = U.to(_F) @ coeff_B.to(_F), V.to(_F) @ coeff_A.to(_F)
+    else:
+        ob, oa = fb.new_zeros(0, fb.shape[1], p), fa.new_zeros(0, fa.shape[1], p)
+    return MergeResult(*_merge_stacks(ob, oa, fb, fa, p, k, energy, k_max, store_dtype))

@@ -113,8 +113,9 @@ class ShareMethod(ContinualMethod):
 
     Attributes:
         layers: ``{module name: ShareLinear}`` in model order.
-        drift: per merge, ``{"after_task", "per_task": {name: {"mean", "max"}}}`` (relative
-            Frobenius change of each old task's ΔW, over layers).
+        drift: per merge, ``{"after_task", "per_task": {name: {"mean", "max"}}, "new_task": {...}}``
+            (relative Frobenius change of each old task's ΔW, over layers; for the new task, its
+            own rank-r → p truncation ``‖ΔW_t − ΔW_t^(p)‖/‖ΔW_t‖`` and its projection's change).
         kinds: ``{task: "data" | "adapter"}``.
     """
 
@@ -163,7 +164,7 @@ class ShareMethod(ContinualMethod):
         """Merge one new task's factors ``{layer: (B, A)}`` into every layer; record drift."""
         old = list(self.task_names[:-1])
         per_task = {n: [] for n in old}
-        energies = []
+        energies, cuts, own = [], [], []
         cfg = self.config
         for name, layer in self.layers.items():
             B, A = factors[name]
@@ -173,10 +174,15 @@ class ShareMethod(ContinualMethod):
                                  B, A, p=cfg.p, k=cfg.k, energy=cfg.energy, k_max=cfg.k_max)
             layer.apply_merge(res)
             energies.append((res.energy_B, res.energy_A))
+            cuts.append(res.truncation)
+            own.append(float(res.drift[-1]))
             for n, d in zip(old, res.drift[:-1].tolist()):
                 per_task[n].append(d)
         record = {"after_task": task_name,
                   "per_task": {n: {"mean": sum(v) / len(v), "max": max(v)} for n, v in per_task.items()},
+                  # the new task itself: rank r → p (its own cut), then its rank-p part in the new basis
+                  "new_task": {"truncation_mean": sum(cuts) / len(cuts), "truncation_max": max(cuts),
+                               "projection_max": max(own)},
                   "k": [list(layer.k) for layer in self.layers.values()],
                   "kept_energy_min": min(min(e) for e in energies)}
         self.drift.append(record)
