@@ -34,7 +34,7 @@ def test_inflora_design_train_merge(enc, fast_cfg):
     for n, layer in m.layers.items():
         A = layer.A / m.config.down_scale
         assert torch.allclose(A @ A.T, torch.eye(4), atol=1e-5)  # orthonormal rows
-        M = m.memory[n].protected().float()
+        M = m.memory_for(n).protected().float()
         assert M.shape[1] > 0 and torch.linalg.norm(M.T @ layer.A.T) <= 1e-5  # outside the memory
     train_steps(lambda xs: m.logits(xs, task.name, training=True), groups, task, fast_cfg, progress=False)
     B = {n: layer.B.detach().clone() for n, layer in m.layers.items()}
@@ -47,7 +47,64 @@ def test_inflora_design_train_merge(enc, fast_cfg):
     for n, layer in m.layers.items():
         assert layer.A is None  # merged: W equals W + B_t A_t
         assert torch.allclose(layer.base.weight, W0[n] + B[n] @ A0[n], atol=1e-6)
-        assert m.memory[n].kept_energy(covs[n]) >= info["threshold"] - 1e-6
+        assert m.memory_for(n).kept_energy(covs[n]) >= info["threshold"] - 1e-6
+
+
+def test_inflora_keeps_one_memory_and_one_down_projection_per_layer_input(enc, fast_cfg, tmp_path):
+    """Query and value of a block read the same input (the official code's one memory per
+    block's K/V): one group per block, one memory, one designed ``A_t``, stored once; the store
+    reloads to the same outputs and learns on."""
+    from sharecl.store import load_store, save_store
+
+    m = InfLoRAMethod(enc, r=4, eps=0.9)
+    m.begin_stream(3)
+    _train(m, make_task("a"), fast_cfg)
+    blocks = {n.rsplit(".", 2)[0] for n in m.layers}  # …attention.self
+    assert len(m.groups) == len(blocks) == len(m.memory) and all(len(g) == 2 for g in m.groups.values())
+    assert all({n.rsplit(".", 1)[1] for n in g} == {"query", "value"} for g in m.groups.values())
+    task = make_task("b", seed=1)
+    m.begin_task(task, fast_cfg)
+    for members in m.groups.values():
+        assert torch.equal(m.layers[members[0]].A, m.layers[members[1]].A)
+    per_module = 4 * sum(layer.in_features + layer.out_features for layer in m.layers.values())
+    assert m.adapter_numbers_per_task() == per_module - 4 * sum(m.layers[g].in_features for g in m.groups)
+    m.end_task(task, fast_cfg, progress=False)
+    manifest = save_store(m, tmp_path / "s")
+    back = load_store(tmp_path / "s")
+    assert back.groups == m.groups and manifest["method"] == "inflora"
+    x = make_task("a").test_inputs
+    for t in ("a", "b"):
+        assert torch.equal(back.logits(x, t), m.logits(x, t))
+    _train(back, make_task("c", seed=2), fast_cfg)  # the reloaded store learns on with its groups
+    assert len(back.memory) == len(blocks)
+    # a store written before input groups (one memory and one A_t per module) still loads the same
+    _as_per_module_store(tmp_path / "s")
+    old = load_store(tmp_path / "s")
+    assert old.groups == {n: [n] for n in m.layers}
+    for t in ("a", "b"):
+        assert torch.equal(old.logits(x, t), m.logits(x, t))
+
+
+def _as_per_module_store(path):
+    """Rewrite a store in the layout of sharecl ≤ 0.1 InfLoRA (every module its own memory and A_t)."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    mf = json.loads((path / "manifest.json").read_text())
+    state = path / mf["files"]["state"]["name"]
+    tensors, meta = load_file(str(state)), mf["method_state"]
+    for g, members in meta.pop("input_groups").items():
+        for n in members:
+            meta["memory_kinds"][n] = meta["memory_kinds"][g]
+            if f"memory.{g}" in tensors:
+                tensors[f"memory.{n}"] = tensors[f"memory.{g}"].clone()
+            for t in range(meta["merged_tasks"]):
+                tensors[f"layers.{n}.A.{t}"] = tensors[f"layers.{g}.A.{t}"].clone()
+    save_file(tensors, str(state), metadata={"format": "pt"})
+    mf["files"]["state"]["sha256"] = hashlib.sha256(state.read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(mf))
 
 
 def _input_covariance_by_hand(m, inputs) -> dict:
@@ -77,7 +134,7 @@ def test_inflora_designs_the_top_directions_of_the_projected_covariance(enc, fas
     m.begin_stream(3)
     _train(m, make_task("a"), fast_cfg)
     task = make_task("b", seed=1)
-    memory = {n: m.memory[n].protected().clone() for n in m.layers}
+    memory = {n: m.memory_for(n).protected().clone() for n in m.layers}
     C = _input_covariance_by_hand(m, task.train_inputs)
     m.begin_task(task, fast_cfg)
     for n, layer in m.layers.items():

@@ -18,6 +18,12 @@ family (``query``/``value`` for BERT-like encoders, the same for every method; t
 ViT code adapts K and V); covariances use every non-padding token of the training texts
 (the official code uses every ViT token under training augmentation); ``down_scale = 1/√3``
 as in the official code.
+
+Memory per layer **input**, as in the official code (K and V of a block read the same input,
+keep one memory and get one designed down-projection): adapted modules whose first-task input
+covariances are bitwise equal (they observed the same tensors: ``q_proj``/``v_proj``,
+``query``/``value``) form one group with one :class:`~sharecl.gpm.DualGPM` and one ``A_t``,
+stored once. The grouping is recorded in the store.
 """
 
 from __future__ import annotations
@@ -71,7 +77,9 @@ class InfLoRAMethod(ContinualMethod):
 
     Attributes:
         layers: ``{module name: InfLoRALinear}``.
-        memory: ``{module name: DualGPM}``.
+        groups: ``{representative module: [modules reading the same input]}`` (None before the
+            first task).
+        memory: ``{representative module: DualGPM}``, one per group.
     """
 
     name = "inflora"
@@ -86,31 +94,57 @@ class InfLoRAMethod(ContinualMethod):
         self.config = config or InfLoRAConfig(**overrides)
         self.config.target_modules = self.config.target_modules or default_targets(encoder.model)
         self.layers = wrap_targets(encoder.model, self.config.target_modules, lambda lin: InfLoRALinear(lin, self.router))
-        self.memory = {n: DualGPM(m.in_features) for n, m in self.layers.items()}
+        self.groups: dict[str, list[str]] | None = None
+        self.memory: dict[str, DualGPM] = {}
         self.thresholds: list[float] = []
+
+    def _group_inputs(self, covs: dict[str, torch.Tensor]) -> None:
+        """Group modules with bitwise-equal input covariances (one input) and give each group a memory."""
+        groups: dict[str, list[str]] = {}
+        for n in self.layers:
+            rep = next((g for g in groups if covs[g].shape == covs[n].shape and torch.equal(covs[g], covs[n])), n)
+            groups.setdefault(rep, []).append(n)
+        self.groups = groups
+        self.memory = {g: DualGPM(self.layers[g].in_features) for g in groups}
+
+    def memory_for(self, module: str) -> DualGPM:
+        """The memory of ``module``'s input group.
+
+        Raises:
+            KeyError: for a module that is not adapted, or before the first task.
+        """
+        for g, members in (self.groups or {}).items():
+            if module in members:
+                return self.memory[g]
+        raise KeyError(f"no InfLoRA memory for {module!r} (not an adapted module, or no task learned yet)")
 
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
         head = self._add_task(task)
         covs = self.input_covariances(task.train_inputs, cfg.eval_batch_size)
+        if self.groups is None:
+            self._group_inputs(covs)
         params = []
-        for n, layer in self.layers.items():
-            A = self.memory[n].design(covs[n], self.config.r).T
-            params.append(layer.begin_task(A * self.config.down_scale))
+        for g, members in self.groups.items():
+            A = self.memory[g].design(covs[g], self.config.r).T * self.config.down_scale
+            params += [self.layers[n].begin_task(A) for n in members]
         return [{"params": params, "lr": self.config.lr or cfg.lr}, *self._head_groups(head, cfg)]
 
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         covs = self.input_covariances(task.train_inputs, cfg.eval_batch_size)
         eps_t = memory_threshold(self.config.eps, len(self.task_names) - 1, self.num_tasks)
         self.thresholds.append(eps_t)
-        for n, layer in self.layers.items():
-            self.memory[n].update(covs[n], eps_t)
+        for g in self.groups:
+            self.memory[g].update(covs[g], eps_t)
+        for layer in self.layers.values():
             layer.merge()
         dims = [m.dim for m in self.memory.values()]
         return {"threshold": eps_t, "memory_dim_mean": sum(dims) / len(dims), "memory_dim_max": max(dims)}
 
     # -------------------------------------------------------------- accounting
     def adapter_numbers_per_task(self) -> float:
-        return float(self.config.r * sum(m.in_features + m.out_features for m in self.layers.values()))
+        """``B_t`` per module, ``A_t`` once per input group."""
+        ins = [self.layers[g].in_features for g in self.groups] if self.groups else [m.in_features for m in self.layers.values()]
+        return float(self.config.r * (sum(ins) + sum(m.out_features for m in self.layers.values())))
 
     def shared_numbers(self) -> int:
         return sum(m.numel for m in self.memory.values())
@@ -120,28 +154,38 @@ class InfLoRAMethod(ContinualMethod):
 
     # -------------------------------------------------------------------- store
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Each task's merged factors ``B_t``, ``A_t`` per layer (``W = W0 + Σ_t B_t A_t`` is
-        rebuilt in the same order on load, so it is bit-identical), the memory bases, the heads."""
+        """Each task's merged factors, ``B_t`` per module and ``A_t`` per input group (its first
+        module's name; ``W = W0 + Σ_t B_t A_t`` is rebuilt in the same order on load, so it is
+        bit-identical), the memory bases (one per group), the heads."""
         out = {**self.head_tensors(), **memory_tensors(self.memory)[0]}
-        for n, layer in self.layers.items():
-            for t, (B, A) in enumerate(layer.merged):
-                out[f"layers.{n}.B.{t}"], out[f"layers.{n}.A.{t}"] = B.contiguous(), A.contiguous()
+        for g, members in (self.groups or {}).items():
+            for t, (_, A) in enumerate(self.layers[g].merged):
+                out[f"layers.{g}.A.{t}"] = A.contiguous()
+            for n in members:
+                for t, (B, _) in enumerate(self.layers[n].merged):
+                    out[f"layers.{n}.B.{t}"] = B.contiguous()
         return out
 
     def state_meta(self) -> dict:
         return {"memory_kinds": memory_tensors(self.memory)[1], "merged_tasks": len(self.task_names),
-                "thresholds": self.thresholds}
+                "thresholds": self.thresholds, "input_groups": self.groups}
 
     @torch.no_grad()
     def load_state(self, tensors: dict[str, torch.Tensor], tasks: list[dict], meta: dict) -> None:
-        for n, layer in self.layers.items():
+        # stores written before input groups existed kept one memory and one A_t per module
+        groups = meta.get("input_groups") or ({n: [n] for n in self.layers} if meta["merged_tasks"] else None)
+        for g, members in (groups or {}).items():
             for t in range(meta["merged_tasks"]):
-                B, A = tensors[f"layers.{n}.B.{t}"], tensors[f"layers.{n}.A.{t}"]
-                layer.base.weight += B @ A
-                layer.merged.append((B, A))
-        self.memory = load_memories({n: m.in_features for n, m in self.layers.items()}, tensors, meta["memory_kinds"])
+                A = tensors[f"layers.{g}.A.{t}"]
+                for n in members:
+                    B = tensors[f"layers.{n}.B.{t}"]
+                    self.layers[n].base.weight += B @ A
+                    self.layers[n].merged.append((B, A))
+        self.groups = groups
+        self.memory = load_memories({g: self.layers[g].in_features for g in groups or {}}, tensors, meta["memory_kinds"])
         self.thresholds = list(meta.get("thresholds", []))
         self.load_tasks_and_heads(tensors, tasks)
 
     def report(self) -> dict:
-        return {"memory_dims": {n: m.dim for n, m in self.memory.items()}, "thresholds": self.thresholds}
+        return {"memory_dims": {n: m.dim for n, m in self.memory.items()}, "thresholds": self.thresholds,
+                "input_groups": self.groups}
