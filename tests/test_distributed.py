@@ -48,8 +48,12 @@ def _products(state: dict, method: str) -> dict[str, torch.Tensor]:
             U, V, cB, cA = (state[f"{layer}.{s}"].double() for s in ("U", "V", "coeff_B", "coeff_A"))
             for t in range(cB.shape[0]):
                 out[f"{layer}.dW.{t}"] = U @ cB[t] @ cA[t].T @ V.T
-        if method == "inflora" and ".B." in key:
-            out[key.replace(".B.", ".BA.")] = v.double() @ state[key.replace(".B.", ".A.")].double()
+        if method == "inflora" and ".B." in key:  # A_t is stored once per input: query's serves value
+            a = key.replace(".B.", ".A.")
+            if a not in state:
+                layer, t = key.split(".B.")
+                a = next(k for k in state if k.startswith(layer.rsplit(".", 1)[0] + ".") and k.endswith(f".A.{t}"))
+            out[key.replace(".B.", ".BA.")] = v.double() @ state[a].double()
         if key.startswith("memory."):
             out[key + ".projector"] = v.double() @ v.double().T
     return out
