@@ -10,6 +10,16 @@ import torch
 pytestmark = pytest.mark.slow
 
 
+def _fast_precision() -> str:
+    """bf16 autocast where the CPU has bfloat16 instructions (there it trains SmolLM2 about 3×
+    faster than fp32: 2.0 vs 6.8 s for a batch of 8 BBC prompts); fp32 elsewhere."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from sharecl.generation.lm import load_causal_lm
@@ -57,7 +67,8 @@ def test_share_learns_two_real_generation_tasks_and_the_store_regenerates_them(t
 
     s = get_stream("gen5", train_size=40, test_size=8)
     tasks = [s.tasks[2], s.tasks[4]]
-    m = build_method("share", load_causal_lm(max_length=160), seed=0)
+    precision = _fast_precision()
+    m = build_method("share", load_causal_lm(max_length=160, precision=precision), seed=0)
     base = build_method("zero-shot", m.encoder, seed=0)  # routes nowhere: Share's layers are the base layers then
     cfg = TrainConfig(steps=10, batch_size=8, lr=2e-3)
     for t in tasks:
@@ -70,7 +81,7 @@ def test_share_learns_two_real_generation_tasks_and_the_store_regenerates_them(t
             xs = t.train_inputs[:8]
             assert m.lm_loss(xs, t.name).item() < 0.7 * base.lm_loss(xs, t.name).item()
     save_store(m, tmp_path / "store")
-    loaded = load_store(tmp_path / "store")
+    loaded = load_store(tmp_path / "store", precision=precision)
     for t in tasks:
         prompts = [p for p, _ in t.test_inputs[:6]]
         assert generate_answers(loaded, t.name, prompts, max_new_tokens=t.max_new_tokens) == \
