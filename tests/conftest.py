@@ -138,6 +138,27 @@ def tiny_lm(chat: bool = True, seed: int = 0, hidden: int = 32, layers: int = 2)
     return CausalLM(model, tok, "tiny-llama", max_length=64, chat=chat)
 
 
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """:func:`tiny_lm` saved as a transformers directory (model, tokenizer, chat template): a
+    causal LM the command line and stores load by path."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_lm()
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return str(d)
+
+
+def write_jsonl(path, pairs):
+    """``(prompt, completion)`` pairs as a JSONL file with ``prompt``/``completion`` fields."""
+    import json
+
+    with open(path, "w") as fh:
+        for p, c in pairs:
+            fh.write(json.dumps({"prompt": p, "completion": c}) + "\n")
+    return path
+
+
 def tiny_generation_task(name: str, answer: str, n_train: int = 24, n_test: int = 6, metric: str = "exact-match"):
     """A learnable generation task: every prompt ``"<name> <word>?"`` has the answer ``answer``."""
     import random

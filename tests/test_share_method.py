@@ -122,9 +122,14 @@ def test_adapter_only_task_is_folded_without_data(tiny_share, fast_cfg):
     m.add_adapter("ext-prefixed", prefixed, scaling=1.0)
     for layer in m.layers.values():
         assert torch.allclose(layer.delta_weight(1), layer.delta_weight(2), atol=1e-5)
-    bad = dict(list(factors.items())[1:])
-    with pytest.raises(ValueError, match="missing"):
-        m.add_adapter("ext2", bad, scaling=1.0)
+    subset = dict(list(factors.items())[1:])  # an adapter on some of the targets: the others get no update
+    assert m.add_adapter("ext-subset", subset, scaling=1.0)["layers_without_update"] == 1
+    first = next(iter(factors))
+    assert float(m.layers[first].delta_weight(m.index("ext-subset")).abs().max()) == 0.0
+    with pytest.raises(ValueError, match="unexpected"):
+        m.add_adapter("ext2", {**factors, "encoder.pooler.dense": factors[first]}, scaling=1.0)
+    with pytest.raises(ValueError, match="unexpected"):
+        m.add_adapter("ext3", {}, scaling=1.0)
 
 
 def test_nan_loss_is_refused(tiny_share, fast_cfg):

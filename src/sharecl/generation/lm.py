@@ -162,8 +162,24 @@ class CausalLM:
         tok = self.tokenizer
         return int(tok.pad_token_id if tok.pad_token_id is not None else self.eos_id)
 
-    def format_prompt(self, prompt: str) -> str:
-        """``prompt`` as the model reads it: a user turn in the chat template (``chat``), else as is."""
+    def format_prompt(self, prompt) -> str:
+        """``prompt`` as the model reads it: a user turn in the chat template (``chat``), else as is.
+
+        ``prompt`` is a string, or (chat form) a list of ``{"role", "content"}`` messages ending
+        with a user turn, formatted by the chat template with the assistant's turn opened.
+
+        Raises:
+            TypeError: for anything else; ValueError: for messages without a chat template or
+                not ending with a user turn.
+        """
+        if isinstance(prompt, list):
+            if not self.chat:
+                raise ValueError(f"chat messages need a chat template; the tokenizer of {self.path} is used without one")
+            ok = prompt and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                                for m in prompt)
+            if not ok or prompt[-1]["role"] != "user":
+                raise ValueError("chat messages must be a non-empty list of {'role', 'content'} strings ending with a user turn")
+            return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         if not isinstance(prompt, str):
             raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
         if self.chat:
@@ -171,7 +187,26 @@ class CausalLM:
                                                       add_generation_prompt=True)
         return prompt
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_length(self, prompt) -> int:
+        """Tokens ``prompt`` takes after formatting (:meth:`format_prompt`), before any cut."""
+        return len(self.tokenizer(self.format_prompt(prompt), add_special_tokens=not self.chat)["input_ids"])
+
+    def identity(self) -> dict:
+        """What besides the weights decides this backbone's answers: sha256 of the tokenizer's
+        vocabulary and settings (``tokenizer.json``/``tokenizer_config.json`` and friends, as
+        saved by transformers) and of the chat template, and whether it is used. Stores record
+        it and refuse to load on a tokenizer that differs."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.tokenizer.save_pretrained(tmp)
+            h = hashlib.sha256()
+            for f in sorted(Path(tmp).iterdir()):
+                if f.name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "special_tokens_map.json"):
+                    h.update(f.name.encode() + b"\0" + f.read_bytes())
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        return {"tokenizer_sha256": h.hexdigest(), "chat": self.chat,
+                "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest() if self.chat else None}
+
+    def _prompt_ids(self, prompt) -> list[int]:
         ids = self.tokenizer(self.format_prompt(prompt), add_special_tokens=not self.chat)["input_ids"]
         return ids[-self.max_length:]
 
@@ -245,9 +280,10 @@ class CausalLM:
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, max_new_tokens: int = 32, num_beams: int = 1) -> list[str]:
-        """Answers to ``prompts``: left-padded batch, greedy (``num_beams=1``) or beam search,
-        stopping at :attr:`eos_id` or after ``max_new_tokens``; special tokens removed, stripped.
+    def generate_ids(self, prompts: list, *, max_new_tokens: int = 32, num_beams: int = 1) -> list[list[int]]:
+        """The new tokens of the answers to ``prompts`` (strings or chat messages, see
+        :meth:`format_prompt`): left-padded batch, greedy (``num_beams=1``) or beam search,
+        ending at :attr:`eos_id` (not included) or after ``max_new_tokens``.
 
         Raises:
             ValueError: for ``max_new_tokens`` < 1 or ``num_beams`` < 1.
@@ -270,7 +306,22 @@ class CausalLM:
                                       max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                       eos_token_id=self.eos_id, pad_token_id=self.pad_id,
                                       temperature=None, top_p=None, top_k=None)
-        return [self.tokenizer.decode(row[L:], skip_special_tokens=True).strip() for row in out.tolist()]
+        answers = []
+        for row in out[:, L:].tolist():
+            answers.append(row[: row.index(self.eos_id)] if self.eos_id in row else row)
+        return answers
+
+    def decode(self, ids: list[int]) -> str:
+        """An answer's text: special tokens removed, white space stripped."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def generate(self, prompts: list, *, max_new_tokens: int = 32, num_beams: int = 1) -> list[str]:
+        """Answers to ``prompts`` as text (:meth:`generate_ids`, then :meth:`decode`).
+
+        Raises:
+            ValueError: for ``max_new_tokens`` < 1 or ``num_beams`` < 1.
+        """
+        return [self.decode(r) for r in self.generate_ids(prompts, max_new_tokens=max_new_tokens, num_beams=num_beams)]
 
 
 def load_causal_lm(path: str | os.PathLike | None = None, *, max_length: int = 256, device: str | None = "cpu",

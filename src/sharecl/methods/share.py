@@ -91,19 +91,18 @@ def _align_to_layers(factors: dict, layers: list[str]) -> dict:
     """Rename adapter modules to this model's layer names when they differ only by a prefix.
 
     An adapter trained on, say, ``BertForSequenceClassification`` names its layers
-    ``bert.encoder.layer.0…`` where the bare encoder has ``encoder.layer.0…``. Each layer is
-    matched to the one adapter module equal to it or ending in ``"." + layer``; anything
-    ambiguous is left as it was, so the caller's check reports it.
+    ``bert.encoder.layer.0…`` where the bare encoder has ``encoder.layer.0…``. Each adapter
+    module is matched to the one layer equal to it or that it ends with (``"." + layer``);
+    a module that matches none or several, or two modules matching one layer, keep their
+    names, so the caller's check reports them.
     """
-    if set(factors) == set(layers):
-        return factors
-    out = {}
-    for layer in layers:
-        hits = [k for k in factors if k == layer or k.endswith("." + layer)]
-        if len(hits) != 1:
-            return factors
-        out[layer] = factors[hits[0]]
-    return out if len(out) == len(factors) else factors
+    out, taken = {}, set()
+    for key, value in factors.items():
+        hits = [layer for layer in layers if key == layer or key.endswith("." + layer)]
+        name = hits[0] if len(hits) == 1 and hits[0] not in taken else key
+        taken.add(name)
+        out[name] = value
+    return out
 
 
 @register
@@ -239,22 +238,32 @@ class ShareMethod(ContinualMethod):
 
         Args:
             name: new task name.
-            factors: ``{layer name: (lora_B (d_out, r), lora_A (r, d_in))}`` covering every
-                adapted layer of this model.
+            factors: ``{layer name: (lora_B (d_out, r), lora_A (r, d_in))}`` for any non-empty
+                subset of this model's adapted layers (a layer left out gets no update: zero
+                factors); names may carry a prefix (``base_model.model.``, a task model's).
             scaling: the adapter's own ``lora_alpha / r``; B is rescaled to this model's ``s``.
             classes: class names, if a head will be attached later; stored for reference.
 
+        Returns:
+            The merge record (drift per old task, the new task's own truncation) with
+            ``layers_without_update``: how many adapted layers the adapter did not cover.
+
         Raises:
-            ValueError: on a name clash, missing or extra layers, or shape mismatches.
+            ValueError: on a name clash, layers this model does not adapt, no layer in common,
+                or shape mismatches.
         """
         check_task_name(name)
         if name in self.task_classes:
             raise ValueError(f"task {name!r} already exists; choose another name")
         factors = _align_to_layers(factors, list(self.layers))
-        missing = sorted(set(self.layers) - set(factors))
         extra = sorted(set(factors) - set(self.layers))
-        if missing or extra:
-            raise ValueError(f"adapter targets do not match this store's: missing {missing[:4]}, unexpected {extra[:4]}")
+        if extra or not factors:
+            raise ValueError(f"adapter targets do not match this store's: unexpected {extra[:4]} (this store adapts "
+                             f"{list(self.layers)[:4]}{' …' if len(self.layers) > 4 else ''})")
+        missing = [n for n in self.layers if n not in factors]
+        w = next(iter(self.layers.values())).base.weight
+        factors = {**factors, **{n: (w.new_zeros(self.layers[n].out_features, 1), w.new_zeros(1, self.layers[n].in_features))
+                                 for n in missing}}
         ratio = scaling / self.config.scaling
         scaled = {}
         for lname, (B, A) in factors.items():
@@ -267,22 +276,18 @@ class ShareMethod(ContinualMethod):
         self.task_names.append(name)
         self.task_classes[name] = list(classes or [])
         self.kinds[name] = "adapter"
-        return self._merge_new(scaled, name)
+        return {**self._merge_new(scaled, name), "layers_without_update": len(missing)}
 
     # --------------------------------------------------------------- inference
-    @torch.no_grad()
-    def mixed_logits(self, inputs: list, task_names: list[str]) -> list[torch.Tensor]:
-        """One backbone forward for a batch whose rows belong to different tasks.
+    def mixed_route(self, task_names: list[str]):
+        """Every row gathers its own task's ``M_t = C_B[t] C_A[t]ᵀ`` in each adapted layer
+        (METHODS.md §1, "Inference"): one forward, the cost of one rank-k adapter.
 
-        Each adapted layer gathers ``M_t = C_B[t] C_A[t]ᵀ`` per row (METHODS.md §1,
-        "Inference"); heads are applied per row. Returns one logits vector per row.
+        Raises:
+            KeyError: for an unknown task.
         """
-        if len(inputs) != len(task_names):
-            raise ValueError(f"{len(inputs)} inputs but {len(task_names)} task names")
         rows = torch.tensor([self.index(t) for t in task_names], dtype=torch.long, device=self.encoder.device)
-        with self.router.use(task_index=None, row_tasks=rows):
-            z = self.encoder.encode(self.encoder.tokenize(inputs))
-        return [self.heads(z[i: i + 1], t)[0] for i, t in enumerate(task_names)]
+        return self.router.use(task_index=None, row_tasks=rows)
 
     @torch.no_grad()
     def cil_logits(self, inputs: list, score: str | None = None) -> torch.Tensor:

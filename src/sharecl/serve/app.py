@@ -1,13 +1,16 @@
 """The HTTP application of ``sharecl serve``: configuration, limits and routes (FastAPI).
 
-Every refusal is a 4xx with a JSON body ``{"error": {"code", "message"}}``: body too large
-(413; the body is read and dropped first, up to ``max_drain_bytes``, so a client that writes
-the whole body before reading still gets the answer), malformed JSON or wrong types (422), too
-many inputs or too long a text (422), unknown task (404), a task without a head (422); for a
-vision store, an input that is not a base64-encoded image (422) or whose declared size is over
-the limits of :mod:`sharecl.vision.decode` (413). Images are decoded off the event loop on a
-small pool of threads, so decoding never stalls other clients and at most that many images are
-decoded at full size at once.
+A store of classification tasks answers ``POST /predict``; a store on a causal LM (generation
+tasks) answers ``POST /generate``; each refuses the other's route with a 422 that names the
+right one. Every refusal is a 4xx with a JSON body ``{"error": {"code", "message"}}``: body too
+large (413; the body is read and dropped first, up to ``max_drain_bytes``, so a client that
+writes the whole body before reading still gets the answer), malformed JSON or wrong types
+(422), too many inputs or too long a text (422), unknown task (404), a task without a head
+(422); for a vision store, an input that is not a base64-encoded image (422) or whose declared
+size is over the limits of :mod:`sharecl.vision.decode` (413); for a generation store, a prompt
+over ``max_prompt_tokens`` tokens (413) or ``max_new_tokens`` out of range (422). Images are
+decoded off the event loop on a small pool of threads, so decoding never stalls other clients
+and at most that many images are decoded at full size at once.
 """
 
 import asyncio
@@ -32,6 +35,9 @@ class ServeConfig:
         max_inputs: inputs per request (≤ ``max_batch_size``).
         max_text_chars: characters per input text.
         max_body_bytes: request body size, in bytes.
+        max_prompt_tokens: generation: tokens per prompt after the chat template (capped by the
+            store's ``max_length``, which the model was trained with).
+        max_new_tokens: generation: the largest ``max_new_tokens`` a request may ask for.
         max_drain_bytes: how much of a too-large body is read and dropped before the 413 is
             sent, in bytes (a larger body is cut off: its client may see the connection reset).
         decode_workers: threads decoding images (vision stores); also the most images decoded
@@ -47,13 +53,16 @@ class ServeConfig:
     max_inputs: int = 64
     max_text_chars: int = 16_000
     max_body_bytes: int = 1_000_000
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 256
     max_drain_bytes: int = 64 << 20
     decode_workers: int = 2
     reload_interval_s: float = 1.0
     device: str = "cpu"
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_inputs", "max_text_chars", "max_body_bytes", "decode_workers"):
+        for name in ("max_batch_size", "max_inputs", "max_text_chars", "max_body_bytes", "decode_workers",
+                     "max_prompt_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_inputs > self.max_batch_size:
@@ -149,6 +158,7 @@ def create_app(watcher: StoreWatcher, config: ServeConfig | None = None):
     ``app.state.watcher`` give access to both (for tests and metrics).
     """
     from contextlib import asynccontextmanager
+    from typing import Literal
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -159,6 +169,7 @@ def create_app(watcher: StoreWatcher, config: ServeConfig | None = None):
 
     cfg = config or ServeConfig()
     vision = getattr(watcher.current.method.encoder, "images", None) is not None  # fixed by the base model
+    lm = getattr(watcher.current.method.encoder, "modality", None) == "lm"  # likewise: a causal LM with generation tasks
     per_input = cfg.max_body_bytes if vision else cfg.max_text_chars
     Text = Annotated[str, StringConstraints(max_length=per_input)]
     what = "base64-encoded images (PNG, JPEG, …)" if vision else "texts"
@@ -180,9 +191,35 @@ def create_app(watcher: StoreWatcher, config: ServeConfig | None = None):
         classes: list[str]
         predictions: list[Prediction]
 
+    class Message(BaseModel):
+        role: Literal["system", "user", "assistant"]
+        content: Text
+        model_config = {"extra": "forbid"}
+
+    Chat = Annotated[list[Message], Field(min_length=1, max_length=64)]
+
+    class GenerateRequest(BaseModel):
+        task: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(description="task name (GET /tasks)")
+        inputs: Annotated[list[Text | Chat], Field(min_length=1, max_length=cfg.max_inputs)] = Field(
+            description=f"prompts (1–{cfg.max_inputs}): each a text, or a chat as a list of {{role, content}} messages "
+                        f"ending with a user turn; each ≤ {cfg.max_prompt_tokens} tokens once formatted")
+        max_new_tokens: Annotated[int, Field(ge=1, le=cfg.max_new_tokens)] = Field(
+            default=min(64, cfg.max_new_tokens), description=f"most tokens per answer (1–{cfg.max_new_tokens}); greedy decoding")
+        model_config = {"extra": "forbid"}
+
+    class Generation(BaseModel):
+        text: str
+        tokens: int
+
+    class GenerateResponse(BaseModel):
+        task: str
+        store_version: int
+        generations: list[Generation]
+
     @asynccontextmanager
     async def lifespan(app):
-        app.state.batcher = MicroBatcher(lambda: watcher.current, cfg.max_batch_size, cfg.max_wait_ms)
+        app.state.batcher = MicroBatcher(lambda: watcher.current, cfg.max_batch_size, cfg.max_wait_ms,
+                                         kind="generate" if lm else "classify")
         app.state.decoder = concurrent.futures.ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="sharecl-decode")
         watcher.start()
         try:
@@ -220,11 +257,16 @@ def create_app(watcher: StoreWatcher, config: ServeConfig | None = None):
 
     @app.get("/tasks")
     def tasks() -> dict:
-        """Every task with its classes; ``predict`` is false for adapter-only tasks (no head)."""
+        """Every task with its classes; ``predict`` is false for adapter-only tasks (no head) and
+        for generation tasks, ``generate`` true for every task of a store on a causal LM."""
         cur = watcher.current
         return {"store_version": cur.version, "method": cur.method.name,
-                "tasks": [{"name": t, "classes": c, "kind": cur.kinds.get(t, "data"), "predict": t in cur.has_head}
-                          for t, c in cur.classes.items()]}
+                "tasks": [{"name": t, "classes": c, "kind": cur.kinds.get(t, "data"), "predict": t in cur.has_head,
+                           "generate": lm} for t, c in cur.classes.items()]}
+
+    def _unknown(task: str, cur):
+        known = list(cur.classes)
+        return _error(404, "unknown_task", f"unknown task {task!r}; known tasks: {known[:20]}" + (" …" if len(known) > 20 else ""))
 
     @app.post("/predict", response_model=PredictResponse,
               responses={404: {"description": "unknown task"}, 413: {"description": "body too large"},
@@ -235,10 +277,10 @@ def create_app(watcher: StoreWatcher, config: ServeConfig | None = None):
         A request whose own rows make the forward fail gets a 503; the requests batched with it
         are answered (they are rerun one by one)."""
         cur = watcher.current
+        if lm:
+            return _error(422, "wrong_route", "this store generates text with a causal LM; use POST /generate")
         if req.task not in cur.classes:
-            known = list(cur.classes)
-            return _error(404, "unknown_task", f"unknown task {req.task!r}; known tasks: {known[:20]}"
-                          + (" …" if len(known) > 20 else ""))
+            return _unknown(req.task, cur)
         if req.task not in cur.has_head:
             return _error(422, "no_head", f"task {req.task!r} was added as an adapter only and has no classification head")
         inputs = req.inputs
@@ -262,5 +304,38 @@ def create_app(watcher: StoreWatcher, config: ServeConfig | None = None):
             i = max(range(len(row)), key=row.__getitem__)
             preds.append({"label": classes[i], "probability": row[i], "probabilities": row})
         return {"task": req.task, "store_version": version, "classes": classes, "predictions": preds}
+
+    @app.post("/generate", response_model=GenerateResponse,
+              responses={404: {"description": "unknown task"}, 413: {"description": "body or prompt too large"},
+                         422: {"description": "invalid request, or a store that classifies"}})
+    async def generate(req: GenerateRequest):
+        """Greedy answers to ``inputs`` under ``task``; requests for any tasks are micro-batched
+        into one ``generate`` call in which every row decodes under its own task (Share).
+
+        A request whose own rows make the batch fail gets a 503; the requests batched with it
+        are answered (they are rerun one by one)."""
+        cur = watcher.current
+        if not lm:
+            return _error(422, "wrong_route", "this store classifies (its base model is not a causal LM); use POST /predict")
+        if req.task not in cur.classes:
+            return _unknown(req.task, cur)
+        prompts = [p if isinstance(p, str) else [m.model_dump() for m in p] for p in req.inputs]
+        encoder = cur.method.encoder
+        limit = min(cfg.max_prompt_tokens, encoder.max_length)
+        try:  # tokenising long prompts takes a while: off the event loop
+            lengths = await asyncio.get_running_loop().run_in_executor(
+                app.state.decoder, lambda: [encoder.prompt_length(p) for p in prompts])
+        except ValueError as exc:
+            return _error(422, "invalid_prompt", str(exc))
+        over = [i for i, n in enumerate(lengths) if n > limit]
+        if over:
+            return _error(413, "prompt_too_long", f"inputs[{over[0]}] takes {lengths[over[0]]} tokens, over the limit of "
+                          f"{limit} (the server's --max-prompt-tokens and the store's max_length); shorten it")
+        try:
+            version, ids = await asyncio.wrap_future(app.state.batcher.submit(req.task, prompts, req.max_new_tokens))
+        except Exception as exc:  # noqa: BLE001 - a fault of the server, not of the request
+            return _error(503, "inference_failed", f"the model could not answer ({type(exc).__name__}: {exc}); retry")
+        return {"task": req.task, "store_version": version,
+                "generations": [{"text": encoder.decode(row), "tokens": len(row)} for row in ids]}
 
     return app

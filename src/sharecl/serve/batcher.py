@@ -1,4 +1,5 @@
-"""Mixed-task micro-batching: requests for any tasks that arrive together share one forward."""
+"""Mixed-task micro-batching: requests for any tasks that arrive together share one forward
+(classification) or one ``generate`` call (generation)."""
 
 from __future__ import annotations
 
@@ -17,35 +18,61 @@ __all__ = ["MicroBatcher"]
 class _Pending:
     task: str
     inputs: list
+    option: object = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
+def _classify(method, inputs: list, tasks: list[str], options: list) -> list:
+    return method.mixed_logits(inputs, tasks)
+
+
+def _probabilities(rows: list) -> torch.Tensor:
+    return torch.stack(rows).float().softmax(-1).cpu()
+
+
+def _generate(method, inputs: list, tasks: list[str], options: list) -> list:
+    return method.mixed_generate(inputs, tasks, options)
+
+
+#: What a batch runs, by kind: ``(run(method, inputs, tasks, options) -> one result per row,
+#: finish(a request's rows) -> its answer)``.
+KINDS = {"classify": (_classify, _probabilities), "generate": (_generate, list)}
+
+
 class MicroBatcher:
-    """Gathers requests for any tasks into mixed-task forward passes on one worker thread.
+    """Gathers requests for any tasks into mixed-task batches on one worker thread.
 
     Rows are gathered up to ``max_batch_size`` or ``max_wait_ms`` and run as **one** mixed-task
     forward (Share: each row gathers its task's ``M_t = C_B[t] C_A[t]ᵀ``, METHODS.md §1
-    "Inference"; :meth:`~sharecl.methods.base.ContinualMethod.mixed_logits`). A request is never
-    split. When a forward fails, its requests are run again one by one, so only the request that
+    "Inference"; :meth:`~sharecl.methods.base.ContinualMethod.mixed_logits`), or for
+    ``kind="generate"`` one greedy ``generate`` call in which every row decodes under its own
+    task (:meth:`~sharecl.methods.base.ContinualMethod.mixed_generate`). A request is never
+    split. When a batch fails, its requests are run again one by one, so only the request that
     causes the failure gets the exception and its neighbours get their answers.
 
     Args:
         snapshot: returns the :class:`~sharecl.serve.watcher.Loaded` version to run the next batch on.
-        max_batch_size: rows per forward.
+        max_batch_size: rows per batch.
         max_wait_ms: how long a batch's first request waits for more rows.
+        kind: ``classify`` or ``generate`` (:data:`KINDS`).
 
-    :meth:`submit` returns a future resolving to ``(store_version, probabilities (n, C) float32)``.
+    :meth:`submit` returns a future resolving to ``(store_version, answer)``: probabilities
+    ``(n, C)`` float32 (``classify``), or one list of new token ids per input (``generate``,
+    whose ``option`` is the request's ``max_new_tokens``).
     """
 
-    def __init__(self, snapshot, max_batch_size: int = 64, max_wait_ms: float = 5.0):
+    def __init__(self, snapshot, max_batch_size: int = 64, max_wait_ms: float = 5.0, kind: str = "classify"):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
         self.snapshot, self.max_batch_size, self.max_wait_s = snapshot, max_batch_size, max_wait_ms / 1000.0
+        self._rows, self._finish = KINDS[kind]
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self.batches, self.rows, self.isolated = 0, 0, 0
         self._thread = threading.Thread(target=self._run, name="sharecl-micro-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, task: str, inputs: list) -> concurrent.futures.Future:
-        item = _Pending(task, list(inputs))
+    def submit(self, task: str, inputs: list, option=None) -> concurrent.futures.Future:
+        item = _Pending(task, list(inputs), option)
         self._queue.put(item)
         return item.future
 
@@ -80,17 +107,18 @@ class MicroBatcher:
             if closing:
                 return
 
-    def _forward(self, batch: list[_Pending], loaded) -> list[torch.Tensor]:
+    def _forward(self, batch: list[_Pending], loaded) -> list:
         inputs = [x for item in batch for x in item.inputs]
         tasks = [item.task for item in batch for _ in item.inputs]
+        options = [item.option for item in batch for _ in item.inputs]
         with torch.inference_mode():
-            rows = loaded.method.mixed_logits(inputs, tasks)
+            rows = self._rows(loaded.method, inputs, tasks, options)
         self.batches += 1
         self.rows += len(inputs)
         out, pos = [], 0
         for item in batch:
             n = len(item.inputs)
-            out.append(torch.stack(rows[pos: pos + n]).float().softmax(-1).cpu())
+            out.append(self._finish(rows[pos: pos + n]))
             pos += n
         return out
 
@@ -105,5 +133,5 @@ class MicroBatcher:
             for item in batch:
                 self._answer([item], loaded)
             return
-        for item, p in zip(batch, probs):
-            item.future.set_result((loaded.version, p))
+        for item, answer in zip(batch, probs):
+            item.future.set_result((loaded.version, answer))
