@@ -57,7 +57,9 @@ def test_gguf_cache_reloads_fast_and_identically(smollm2, tmp_path):
 
 def test_share_learns_two_real_generation_tasks_and_the_store_regenerates_them(tmp_path):
     """Share on SmolLM2: two gen5 tasks (fortune language, noun category), a few steps each; the
-    tasks beat the zero-shot model; save, reload, and the reloaded store generates the same tokens."""
+    tasks beat the zero-shot model; save, reload, and the reloaded store generates the same tokens;
+    each task exported as a PEFT LoRA and loaded by ``PeftModel.from_pretrained`` generates the
+    same tokens as Share (float32)."""
     from sharecl.data.streams import get_stream
     from sharecl.generation.evaluate import evaluate_generation, generate_answers
     from sharecl.generation.lm import load_causal_lm
@@ -86,3 +88,28 @@ def test_share_learns_two_real_generation_tasks_and_the_store_regenerates_them(t
         prompts = [p for p, _ in t.test_inputs[:6]]
         assert generate_answers(loaded, t.name, prompts, max_new_tokens=t.max_new_tokens) == \
             generate_answers(m, t.name, prompts, max_new_tokens=t.max_new_tokens)
+    _peft_round_trip_is_token_exact(tmp_path, tasks)
+
+
+def _peft_round_trip_is_token_exact(tmp_path, tasks):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sharecl.generation.lm import CausalLM
+    from sharecl.interop.peft import export_task
+    from sharecl.store import load_store
+
+    exact = load_store(tmp_path / "store")  # float32
+    base = AutoModelForCausalLM.from_pretrained(exact.encoder.path)
+    for i, t in enumerate(tasks):
+        export_task(exact, t.name, tmp_path / f"peft-{t.name}")
+        if i == 0:
+            peft = PeftModel.from_pretrained(base, str(tmp_path / f"peft-{t.name}"), adapter_name=t.name).eval()
+        else:
+            peft.load_adapter(str(tmp_path / f"peft-{t.name}"), adapter_name=t.name)
+        peft.set_adapter(t.name)
+        lm = CausalLM(peft, exact.encoder.tokenizer, exact.encoder.path, max_length=exact.encoder.max_length, chat=exact.encoder.chat)
+        prompts = [p for p, _ in t.test_inputs[:6]]
+        with exact.task(t.name):
+            want = exact.encoder.generate_ids(prompts, max_new_tokens=t.max_new_tokens)
+        assert lm.generate_ids(prompts, max_new_tokens=t.max_new_tokens) == want, t.name

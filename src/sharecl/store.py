@@ -189,6 +189,22 @@ def compact_merges(merges: list[dict]) -> list[dict]:
     return out
 
 
+def _check_tokenizer(path: Path, recorded: dict | None, current: dict) -> None:
+    """Refuse a causal LM whose tokenizer or chat template differ from the ones a store recorded.
+
+    Raises:
+        StoreError: naming what differs and the fix.
+    """
+    if not recorded:
+        return  # a store written before tokenizers were recorded
+    for key, what in (("tokenizer_sha256", "tokenizer (vocabulary or special tokens)"), ("chat", "use of the chat template"),
+                      ("chat_template_sha256", "chat template")):
+        if recorded.get(key) != current.get(key):
+            raise StoreError(f"{path} was built with another {what} than the model loaded now has: its tasks' prompts "
+                             f"would be encoded differently; load it with the tokenizer it was built with (the base "
+                             f"model directory as it was)")
+
+
 def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
     """Write ``method`` (a storable method, :data:`STORABLE`) as the next store version.
 
@@ -216,6 +232,9 @@ def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
         version = (previous["version"] + 1) if previous else 1
         base = {"path": method.encoder.path, "sha256": sha,
                 "model_type": getattr(method.encoder.model.config, "model_type", None)}
+        if method.modality == "lm":  # what besides the weights decides a causal LM's answers
+            base["tokenizer"] = method.encoder.identity()
+            _check_tokenizer(p, (previous or {}).get("base_model", {}).get("tokenizer"), base["tokenizer"])
         state_name = f"state-v{version}-{secrets.token_hex(8)}.safetensors"
         tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_tensors().items()}
         meta = method.state_meta()
@@ -276,6 +295,7 @@ def load_store(path: str | Path, *, model_path: str | None = None, device: str |
 
         encoder = load_causal_lm(base, max_length=manifest.get("max_length", 256), device=device, precision=precision,
                                  chat=manifest.get("chat"))
+        _check_tokenizer(p, manifest["base_model"].get("tokenizer"), encoder.identity())
     else:
         encoder = load_encoder(base, max_length=manifest.get("max_length", 128), device=device, precision=precision,
                                image_size=manifest.get("image_size") or 56)

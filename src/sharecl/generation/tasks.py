@@ -17,9 +17,7 @@ from sharecl.data.files import DataFileError as GenerationDataError  # one error
 from sharecl.data.tasks import check_task_name
 from sharecl.generation.scoring import METRICS
 
-__all__ = ["GenerationTask", "split_pairs", "read_pairs", "load_generation_file", "GenerationDataError"]
-
-
+__all__ = ["GenerationTask", "split_pairs", "read_pairs", "load_generation_file", "is_generation_file", "GenerationDataError"]
 
 
 @dataclass
@@ -140,6 +138,20 @@ def read_pairs(path: str | Path, *, prompt_column: str = "prompt", completion_co
     if not out:
         raise GenerationDataError(f"{p} has no rows")
     return out
+
+
+def is_generation_file(path: str | Path, *, prompt_column: str = "prompt", completion_column: str = "completion") -> bool:
+    """Whether a data file holds generation pairs (``prompt`` and ``completion`` columns, or
+    ``messages``) rather than labelled texts. A file that cannot be read is not one (its
+    reader says why).
+    """
+    from sharecl.data.files import open_table
+
+    try:
+        cols = open_table(Path(path), "").column_names
+    except GenerationDataError:
+        return False
+    return (prompt_column in cols and completion_column in cols) or "messages" in cols
 
 
 def load_generation_file(name: str, path: str | Path, *, seed: int = 0, test_fraction: float = 0.2, metric: str = "rouge-l",

@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["AdapterError", "LoRAAdapter", "read_lora_adapter", "export_task"]
+__all__ = ["AdapterError", "LoRAAdapter", "read_lora_adapter", "check_adapter_base", "export_task"]
 
 _PREFIX = "base_model.model."
 
@@ -73,6 +73,48 @@ def read_lora_adapter(path: str | Path) -> LoRAAdapter:
         raise AdapterError(f"{w_path}: lora_A/lora_B keys do not pair up (A: {len(A)}, B: {len(B)})")
     factors = {m: (B[m].float(), A[m].float()) for m in sorted(A)}
     return LoRAAdapter(factors, scaling, r, cfg, str(p))
+
+
+def check_adapter_base(lora: LoRAAdapter, base: dict, *, trust: bool = False) -> str:
+    """Check that ``lora`` was trained on a store's base model (the manifest's ``base_model``:
+    ``path`` and the ``sha256`` of its weights); returns how it was checked.
+
+    The adapter's ``base_model_name_or_path`` is verified where it can be: a local model
+    directory by the sha256 of its weights, a local ``.gguf`` file by its own sha256 against the
+    GGUF the store's base was dequantised from (``sharecl_source.json``). A name that is not a
+    local path (a hub id) or no name at all cannot be verified: it is refused unless ``trust``.
+
+    Returns:
+        ``"sha256"`` (verified) or ``"trusted"`` (accepted unverified).
+
+    Raises:
+        AdapterError: the adapter's base differs from the store's, or cannot be verified and
+            ``trust`` is False.
+    """
+    from sharecl.backbone import sha256_files, weights_hash
+
+    name = lora.config.get("base_model_name_or_path")
+    where = Path(name) if name else None
+    if where is not None and where.is_dir():
+        if weights_hash(where) != base["sha256"]:
+            raise AdapterError(f"{lora.path} was trained on {name}, whose weights differ from this store's base model "
+                               f"({base['path']}); fold only adapters trained on the store's base model")
+        return "sha256"
+    if where is not None and where.is_file() and where.suffix == ".gguf":
+        try:
+            source = json.loads((Path(base["path"]) / "sharecl_source.json").read_text())["sha256"]
+        except (OSError, ValueError, KeyError):
+            source = None
+        if source != sha256_files([where]):
+            raise AdapterError(f"{lora.path} was trained on {name}, which is not the GGUF file this store's base model "
+                               f"({base['path']}) was made from; fold only adapters trained on the store's base model")
+        return "sha256"
+    if trust:
+        return "trusted"
+    said = f"names its base model {name!r}, which is not a local path" if name else "does not name its base model"
+    raise AdapterError(f"{lora.path} {said}, so sharecl cannot check that it was trained on this store's base model "
+                       f"({base['path']}); pass --trust-base if you know it was (an adapter trained on another model "
+                       f"of the same shapes would be folded without error and answer wrongly)")
 
 
 def export_task(method, task_name: str, out_dir: str | Path) -> Path:

@@ -1,0 +1,63 @@
+"""What every ``sharecl`` command shares: the console, torch set-up, and the option types.
+
+Kept apart from :mod:`sharecl.cli` (stream commands) and :mod:`sharecl.cli_store` (store
+commands) so both can use them; importing it loads no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+
+def setup_torch(threads: Optional[int], device: str = "cpu") -> str:
+    """Quiet library noise, set threads, resolve ``--device`` and join torchrun's process group
+    when there is one (rank ≠ 0 prints nothing). Returns the device, e.g. ``cpu`` or ``cuda:1``."""
+    import atexit
+    import warnings
+
+    import torch
+
+    from sharecl import distributed as dist
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")  # library deprecation noise
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = dist.resolve_device(device)
+    if dist.init_distributed(dev):
+        atexit.register(dist.shutdown)
+        console.quiet = not dist.is_main()
+    return str(dev)
+
+
+def share_options(k: int, p: int, energy: Optional[float], rank: int, phi: int, init: str, finetune: int) -> dict:
+    """ShareConfig overrides from the command line: a fixed k unless --energy is given."""
+    return {"k": None if energy is not None else k, "energy": energy, "p": p, "r": rank, "phi": phi, "init": init,
+            "merge_finetune_steps": finetune}
+
+
+def default_lr(modality: str) -> float:
+    """The learning rate by modality (:data:`sharecl.train.DEFAULT_LR`; imported late: torch loads slowly)."""
+    from sharecl.train import DEFAULT_LR
+
+    return DEFAULT_LR[modality]
+
+KOpt = Annotated[int, typer.Option(help="Share: basis size k per side (ignored with --energy).")]
+POpt = Annotated[int, typer.Option(help="Share: pseudo-rank p, columns of each task's coefficients.")]
+EOpt = Annotated[Optional[float], typer.Option(help="Share: choose k by kept energy fraction instead of a fixed k.")]
+PhiOpt = Annotated[int, typer.Option(help="Share: temporary directions per side while a task trains (φ).")]
+InitOpt = Annotated[str, typer.Option(help="Share: coefficient init, 'zero' (ΔW = 0) or 'previous' (warm start).")]
+FtOpt = Annotated[int, typer.Option(help="Share: steps fine-tuning the new task's coefficients after the merge.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (under torchrun, cuda is each rank's LOCAL_RANK GPU).")]
+PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16 (bfloat16 autocast of the backbone; weights stay float32).")]
+WarmupOpt = Annotated[int, typer.Option(help="Linear learning-rate warm-up over the first N steps of each task (0: none).")]
+ClipOpt = Annotated[Optional[float], typer.Option(help="Clip the gradient norm of the trained parameters to this value.")]
+AugmentOpt = Annotated[bool, typer.Option(help="Images: train on random resized crops (area 25-100 %) and horizontal flips.")]
