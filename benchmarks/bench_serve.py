@@ -184,16 +184,9 @@ def bench_server(backend: str, store: Path, args, texts: list[str]) -> list[dict
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"{backend} server did not start")
-            time.sleep(0.5)
+        from _common import wait_healthy
+
+        wait_healthy(url, proc, 300, f"{backend} server")
         tasks = [t["name"] for t in httpx.get(f"{url}/tasks").json()["tasks"] if t["predict"]]
         run_load(url, tasks, texts, True, 40, args.clients, args.rows)  # warm-up
         rows = []

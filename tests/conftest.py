@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
@@ -72,6 +73,36 @@ def sharecl(*args, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"sharecl {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
+
+
+@contextlib.contextmanager
+def serving(store, *args):
+    """``sharecl serve STORE`` as a real process on a free loopback port; yields its URL once
+    ``/health`` answers, and stops it on exit."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sharecl", "serve", str(store), "--port", str(port), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "server did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 def write_csv(path, task):

@@ -2,17 +2,12 @@
 add-adapter (subsets, rsLoRA, base-model checks), kinds refused, and `sharecl serve` over HTTP."""
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import make_task, sharecl, tiny_generation_task, write_csv, write_jsonl
+from conftest import make_task, serving, sharecl, tiny_generation_task, write_csv, write_jsonl
 from sharecl.store import load_store, read_manifest
 
 
@@ -158,25 +153,8 @@ def test_sharecl_serve_generates_over_http(gen_store):
     prompts = [p for p, _ in tiny_generation_task("beta", "no").test_inputs[:2]]
     want = [json.loads(line)["text"] for line in
             sharecl("generate", store, "--task", "beta", "--max-new-tokens", 5, "--json", *prompts).stdout.strip().splitlines()]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "sharecl", "serve", str(store), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, "server did not start"
-            time.sleep(0.2)
+    with serving(store) as url:
         r = httpx.post(f"{url}/generate", json={"task": "beta", "inputs": prompts, "max_new_tokens": 5}, timeout=30)
         assert r.status_code == 200 and [g["text"] for g in r.json()["generations"]] == want
         r = httpx.post(f"{url}/generate", json={"task": "beta", "inputs": prompts, "max_new_tokens": 10 ** 6}, timeout=30)
         assert r.status_code == 422
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)

@@ -1,11 +1,7 @@
 """`sharecl serve`: predictions, mixed-task micro-batching, hot reload, limits, fuzzing, a real server."""
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,7 +11,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import learn_b, make_task, sharecl
+from conftest import learn_b, make_task, serving, sharecl
 from sharecl.serve import MicroBatcher, ServeConfig, StoreWatcher, create_app
 from sharecl.store import load_store, save_store
 
@@ -198,36 +194,14 @@ def test_a_new_store_version_is_served_without_a_failed_request(served_store, tm
     assert versions and set(versions) <= {1, 2} and versions == sorted(versions) and versions[-1] == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sharecl_serve_is_a_real_http_server(served_store):
     import httpx
 
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sharecl", "serve", str(served_store), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, "server did not start"
-            time.sleep(0.2)
+    with serving(served_store) as url:
         r = httpx.post(f"{url}/predict", json={"task": "b", "inputs": ["hello there", "apple river"]}, timeout=10)
         assert r.status_code == 200 and len(r.json()["predictions"]) == 2
         assert httpx.post(f"{url}/predict", json={"task": "nope", "inputs": ["x"]}, timeout=10).status_code == 404
         assert httpx.get(f"{url}/openapi.json", timeout=10).json()["info"]["title"] == "sharecl"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def test_serve_config_is_checked():

@@ -216,7 +216,7 @@ def serve(
     max_prompt_tokens: Annotated[int, typer.Option(help="Generation: tokens per prompt (at most the store's max_length).")] = 1024,
     max_new_tokens: Annotated[int, typer.Option(help="Generation: the largest max_new_tokens a request may ask for.")] = 256,
     reload_interval: Annotated[float, typer.Option(help="Seconds between checks for a new store version (0: never).")] = 1.0,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "cpu", precision: PrecisionOpt = "fp32",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
 ):
     """Serve every task of a store over HTTP: POST /predict (classification) or POST /generate
@@ -231,7 +231,7 @@ def serve(
 
     cfg = ServeConfig(host=host, port=port, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_inputs=max_inputs,
                       max_text_chars=max_text_chars, max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
-                      max_new_tokens=max_new_tokens, reload_interval_s=reload_interval,
+                      max_new_tokens=max_new_tokens, reload_interval_s=reload_interval, precision=precision,
                       device=dev)
     run_server(store, cfg, log=console.print)
 

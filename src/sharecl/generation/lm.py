@@ -280,10 +280,12 @@ class CausalLM:
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
     @torch.no_grad()
-    def generate_ids(self, prompts: list, *, max_new_tokens: int = 32, num_beams: int = 1) -> list[list[int]]:
+    def generate_ids(self, prompts: list, *, max_new_tokens: int = 32, num_beams: int = 1, **generate_kwargs) -> list[list[int]]:
         """The new tokens of the answers to ``prompts`` (strings or chat messages, see
         :meth:`format_prompt`): left-padded batch, greedy (``num_beams=1``) or beam search,
-        ending at :attr:`eos_id` (not included) or after ``max_new_tokens``.
+        ending at :attr:`eos_id` (not included) or after ``max_new_tokens``. Further keyword
+        arguments go to the model's ``generate`` (``min_new_tokens``; ``adapter_names`` for a
+        PEFT model).
 
         Raises:
             ValueError: for ``max_new_tokens`` < 1 or ``num_beams`` < 1.
@@ -305,7 +307,7 @@ class CausalLM:
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                       eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                                      temperature=None, top_p=None, top_k=None)
+                                      temperature=None, top_p=None, top_k=None, **generate_kwargs)
         answers = []
         for row in out[:, L:].tolist():
             answers.append(row[: row.index(self.eos_id)] if self.eos_id in row else row)

@@ -33,7 +33,7 @@ def serve(store: str | os.PathLike, config: ServeConfig | None = None, log=print
     import uvicorn
 
     cfg = config or ServeConfig()
-    watcher = StoreWatcher(store, device=cfg.device, interval_s=cfg.reload_interval_s, log=log)
+    watcher = StoreWatcher(store, device=cfg.device, interval_s=cfg.reload_interval_s, log=log, precision=cfg.precision)
     cur = watcher.current
     log(f"serving {store} (version {cur.version}, method {cur.method.name}, {len(cur.classes)} tasks) "
         f"on http://{cfg.host}:{cfg.port}  (OpenAPI: /docs, /openapi.json)")

@@ -44,6 +44,8 @@ class ServeConfig:
             at full size at once.
         reload_interval_s: seconds between checks of the store's manifest (0: never reload).
         device: where the model runs (``auto``, ``cpu``, ``cuda``).
+        precision: ``fp32``, or ``bf16`` (bfloat16 autocast of the backbone; on CPUs with
+            bfloat16 instructions it decodes SmolLM2 about 2.6× faster, see the README).
     """
 
     host: str = "127.0.0.1"
@@ -59,6 +61,7 @@ class ServeConfig:
     decode_workers: int = 2
     reload_interval_s: float = 1.0
     device: str = "cpu"
+    precision: str = "fp32"
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_inputs", "max_text_chars", "max_body_bytes", "decode_workers",

@@ -29,12 +29,12 @@ def _signature(path: Path) -> tuple:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _load(path: Path, device: str) -> Loaded:
+def _load(path: Path, device: str, precision: str = "fp32") -> Loaded:
     from sharecl.store import load_store, read_manifest
 
     sig = _signature(path)
     manifest = read_manifest(path)
-    method = load_store(path, device=device)
+    method = load_store(path, device=device, precision=precision)
     if method.task_names != [t["name"] for t in manifest["tasks"]]:  # a newer manifest landed between the two reads
         raise RuntimeError("the store changed while it was being read")
     return Loaded(manifest["version"], method, {t: list(method.task_classes[t]) for t in method.task_names},
@@ -56,11 +56,11 @@ class StoreWatcher:
         StoreError: if the store cannot be loaded now.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str = "cpu", interval_s: float = 1.0, log=None,
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", interval_s: float = 1.0, log=None, precision: str = "fp32",
                  max_backoff_s: float = 300.0):
-        self.path, self.device, self.interval_s, self.log = Path(path), device, interval_s, log
+        self.path, self.device, self.interval_s, self.log, self.precision = Path(path), device, interval_s, log, precision
         self.max_backoff_s = max_backoff_s
-        self._current = _load(self.path, device)
+        self._current = _load(self.path, device, precision)
         self.reloads, self.failed_reloads = 0, 0
         self.reload_error: dict | None = None  # {"signature", "error", "attempts", "retry_at"} of the failing manifest
         self._stop = threading.Event()
@@ -84,7 +84,7 @@ class StoreWatcher:
         if err is not None and err["signature"] == sig and now < err["retry_at"]:
             return False  # the same broken manifest: wait for the back-off
         try:
-            new = _load(self.path, self.device)
+            new = _load(self.path, self.device, self.precision)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old version serving
             return self._failed(sig, exc, now)
         self.reload_error = None
