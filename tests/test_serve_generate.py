@@ -40,7 +40,8 @@ def prompts(name, n=4):
 
 
 def client_for(store, **cfg):
-    return TestClient(create_app(StoreWatcher(store, interval_s=0), ServeConfig(**cfg)))
+    watcher = StoreWatcher(store, interval_s=cfg.pop("reload_interval_s", 0.0))
+    return TestClient(create_app(watcher, ServeConfig(**cfg)))
 
 
 def test_mixed_generate_equals_each_task_alone(lm_store):
@@ -181,3 +182,42 @@ def test_two_thousand_hostile_requests_never_get_a_5xx(lm_store):
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
         assert c.get("/health").json()["status"] == "ok"
     assert statuses.get(200, 0) >= 20 and statuses.get(422, 0) >= 500 and statuses.get(404, 0) >= 10, statuses
+
+
+def test_a_task_folded_while_serving_is_answered_without_a_failed_request(lm_store, tmp_path):
+    """`sharecl add-adapter` in another process writes version 2 (a PEFT export of alpha folded
+    as alpha2); the server switches to it between batches while requests keep coming."""
+    import shutil
+    import time
+
+    from conftest import sharecl
+
+    store = tmp_path / "store"
+    shutil.copytree(lm_store, store)
+    xs = prompts("alpha", 2)
+    versions, failures, stop = [], [], threading.Event()
+    with client_for(store, reload_interval_s=0.1) as c:
+        def hammer():
+            while not stop.is_set():
+                r = c.post("/generate", json={"task": "alpha", "inputs": xs, "max_new_tokens": 4})
+                (versions.append(r.json()["store_version"]) if r.status_code == 200 else failures.append(r.text))
+
+        th = threading.Thread(target=hammer)
+        th.start()
+        try:
+            sharecl("export", store, tmp_path / "alpha-lora", "--task", "alpha")
+            sharecl("add-adapter", store, tmp_path / "alpha-lora", "--task", "alpha2", "--any-rank")
+            deadline = time.time() + 30
+            while c.get("/health").json()["store_version"] != 2 and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            th.join()
+        health = c.get("/health").json()
+        assert health["store_version"] == 2, health
+        r = c.post("/generate", json={"task": "alpha2", "inputs": xs, "max_new_tokens": 4})
+        assert r.status_code == 200 and r.json()["store_version"] == 2
+        assert [g["text"] for g in r.json()["generations"]] == ["yes", "yes"]  # the folded copy answers like alpha
+    assert not failures
+    assert versions and versions == sorted(versions) and versions[-1] == 2
