@@ -157,13 +157,44 @@ def _canonical_batch(b: torch.Tensor, a: torch.Tensor, p: int | None = None) -> 
     return nb, na
 
 
-def _drift(b_old, a_old, b_new, a_new) -> torch.Tensor:
-    """Relative Frobenius change of ``b aᵀ`` per task, all in one orthonormal coordinate system."""
-    old = b_old @ a_old.transpose(1, 2)
-    new = b_new @ a_new.transpose(1, 2)
-    denom = torch.linalg.matrix_norm(old)
-    diff = torch.linalg.matrix_norm(new - old)
-    return torch.where(denom > 0, diff / denom.clamp_min(torch.finfo(_F).tiny), torch.zeros_like(denom))
+def _drift(b: torch.Tensor, a: torch.Tensor, cb: torch.Tensor, ca: torch.Tensor, wb: torch.Tensor, wa: torch.Tensor,
+           p: int) -> torch.Tensor:
+    """Relative Frobenius change ``‖P_B b aᵀ P_A − b aᵀ‖ / ‖b aᵀ‖`` of every task when its factors
+    are projected onto the new bases ``wb`` (m, k_B), ``wa`` (n, k_A). Tasks are stacked side by
+    side, ``p`` columns each: ``b`` (m, T·p), ``a`` (n, T·p), and their new coefficients
+    ``cb = wbᵀ b``, ``ca = waᵀ a``.
+
+    With ``Q = I − P``, ``b aᵀ − P_B b aᵀ P_A = P_B b (Q_A a)ᵀ + Q_B b (P_A a)ᵀ + Q_B b (Q_A a)ᵀ``, three
+    mutually orthogonal terms, and ``‖x yᵀ‖² = Σ (xᵀx) ⊙ (yᵀy)`` needs only per-task ``(p, p)``
+    Gram matrices: ``O(T·p²·m)`` instead of forming ``(T, m, n)`` products, and each term is
+    computed from its own small residual, so a drift of 1e-16 reads as such (no cancellation).
+    """
+    def gram(x):  # (rows, T·p) → per-task (T, p, p)
+        x3 = x.reshape(x.shape[0], x.shape[1] // p, p)
+        return torch.einsum("mti,mtj->tij", x3, x3)
+
+    def sq(x, y):  # ‖x yᵀ‖_F² per task
+        return (gram(x) * gram(y)).sum((1, 2))
+
+    qb, qa = b - wb @ cb, a - wa @ ca
+    num = sq(cb, qa) + sq(qb, ca) + sq(qb, qa)
+    den = sq(b, a)
+    return torch.where(den > 0, (num.clamp_min(0) / den.clamp_min(torch.finfo(_F).tiny)).sqrt(), torch.zeros_like(den))
+
+
+def _left_singular(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors ``(m, min(m, n))`` and singular values (descending) of ``x`` (m, n).
+
+    A wide ``x`` (a stack of many tasks' columns) goes through the eigendecomposition of its
+    ``(m, m)`` Gram matrix: ``O(m²n)`` in one matrix product instead of a LAPACK SVD that also
+    forms the ``(m, n)`` right factor. In float64 this resolves singular values down to about
+    1e-7 of the largest, far below the numerical-rank tolerance (:func:`numerical_rank`).
+    """
+    if x.shape[1] <= 2 * x.shape[0]:
+        w, s, _ = torch.linalg.svd(x, full_matrices=False)
+        return w, s
+    evals, evecs = torch.linalg.eigh(x @ x.T)
+    return evecs.flip(1), evals.flip(0).clamp_min(0).sqrt()
 
 
 def _basis(stored: torch.Tensor, tail: torch.Tensor, k, energy, k_max, store_dtype):
@@ -179,9 +210,9 @@ def _basis(stored: torch.Tensor, tail: torch.Tensor, k, energy, k_max, store_dty
     fraction of ``stored``'s squared Frobenius norm inside ``W``.
     """
     full = torch.cat([stored, tail], 1)
-    s_full = torch.linalg.svdvals(full)
+    s_full = _left_singular(full)[1]
     kk = choose_rank(s_full, k=k, energy=energy, k_max=k_max, rank=numerical_rank(s_full, tuple(full.shape), store_dtype))
-    w, s, _ = torch.linalg.svd(stored, full_matrices=False)
+    w, s = _left_singular(stored)
     W = w[:, : min(kk, numerical_rank(s, tuple(stored.shape), store_dtype))]
     if kk > W.shape[1] and tail.shape[1]:
         rest = tail - W @ (W.T @ tail)
@@ -253,30 +284,40 @@ def merge_subspace(
 
     qb, rb = torch.linalg.qr(torch.cat([U, nb], 1))  # (d_out, kb + r)
     qa, ra = torch.linalg.qr(torch.cat([V, na], 1))
-    old_b = rb[:, :kb].unsqueeze(0) @ cB  # (T_old, kb + r, p): old tasks in small coordinates
-    old_a = ra[:, :ka].unsqueeze(0) @ cA
+    old_b = rb[:, :kb] @ _wide(cB)  # (kb + r, T_old·p): old tasks side by side in small coordinates
+    old_a = ra[:, :ka] @ _wide(cA)
     # old tasks were balanced when they were new; only the new task is canonicalised (METHODS.md §1)
     full_b, full_a = _canonical_batch(rb[:, kb:].unsqueeze(0), ra[:, ka:].unsqueeze(0), max(r, p))
-    wb, wa, cb_new, ca_new, drift, eb, ea, cut = _merge_stacks(old_b, old_a, full_b, full_a, p, k, energy, k_max, store_dtype)
+    wb, wa, cb_new, ca_new, drift, eb, ea, cut = _merge_stacks(old_b, old_a, full_b[0], full_a[0], p, k, energy, k_max, store_dtype)
     return MergeResult(qb @ wb, qa @ wa, cb_new, ca_new, drift, eb, ea, cut)
 
 
+def _wide(coeff: torch.Tensor) -> torch.Tensor:
+    """Per-task coefficients ``(T, k, p)`` side by side: ``(k, T·p)``, task t in columns t·p … t·p+p−1."""
+    T, k, p = coeff.shape
+    return coeff.permute(1, 0, 2).reshape(k, T * p)
+
+
+def _per_task(wide: torch.Tensor, p: int) -> torch.Tensor:
+    """Inverse of :func:`_wide`: ``(k, T·p)`` → ``(T, k, p)`` (contiguous)."""
+    return wide.reshape(wide.shape[0], wide.shape[1] // p, p).permute(1, 0, 2).contiguous()
+
+
 def _merge_stacks(old_b, old_a, full_b, full_a, p, k, energy, k_max, store_dtype):
-    """The merge in one coordinate system: old tasks ``(T_old, m, p)``, the new task's full
-    balanced factors ``(1, m, r')`` (columns by singular value); returns the bases, every task's
-    coefficients, drift, kept energies and the new task's own truncation."""
-    all_b = torch.cat([old_b, full_b[:, :, :p]], 0)  # every task at p columns, as stored
-    all_a = torch.cat([old_a, full_a[:, :, :p]], 0)
-    T = all_b.shape[0]
-    wb, eb = _basis(all_b.transpose(0, 1).reshape(all_b.shape[1], T * p), full_b[0, :, p:], k, energy, k_max, store_dtype)
-    wa, ea = _basis(all_a.transpose(0, 1).reshape(all_a.shape[1], T * p), full_a[0, :, p:], k, energy, k_max, store_dtype)
-    cb_new = wb.T.unsqueeze(0) @ all_b  # (T, k_B', p)
-    ca_new = wa.T.unsqueeze(0) @ all_a
-    drift = _drift(all_b, all_a, wb.unsqueeze(0) @ cb_new, wa.unsqueeze(0) @ ca_new)
-    s2 = (torch.linalg.vector_norm(full_b[0], dim=0) * torch.linalg.vector_norm(full_a[0], dim=0)) ** 2  # σ_j² of ΔW_t
+    """The merge in one coordinate system: old tasks side by side, ``p`` columns each,
+    ``(m, T_old·p)``, and the new task's full balanced factors ``(m, r')`` (columns by singular
+    value); returns the bases, every task's coefficients ``(T, k', p)``, drift, kept energies
+    and the new task's own truncation."""
+    all_b = torch.cat([old_b, full_b[:, :p]], 1)  # every task at p columns, as stored
+    all_a = torch.cat([old_a, full_a[:, :p]], 1)
+    wb, eb = _basis(all_b, full_b[:, p:], k, energy, k_max, store_dtype)
+    wa, ea = _basis(all_a, full_a[:, p:], k, energy, k_max, store_dtype)
+    cb_new, ca_new = wb.T @ all_b, wa.T @ all_a  # (k', T·p)
+    drift = _drift(all_b, all_a, cb_new, ca_new, wb, wa, p)
+    s2 = (torch.linalg.vector_norm(full_b, dim=0) * torch.linalg.vector_norm(full_a, dim=0)) ** 2  # σ_j² of ΔW_t
     total = float(s2.sum())
     cut = float(s2[p:].sum() / total) ** 0.5 if total > 0 else 0.0
-    return wb, wa, cb_new, ca_new, drift, eb, ea, cut
+    return wb, wa, _per_task(cb_new, p), _per_task(ca_new, p), drift, eb, ea, cut
 
 
 def naive_merge_subspace(U, V, coeff_B, coeff_A, new_B, new_A, *, p, k=None, energy=None, k_max=None,
@@ -288,7 +329,7 @@ def naive_merge_subspace(U, V, coeff_B, coeff_A, new_B, new_A, *, p, k=None, ene
     r = new_B.shape[1]
     fb, fa = _canonical_batch(new_B.to(_F).unsqueeze(0), new_A.to(_F).T.unsqueeze(0), max(r, p))
     if U is not None:
-        ob, oa = U.to(_F) @ coeff_B.to(_F), V.to(_F) @ coeff_A.to(_F)
+        ob, oa = U.to(_F) @ _wide(coeff_B.to(_F)), V.to(_F) @ _wide(coeff_A.to(_F))
     else:
-        ob, oa = fb.new_zeros(0, fb.shape[1], p), fa.new_zeros(0, fa.shape[1], p)
-    return MergeResult(*_merge_stacks(ob, oa, fb, fa, p, k, energy, k_max, store_dtype))
+        ob, oa = fb.new_zeros(fb.shape[1], 0), fa.new_zeros(fa.shape[1], 0)
+    return MergeResult(*_merge_stacks(ob, oa, fb[0], fa[0], p, k, energy, k_max, store_dtype))
