@@ -162,8 +162,7 @@ class ShareMethod(ContinualMethod):
     def _merge_new(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], task_name: str) -> dict:
         """Merge one new task's factors ``{layer: (B, A)}`` into every layer; record drift."""
         old = list(self.task_names[:-1])
-        per_task = {n: [] for n in old}
-        energies, cuts, own = [], [], []
+        energies, cuts, own, drifts = [], [], [], []
         cfg = self.config
         for name, layer in self.layers.items():
             B, A = factors[name]
@@ -175,10 +174,11 @@ class ShareMethod(ContinualMethod):
             energies.append((res.energy_B, res.energy_A))
             cuts.append(res.truncation)
             own.append(float(res.drift[-1]))
-            for n, d in zip(old, res.drift[:-1].tolist()):
-                per_task[n].append(d)
+            drifts.append(res.drift[:-1])
+        by_layer = torch.stack(drifts)  # (layers, old tasks)
+        means, maxes = by_layer.mean(0).tolist(), by_layer.amax(0).tolist()
         record = {"after_task": task_name,
-                  "per_task": {n: {"mean": sum(v) / len(v), "max": max(v)} for n, v in per_task.items()},
+                  "per_task": {n: {"mean": a, "max": b} for n, a, b in zip(old, means, maxes)},
                   # the new task itself: rank r → p (its own cut), then its rank-p part in the new basis
                   "new_task": {"truncation_mean": sum(cuts) / len(cuts), "truncation_max": max(cuts),
                                "projection_max": max(own)},
