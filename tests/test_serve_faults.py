@@ -21,10 +21,10 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import make_task
+from conftest import free_port, make_task
 from sharecl.serve import MicroBatcher, ServeConfig, StoreWatcher, create_app
 from sharecl.store import read_manifest
-from test_serve import _free_port, served_store  # noqa: F401 - the module-scoped store fixture
+from test_serve import served_store  # noqa: F401 - the module-scoped store fixture
 
 
 class _Poisoned:
@@ -232,7 +232,7 @@ def test_a_large_image_is_decoded_small_and_like_the_command_line(vision_store, 
 
 # -- a real server: a too-large body read by a client that writes first -------------------
 def test_urllib_client_reads_the_413_of_a_10_mb_body(served_store):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sharecl", "serve", str(served_store), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
