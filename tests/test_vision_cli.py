@@ -89,7 +89,7 @@ def test_learn_and_predict_images_from_a_folder_a_dataset_and_a_stream_file(tiny
 
     before = (store / "manifest.json").read_bytes()
     bad = sharecl("learn", store, "--task", "words", "--data", write_csv(tmp_path / "w.csv", make_task("w")), *common, check=False)
-    assert bad.returncode == 1 and "holds text data but the model" in bad.stderr and "reads image" in bad.stderr
+    assert bad.returncode == 1 and "holds text classification data but" in bad.stderr and "image classification tasks" in bad.stderr
     bad = sharecl("learn", store, "--task", "pets-9", "--data", tmp_path / "pets.yaml", *common, check=False)
     assert bad.returncode == 1 and "declares tasks pets-1" in bad.stderr
     bad = sharecl("predict", store, str(tmp_path / "nope.png"), "--task", "shades", check=False)
@@ -100,7 +100,7 @@ def test_learn_and_predict_images_from_a_folder_a_dataset_and_a_stream_file(tiny
 def test_images_into_a_text_store_are_refused(cli_store, tmp_path):
     before = (cli_store / "store" / "manifest.json").read_bytes()
     bad = sharecl("learn", cli_store / "store", "--task", "pics", "--data", _folder(tmp_path / "pics"), "--no-progress", check=False)
-    assert bad.returncode == 1 and "holds image data but the model" in bad.stderr and "--model" in bad.stderr
+    assert bad.returncode == 1 and "holds image classification data but" in bad.stderr and "--model" in bad.stderr
     assert (cli_store / "store" / "manifest.json").read_bytes() == before
 
 

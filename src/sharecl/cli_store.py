@@ -42,8 +42,11 @@ def _check_store_kind(store: Path, modality: str, data: Path) -> None:
 
     held = read_manifest(store).get("modality") or "text"
     if held != modality:
+        model = {"text": "the packaged MiniLM, or --model with an encoder directory",
+                 "image": "the packaged DINOv2 ViT-S/14, or --model with a ViT/DINOv2 directory",
+                 "lm": "the packaged SmolLM2, or --model with a causal LM directory or .gguf file"}[modality]
         raise ValueError(f"{data} holds {_KIND_WORDS[modality]} data but {store} holds {_KIND_WORDS[held]} tasks on "
-                         f"its base model; use another store (a new directory) for this task")
+                         f"its base model; use another store (a new directory: it takes {model}) for this task")
 
 
 def _new_backbone(modality: str, model: Optional[str], data: Path, dev: str, precision: str, image_size: int):
