@@ -69,19 +69,32 @@ def test_reprojection_changes_nothing_without_truncation():
     assert torch.allclose(res.U.T @ res.U, torch.eye(res.U.shape[1], dtype=torch.float64), atol=1e-10)
 
 
-@pytest.mark.parametrize("k", [2, 5, 9])
-def test_small_space_merge_equals_naive_merge(k):
-    small, _ = _stack_merges(5, 40, 33, 4, 3, k, 7)
-    naive, _ = _stack_merges(5, 40, 33, 4, 3, k, 7, merge=naive_merge_subspace)
+@pytest.mark.parametrize("k,T", [(2, 5), (5, 5), (9, 5), (5, 14), (9, 14)])
+def test_small_space_merge_equals_naive_merge(k, T):
+    """T = 14 takes the small-space merge through its Gram-matrix path (T·p > 2(k + r)); the
+    reference always takes an SVD of the dense (d, T·p) stack and measures drift on dense ΔW."""
+    small, _ = _stack_merges(T, 40, 33, 4, 3, k, 7)
+    naive, _ = _stack_merges(T, 40, 33, 4, 3, k, 7, merge=naive_merge_subspace)
     assert small.U.shape == naive.U.shape
     assert torch.allclose(small.U @ small.U.T, naive.U @ naive.U.T, atol=1e-8)  # same subspace
     assert torch.allclose(small.V @ small.V.T, naive.V @ naive.V.T, atol=1e-8)
-    for t in range(5):
+    for t in range(T):
         ds = small.U @ small.coeff_B[t] @ small.coeff_A[t].T @ small.V.T
         dn = naive.U @ naive.coeff_B[t] @ naive.coeff_A[t].T @ naive.V.T
         assert torch.allclose(ds, dn, atol=1e-8)
     assert torch.allclose(small.drift, naive.drift, atol=1e-8)
     assert small.drift[:-1].max() > 0  # k < T·p truncates, so old tasks drift
+    assert abs(small.energy_B - naive.energy_B) < 1e-9 and abs(small.energy_A - naive.energy_A) < 1e-9
+
+
+def test_change_of_basis_replays_the_reprojection():
+    """``change_B @ old coefficients`` is what the merge made of every old task."""
+    before, _ = _stack_merges(13, 40, 33, 4, 3, 6, 2)
+    B, A = rand_lora(40, 33, 4, 99)
+    after = merge_subspace(before.U, before.V, before.coeff_B, before.coeff_A, B, A, p=3, k=6)
+    assert torch.allclose(after.change_B @ before.coeff_B, after.coeff_B[:-1], atol=1e-12)
+    assert torch.allclose(after.change_A @ before.coeff_A, after.coeff_A[:-1], atol=1e-12)
+    assert torch.allclose(after.change_B, after.U.T @ before.U, atol=1e-10)  # U'ᵀ U, independently
 
 
 def test_truncation_drift_is_reported_exactly():

@@ -127,6 +127,9 @@ class MergeResult:
         truncation: the new task's own loss from keeping ``p`` of its ``r`` directions,
             ``‖ΔW_t − ΔW_t^(p)‖_F / ‖ΔW_t‖_F`` (0 when ``r ≤ p``, or for a zero ``ΔW_t``);
             ``drift[-1]`` is what the basis then costs its rank-p part.
+        change_B, change_A: ``(k_B', k_B)`` / ``(k_A', k_A)`` changes of basis of the old tasks'
+            coefficients, ``coeff_B[i] = change_B @ old coeff_B[i]`` (``U'ᵀ U``; a store can keep
+            old coefficients as written and replay these, :mod:`sharecl.store`).
     """
 
     U: torch.Tensor
@@ -137,6 +140,8 @@ class MergeResult:
     energy_B: float
     energy_A: float
     truncation: float = 0.0
+    change_B: torch.Tensor | None = None
+    change_A: torch.Tensor | None = None
 
 
 def _canonical_batch(b: torch.Tensor, a: torch.Tensor, p: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,73 +162,64 @@ def _canonical_batch(b: torch.Tensor, a: torch.Tensor, p: int | None = None) -> 
     return nb, na
 
 
-def _drift(b: torch.Tensor, a: torch.Tensor, cb: torch.Tensor, ca: torch.Tensor, wb: torch.Tensor, wa: torch.Tensor,
-           p: int) -> torch.Tensor:
-    """Relative Frobenius change ``‖P_B b aᵀ P_A − b aᵀ‖ / ‖b aᵀ‖`` of every task when its factors
-    are projected onto the new bases ``wb`` (m, k_B), ``wa`` (n, k_A). Tasks are stacked side by
-    side, ``p`` columns each: ``b`` (m, T·p), ``a`` (n, T·p), and their new coefficients
-    ``cb = wbᵀ b``, ``ca = waᵀ a``.
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """Per-task Gram matrices ``(T, p, p)`` of per-task coefficients ``x`` (T, m, p)."""
+    return x.transpose(1, 2) @ x
 
-    With ``Q = I − P``, ``b aᵀ − P_B b aᵀ P_A = P_B b (Q_A a)ᵀ + Q_B b (P_A a)ᵀ + Q_B b (Q_A a)ᵀ``, three
-    mutually orthogonal terms, and ``‖x yᵀ‖² = Σ (xᵀx) ⊙ (yᵀy)`` needs only per-task ``(p, p)``
-    Gram matrices: ``O(T·p²·m)`` instead of forming ``(T, m, n)`` products, and each term is
-    computed from its own small residual, so a drift of 1e-16 reads as such (no cancellation).
+
+def _drift(cb: torch.Tensor, ca: torch.Tensor, yb: torch.Tensor, ya: torch.Tensor) -> torch.Tensor:
+    """Relative Frobenius change of every task when its factors are projected onto new bases.
+
+    Per task, in an orthonormal coordinate system split into the new basis and its complement:
+    ``cb`` (T, k_B, p) / ``ca`` (T, k_A, p) are the coordinates inside the new bases, ``yb`` /
+    ``ya`` those in the complements (what the truncation drops). With ``b = (cb, yb)``,
+    ``b aᵀ − P_B b aᵀ P_A = cb yaᵀ + yb caᵀ + yb yaᵀ`` (three mutually orthogonal terms), and
+    ``‖x yᵀ‖_F² = Σ (xᵀx) ⊙ (yᵀy)`` needs only per-task ``(p, p)`` Gram matrices. Each term comes
+    from its own small residual, so a drift of 1e-16 reads as such (no cancellation).
     """
-    def gram(x):  # (rows, T·p) → per-task (T, p, p)
-        x3 = x.reshape(x.shape[0], x.shape[1] // p, p)
-        return torch.einsum("mti,mtj->tij", x3, x3)
-
-    def sq(x, y):  # ‖x yᵀ‖_F² per task
-        return (gram(x) * gram(y)).sum((1, 2))
-
-    qb, qa = b - wb @ cb, a - wa @ ca
-    num = sq(cb, qa) + sq(qb, ca) + sq(qb, qa)
-    den = sq(b, a)
+    gcb, gca, gyb, gya = _gram(cb), _gram(ca), _gram(yb), _gram(ya)
+    num = ((gcb * gya) + (gyb * gca) + (gyb * gya)).sum((1, 2))
+    den = num + (gcb * gca).sum((1, 2))
     return torch.where(den > 0, (num.clamp_min(0) / den.clamp_min(torch.finfo(_F).tiny)).sqrt(), torch.zeros_like(den))
 
 
 def _left_singular(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left singular vectors ``(m, min(m, n))`` and singular values (descending) of ``x`` (m, n).
+    """Left singular vectors ``(m, min(m, n))`` and singular values (descending) of ``x`` (m, n)."""
+    w, s, _ = torch.linalg.svd(x, full_matrices=False)
+    return w, s
 
-    A wide ``x`` (a stack of many tasks' columns) goes through the eigendecomposition of its
-    ``(m, m)`` Gram matrix: ``O(m²n)`` in one matrix product instead of a LAPACK SVD that also
-    forms the ``(m, n)`` right factor. In float64 this resolves singular values down to about
-    1e-7 of the largest, far below the numerical-rank tolerance (:func:`numerical_rank`).
-    """
-    if x.shape[1] <= 2 * x.shape[0]:
-        w, s, _ = torch.linalg.svd(x, full_matrices=False)
-        return w, s
-    evals, evecs = torch.linalg.eigh(x @ x.T)
+
+def _from_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and singular values (descending) of a matrix given its Gram
+    ``x xᵀ`` (m, m). In float64 this resolves singular values down to about 1e-7 of the
+    largest, far below the numerical-rank tolerance (:func:`numerical_rank`)."""
+    evals, evecs = torch.linalg.eigh(gram)
     return evecs.flip(1), evals.flip(0).clamp_min(0).sqrt()
 
 
-def _basis(stored: torch.Tensor, tail: torch.Tensor, k, energy, k_max, store_dtype):
-    """One side's basis ``(W (m, k'), kept energy)`` from the stored tasks' columns ``stored``
-    (m, T·p) and the new task's directions beyond p, ``tail`` (m, r − p).
+def _choose_basis(w, s, s_full, shape, tail, k, energy, k_max, store_dtype):
+    """One side's basis ``W (m, k')`` from the stored tasks' left singular vectors ``w`` and
+    values ``s``, the singular values ``s_full`` of the whole stack ``[stored, tail]`` of shape
+    ``shape``, and the new task's directions beyond p, ``tail`` (m, r − p).
 
-    The rank rule (:func:`choose_rank`) runs on the whole stack ``[stored, tail]`` (METHODS.md
-    §1: the basis is built from the new task's full factors). [ours] The directions are taken
-    stored-first: the top singular vectors of ``stored``, then, in whatever room the rule leaves,
-    the top directions of ``tail`` outside them. So a seed task of rank r puts all r directions
-    in the basis, while a newcomer's unstored tail never pushes out a direction a task keeps:
-    old tasks drift only as much as a p-column stack alone would make them. ``kept`` is the
-    fraction of ``stored``'s squared Frobenius norm inside ``W``.
+    The rank rule (:func:`choose_rank`) runs on the whole stack (METHODS.md §1: the basis is
+    built from the new task's full factors). [ours] The directions are taken stored-first: the
+    top singular vectors of the stored columns, then, in whatever room the rule leaves, the top
+    directions of ``tail`` outside them. So a seed task of rank r puts all r directions in the
+    basis, while a newcomer's unstored tail never pushes out a direction a task keeps: old tasks
+    drift only as much as a p-column stack alone would make them.
     """
-    full = torch.cat([stored, tail], 1)
-    s_full = _left_singular(full)[1]
-    kk = choose_rank(s_full, k=k, energy=energy, k_max=k_max, rank=numerical_rank(s_full, tuple(full.shape), store_dtype))
-    w, s = _left_singular(stored)
-    W = w[:, : min(kk, numerical_rank(s, tuple(stored.shape), store_dtype))]
+    kk = choose_rank(s_full, k=k, energy=energy, k_max=k_max, rank=numerical_rank(s_full, shape, store_dtype))
+    stored_shape = (shape[0], shape[1] - tail.shape[1])
+    W = w[:, : min(kk, numerical_rank(s, stored_shape, store_dtype))]
     if kk > W.shape[1] and tail.shape[1]:
         rest = tail - W @ (W.T @ tail)
         w2, s2, _ = torch.linalg.svd(rest, full_matrices=False)
-        tol = max(full.shape) * torch.finfo(store_dtype).eps * float(s_full[0])
+        tol = max(shape) * torch.finfo(store_dtype).eps * float(s_full[0])
         extra = w2[:, : min(kk - W.shape[1], int((s2 > tol).sum()))]
         extra = torch.linalg.qr(extra - W @ (W.T @ extra))[0]  # orthogonal to W to rounding
         W = torch.cat([W, extra], 1)
-    total = float((s**2).sum())
-    kept = float(((W.T @ stored) ** 2).sum()) / total if total > 0 else 1.0
-    return W, kept
+    return W
 
 
 def merge_subspace(
@@ -252,8 +248,10 @@ def merge_subspace(
     the room the rank rule leaves ([ours], see :func:`_basis`).
     Because old tasks lie in ``span(U)``, the B-stack lies in
     ``span([U, new_B])``: one thin QR of that ``(d_out, k + r)`` matrix gives coordinates in
-    which the whole stack is a ``(k + r, T_old·p + r)`` matrix; likewise for A. Cost
-    ``O(d·(k+r)² + T·p·(k+r)²)``, independent of ``d·T``.
+    which the whole stack is a ``(k + r, T_old·p + r)`` matrix; likewise for A. With many tasks
+    the basis comes from that stack's ``(k + r)²`` Gram matrix, and every old task's new
+    coefficients and dropped residual come from one product with a ``(k + r, k)`` matrix (see
+    :func:`_merge_side`). Cost ``O(d·(k+r)² + T·p·k·(k+r))``, independent of ``d·T``.
 
     Args:
         U: ``(d_out, k_B)`` orthonormal, or None when the subspace is empty.
@@ -284,40 +282,64 @@ def merge_subspace(
 
     qb, rb = torch.linalg.qr(torch.cat([U, nb], 1))  # (d_out, kb + r)
     qa, ra = torch.linalg.qr(torch.cat([V, na], 1))
-    old_b = rb[:, :kb] @ _wide(cB)  # (kb + r, T_old·p): old tasks side by side in small coordinates
-    old_a = ra[:, :ka] @ _wide(cA)
     # old tasks were balanced when they were new; only the new task is canonicalised (METHODS.md §1)
     full_b, full_a = _canonical_batch(rb[:, kb:].unsqueeze(0), ra[:, ka:].unsqueeze(0), max(r, p))
-    wb, wa, cb_new, ca_new, drift, eb, ea, cut = _merge_stacks(old_b, old_a, full_b[0], full_a[0], p, k, energy, k_max, store_dtype)
-    return MergeResult(qb @ wb, qa @ wa, cb_new, ca_new, drift, eb, ea, cut)
+    sides = [_merge_side(rb[:, :kb], cB, full_b[0], p, k, energy, k_max, store_dtype),
+             _merge_side(ra[:, :ka], cA, full_a[0], p, k, energy, k_max, store_dtype)]
+    return _result(qb, qa, sides, full_b[0], full_a[0], p)
+
+
+def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False):
+    """One side of the merge in a coordinate system of dimension m.
+
+    ``L`` (m, k_old) has orthonormal columns: the old basis in these coordinates, so old task i
+    is ``L @ C[i]`` with ``C`` (T_old, k_old, p); ``full`` (m, r') holds the new task's balanced
+    columns by singular value. The stored stack is ``[L C_1 … L C_T, full[:, :p]]``; with many
+    tasks its left singular vectors come from its ``(m, m)`` Gram matrix ``L G Lᵀ + n nᵀ``,
+    ``G = Σ_i C_i C_iᵀ`` (``O(T·p·k²)`` in one product; no ``(m, T·p)`` stack is formed), with
+    few (or ``dense``) from an SVD of the stack itself.
+
+    Returns ``(W (m, k'), R (k', k_old), coefficients (T+1, k', p), residuals (T+1, m−k', p),
+    kept energy)``: ``R = Wᵀ L`` is the change of basis of the old tasks' coefficients, the
+    residuals their coordinates outside ``W`` (what the truncation drops).
+    """
+    T, m = C.shape[0], L.shape[0]
+    new, tail = full[:, :p], full[:, p:]
+    shape = (m, T * p + full.shape[1])
+    if dense or T * p + p <= 2 * m:
+        stored = torch.cat([L @ _wide(C), new], 1)
+        w, s = _left_singular(stored)
+        s_full = _left_singular(torch.cat([stored, tail], 1))[1]
+        gram = stored @ stored.T
+    else:
+        gram = L @ torch.einsum("tkp,tlp->kl", C, C) @ L.T + new @ new.T
+        w, s = _from_gram(gram)
+        s_full = _from_gram(gram + tail @ tail.T)[1]
+    W = _choose_basis(w, s, s_full, shape, tail, k, energy, k_max, store_dtype)
+    total = float(torch.trace(gram))
+    kept = float(torch.trace(W.T @ gram @ W)) / total if total > 0 else 1.0
+    P = torch.linalg.qr(W, mode="complete")[0]  # (m, m): W's span first, then its complement
+    P = torch.cat([W, P[:, W.shape[1]:]], 1)
+    kk = W.shape[1]
+    coords, last = torch.einsum("mk,tkp->tmp", P.T @ L, C), P.T @ new  # old tasks (T, m, p), the new one (m, p)
+    coeff = torch.cat([coords[:, :kk], last[None, :kk]], 0)
+    resid = torch.cat([coords[:, kk:], last[None, kk:]], 0)
+    return W, W.T @ L, coeff, resid, kept
+
+
+def _result(qb, qa, sides, full_b, full_a, p) -> MergeResult:
+    (wb, rB, cb, yb, eb), (wa, rA, ca, ya, ea) = sides
+    s2 = (torch.linalg.vector_norm(full_b, dim=0) * torch.linalg.vector_norm(full_a, dim=0)) ** 2  # σ_j² of ΔW_t
+    total = float(s2.sum())
+    cut = float(s2[p:].sum() / total) ** 0.5 if total > 0 else 0.0
+    return MergeResult(qb @ wb, qa @ wa, cb, ca, _drift(cb, ca, yb, ya), eb, ea, cut,
+                       change_B=rB, change_A=rA)
 
 
 def _wide(coeff: torch.Tensor) -> torch.Tensor:
     """Per-task coefficients ``(T, k, p)`` side by side: ``(k, T·p)``, task t in columns t·p … t·p+p−1."""
     T, k, p = coeff.shape
     return coeff.permute(1, 0, 2).reshape(k, T * p)
-
-
-def _per_task(wide: torch.Tensor, p: int) -> torch.Tensor:
-    """Inverse of :func:`_wide`: ``(k, T·p)`` → ``(T, k, p)`` (contiguous)."""
-    return wide.reshape(wide.shape[0], wide.shape[1] // p, p).permute(1, 0, 2).contiguous()
-
-
-def _merge_stacks(old_b, old_a, full_b, full_a, p, k, energy, k_max, store_dtype):
-    """The merge in one coordinate system: old tasks side by side, ``p`` columns each,
-    ``(m, T_old·p)``, and the new task's full balanced factors ``(m, r')`` (columns by singular
-    value); returns the bases, every task's coefficients ``(T, k', p)``, drift, kept energies
-    and the new task's own truncation."""
-    all_b = torch.cat([old_b, full_b[:, :p]], 1)  # every task at p columns, as stored
-    all_a = torch.cat([old_a, full_a[:, :p]], 1)
-    wb, eb = _basis(all_b, full_b[:, p:], k, energy, k_max, store_dtype)
-    wa, ea = _basis(all_a, full_a[:, p:], k, energy, k_max, store_dtype)
-    cb_new, ca_new = wb.T @ all_b, wa.T @ all_a  # (k', T·p)
-    drift = _drift(all_b, all_a, cb_new, ca_new, wb, wa, p)
-    s2 = (torch.linalg.vector_norm(full_b, dim=0) * torch.linalg.vector_norm(full_a, dim=0)) ** 2  # σ_j² of ΔW_t
-    total = float(s2.sum())
-    cut = float(s2[p:].sum() / total) ** 0.5 if total > 0 else 0.0
-    return wb, wa, _per_task(cb_new, p), _per_task(ca_new, p), drift, eb, ea, cut
 
 
 def naive_merge_subspace(U, V, coeff_B, coeff_A, new_B, new_A, *, p, k=None, energy=None, k_max=None,
@@ -328,8 +350,17 @@ def naive_merge_subspace(U, V, coeff_B, coeff_A, new_B, new_A, *, p, k=None, ene
     """
     r = new_B.shape[1]
     fb, fa = _canonical_batch(new_B.to(_F).unsqueeze(0), new_A.to(_F).T.unsqueeze(0), max(r, p))
-    if U is not None:
-        ob, oa = U.to(_F) @ _wide(coeff_B.to(_F)), V.to(_F) @ _wide(coeff_A.to(_F))
-    else:
-        ob, oa = fb.new_zeros(fb.shape[1], 0), fa.new_zeros(fa.shape[1], 0)
-    return MergeResult(*_merge_stacks(ob, oa, fb[0], fa[0], p, k, energy, k_max, store_dtype))
+    fb, fa = fb[0], fa[0]
+    if U is None:
+        U, V = fb.new_zeros(fb.shape[0], 0), fa.new_zeros(fa.shape[0], 0)
+        coeff_B = coeff_A = fb.new_zeros(0, 0, p)
+    U, V, cB, cA = U.to(_F), V.to(_F), coeff_B.to(_F), coeff_A.to(_F)
+    sides = [_merge_side(U, cB, fb, p, k, energy, k_max, store_dtype, dense=True),
+             _merge_side(V, cA, fa, p, k, energy, k_max, store_dtype, dense=True)]
+    res = _result(torch.eye(fb.shape[0], dtype=_F), torch.eye(fa.shape[0], dtype=_F), sides, fb, fa, p)
+    # drift from the dense products themselves, task by task
+    before = [U @ cB[i] @ (V @ cA[i]).T for i in range(cB.shape[0])] + [fb[:, :p] @ fa[:, :p].T]
+    after = [res.U @ res.coeff_B[i] @ (res.V @ res.coeff_A[i]).T for i in range(len(before))]
+    res.drift = torch.tensor([float((a - b).norm() / b.norm()) if b.norm() > 0 else 0.0 for a, b in zip(after, before)],
+                             dtype=_F)
+    return res
