@@ -206,3 +206,29 @@ def tiny_generation_task(name: str, answer: str, n_train: int = 24, n_test: int 
     words = ["".join(rng.choices("abcdefghij", k=4)) for _ in range(n_train + n_test)]
     pairs = [(f"{name} {w}?", answer) for w in words]
     return GenerationTask(name, pairs[:n_train], pairs[n_train:], metric=metric, max_new_tokens=len(answer) + 2)
+
+
+def to_format1(path, edit=None):
+    """Rewrite a checkpoint-only store (format 2) in the layout sharecl wrote before logs: one
+    state file without ``__meta__``; tasks, merges and method state in the manifest. ``edit``
+    ``(tensors, method_state)`` may change both first (older layouts of a method's tensors)."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    mf = json.loads((path / "manifest.json").read_text())
+    assert not mf["files"]["log"], "fold the log first (save_store(..., compact=True))"
+    state = path / mf["files"]["state"]["name"]
+    tensors = load_file(str(state))
+    meta = json.loads(bytes(tensors.pop("__meta__").tolist()).decode())
+    if edit is not None:
+        edit(tensors, meta["method_state"])
+    state.unlink()
+    state = path / "state-v1.safetensors"
+    save_file(tensors, str(state), metadata={"format": "pt"})
+    for key in ("task_count", "last_merge", "files"):
+        mf.pop(key)
+    mf.update(format_version=1, tasks=meta["tasks"], merges=meta["merges"], method_state=meta["method_state"],
+              files={"state": {"name": state.name, "sha256": hashlib.sha256(state.read_bytes()).hexdigest()}})
+    (path / "manifest.json").write_text(json.dumps(mf))

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import learn_b, make_task, sharecl, write_csv
-from sharecl.store import load_store, read_manifest
+from sharecl.store import load_store, read_manifest, store_tasks
 
 
 def test_learn_predict_info_export(cli_store, tmp_path):
@@ -31,7 +31,13 @@ def test_learn_predict_info_export(cli_store, tmp_path):
     assert refused.returncode == 1 and "has rank 2" in refused.stderr and "--any-rank" in refused.stderr
     folded = sharecl("add-adapter", store, tmp_path / "exp", "--task", "a2", "--any-rank").stdout
     assert "its own truncation to p" in folded
-    assert [t["kind"] for t in read_manifest(store)["tasks"]] == ["data", "data", "adapter"]
+    assert [t["kind"] for t in store_tasks(store)] == ["data", "data", "adapter"]
+    asked = ("predict", store, "--task", "b", "--json", "the apple", "a violin")
+    before, version = sharecl(*asked).stdout, read_manifest(store)["version"]
+    out = sharecl("compact", store).stdout
+    m = read_manifest(store)
+    assert m["files"]["log"] == [] and m["version"] == version + ("folded" in out)
+    assert sharecl(*asked).stdout == before  # folding the log changes no prediction
     no_head = sharecl("predict", store, "--task", "a2", "x", check=False)
     assert no_head.returncode == 1 and "no classification head" in no_head.stderr
 

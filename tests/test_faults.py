@@ -130,9 +130,10 @@ def test_a_state_file_swapped_for_another_stores_is_refused(cli_store, tmp_path)
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(cli_store / "store", a)
     shutil.copytree(cli_store / "store", b)
-    sharecl(*learn_b(b, tmp_path))  # b moves to version 2 with other tensors
+    sharecl(*learn_b(b, tmp_path))  # b moves to version 2 with other tensors (a new checkpoint or a log file)
     name_a = read_manifest(a)["files"]["state"]["name"]
-    name_b = read_manifest(b)["files"]["state"]["name"]
-    shutil.copy(b / name_b, a / name_a)  # same name, another store's tensors
+    files_b = read_manifest(b)["files"]
+    newest_b = (files_b["log"][-1] if files_b["log"] else files_b["state"])["name"]
+    shutil.copy(b / newest_b, a / name_a)  # a's name, another store's tensors
     with pytest.raises(StoreError, match="does not match its sha256"):
         load_store(a)

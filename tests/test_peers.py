@@ -86,25 +86,19 @@ def test_inflora_keeps_one_memory_and_one_down_projection_per_layer_input(enc, f
 
 
 def _as_per_module_store(path):
-    """Rewrite a store in the layout of sharecl ≤ 0.1 InfLoRA (every module its own memory and A_t)."""
-    import hashlib
-    import json
+    """Rewrite a store in the layout of sharecl ≤ 0.1 InfLoRA (format 1; every module its own memory and A_t)."""
+    from conftest import to_format1
 
-    from safetensors.torch import load_file, save_file
+    def per_module(tensors, meta):
+        for g, members in meta.pop("input_groups").items():
+            for n in members:
+                meta["memory_kinds"][n] = meta["memory_kinds"][g]
+                if f"memory.{g}" in tensors:
+                    tensors[f"memory.{n}"] = tensors[f"memory.{g}"].clone()
+                for t in range(meta["merged_tasks"]):
+                    tensors[f"layers.{n}.A.{t}"] = tensors[f"layers.{g}.A.{t}"].clone()
 
-    mf = json.loads((path / "manifest.json").read_text())
-    state = path / mf["files"]["state"]["name"]
-    tensors, meta = load_file(str(state)), mf["method_state"]
-    for g, members in meta.pop("input_groups").items():
-        for n in members:
-            meta["memory_kinds"][n] = meta["memory_kinds"][g]
-            if f"memory.{g}" in tensors:
-                tensors[f"memory.{n}"] = tensors[f"memory.{g}"].clone()
-            for t in range(meta["merged_tasks"]):
-                tensors[f"layers.{n}.A.{t}"] = tensors[f"layers.{g}.A.{t}"].clone()
-    save_file(tensors, str(state), metadata={"format": "pt"})
-    mf["files"]["state"]["sha256"] = hashlib.sha256(state.read_bytes()).hexdigest()
-    (path / "manifest.json").write_text(json.dumps(mf))
+    to_format1(path, per_module)
 
 
 def _input_covariance_by_hand(m, inputs) -> dict:

@@ -11,12 +11,11 @@ def layer_with_tasks(T=4, d_in=24, d_out=20, p=2, k=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     base = nn.Linear(d_in, d_out)
     layer = ShareLinear(base, scaling=1.5, p=p)
-    U = V = cB = cA = None
     for _ in range(T):
         B, A = torch.randn(d_out, p, generator=g), torch.randn(p, d_in, generator=g)
-        res = merge_subspace(U, V, cB, cA, B, A, p=p, k=k)
-        U, V, cB, cA = res.U, res.V, res.coeff_B, res.coeff_A
-    layer.apply_merge(res)
+        has = layer.num_tasks > 0
+        layer.apply_merge(merge_subspace(layer.U if has else None, layer.V if has else None, layer.coeff_B if has else None,
+                                         layer.coeff_A if has else None, B, A, p=p, k=k))
     return layer
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_task
-from sharecl.store import StoreError, StoreLockedError, load_store, read_manifest, save_store, store_lock
+from sharecl.store import StoreError, StoreLockedError, load_store, read_manifest, save_store, store_lock, store_records, store_tasks
 
 
 @pytest.fixture
@@ -29,16 +29,23 @@ def test_reload_reproduces_predictions_exactly(tiny_share, store_dir):
     assert loaded.task_names == ["a", "b"] and loaded.config == tiny_share.config
     m = read_manifest(store_dir)
     assert m["version"] == 1 and m["base_model"]["sha256"] and m["library_versions"]["torch"]
-    assert [t["classes"] for t in m["tasks"]] == [tiny_share.task_classes["a"], tiny_share.task_classes["b"]]
+    assert [t["classes"] for t in store_tasks(store_dir)] == [tiny_share.task_classes["a"], tiny_share.task_classes["b"]]
+    assert m["task_count"] == 2 and "tasks" not in m  # the manifest does not grow with the tasks
 
 
-def test_new_version_replaces_old_files(tiny_share, store_dir, fast_cfg):
+def test_new_version_appends_a_log_file_and_a_checkpoint_replaces_old_files(tiny_share, store_dir, fast_cfg):
+    first = read_manifest(store_dir)["files"]["state"]
     tiny_share.learn(make_task("c", seed=2), fast_cfg, progress=False)
-    save_store(tiny_share, store_dir)
-    names = sorted(os.listdir(store_dir))
-    state = read_manifest(store_dir)["files"]["state"]["name"]
-    assert re.fullmatch(r"state-v2-[0-9a-f]{16}\.safetensors", state)
-    assert names == [".lock", "manifest.json", state]
+    m = save_store(tiny_share, store_dir, compact=False)
+    assert m["files"]["state"] == first and len(m["files"]["log"]) == 1  # the checkpoint is not rewritten
+    log = m["files"]["log"][0]["name"]
+    assert re.fullmatch(r"log-v2-[0-9a-f]{16}\.safetensors", log)
+    assert sorted(os.listdir(store_dir)) == sorted([".lock", "manifest.json", first["name"], log])
+    tiny_share.learn(make_task("d", seed=3), fast_cfg, progress=False)
+    m = save_store(tiny_share, store_dir, compact=True)
+    state = m["files"]["state"]["name"]
+    assert re.fullmatch(r"state-v3-[0-9a-f]{16}\.safetensors", state) and m["files"]["log"] == []
+    assert sorted(os.listdir(store_dir)) == [".lock", "manifest.json", state]
 
 
 def test_failed_manifest_write_leaves_previous_version_loadable(tiny_share, store_dir, fast_cfg, monkeypatch):
@@ -214,14 +221,23 @@ def test_manifest_keeps_merge_summaries_and_the_last_per_task_drift(tiny_share, 
     for i, name in enumerate("abc"):
         tiny_share.learn(make_task(name, seed=i), fast_cfg, progress=False)
     save_store(tiny_share, tmp_path / "s")
-    merges = read_manifest(tmp_path / "s")["merges"]
-    assert len(merges) == 3 and "per_task" not in merges[1] and set(merges[2]["per_task"]) == {"a", "b"}
+    merges = store_records(tmp_path / "s")[1]
+    assert len(merges) == 3 and all("per_task" not in m for m in merges)
     full = tiny_share.drift[1]["per_task"]["a"]
     assert merges[1]["worst_task"] == "a" and merges[1]["drift_max"] == full["max"] and merges[1]["k"] == tiny_share.drift[1]["k"]
+    assert read_manifest(tmp_path / "s")["last_merge"]["drift_max"] == max(v["max"] for v in tiny_share.drift[2]["per_task"].values())
     loaded = load_store(tmp_path / "s")
-    loaded.learn(make_task("d", seed=3), fast_cfg, progress=False)  # learning goes on from the compact records
-    save_store(loaded, tmp_path / "s")
-    assert set(read_manifest(tmp_path / "s")["merges"][-1]["per_task"]) == {"a", "b", "c"}
+    assert loaded.drift[-1]["per_task"] == tiny_share.drift[-1]["per_task"]  # the last merge in full, the others summarised
+    assert "per_task" not in loaded.drift[1]
+    for compact in (False, True):  # appended to the log, and folded into a checkpoint
+        name = "de"[compact]
+        loaded.learn(make_task(name, seed=3 + compact), fast_cfg, progress=False)  # learning goes on from the records
+        save_store(loaded, tmp_path / "s", compact=compact)
+        again = load_store(tmp_path / "s")
+        assert set(again.drift[-1]["per_task"]) == set(again.task_names[:-1])
+        for t, v in loaded.drift[-1]["per_task"].items():  # float32 on disk
+            assert again.drift[-1]["per_task"][t]["max"] == pytest.approx(v["max"], rel=1e-6, abs=1e-12)
+        assert [m["after_task"] for m in store_records(tmp_path / "s")[1]] == list("abc") + list("de"[: compact + 1])
 
 
 def test_save_store_takes_the_lock_itself(tiny_share, store_dir, fast_cfg):
@@ -256,10 +272,11 @@ def test_state_file_names_are_never_reused(tiny_share, store_dir, fast_cfg):
     (store_dir / "state-v2.safetensors").write_bytes(b"another writer's half-written file")
     tiny_share.learn(make_task("c", seed=2), fast_cfg, progress=False)
     m = save_store(tiny_share, store_dir)
-    assert m["files"]["state"]["name"] != "state-v2.safetensors"
+    named = [m["files"]["state"]["name"], *(e["name"] for e in m["files"]["log"])]
+    assert "state-v2.safetensors" not in named
     xs = make_task("c", seed=2).test_inputs
     assert torch.equal(load_store(store_dir).logits(xs, "c"), tiny_share.logits(xs, "c"))
-    assert sorted(f.name for f in store_dir.iterdir()) == [".lock", "manifest.json", m["files"]["state"]["name"]]
+    assert sorted(f.name for f in store_dir.iterdir()) == sorted([".lock", "manifest.json", *named])
 
 
 def test_a_version_on_another_base_model_is_refused(store_dir, tmp_path, tiny_model_dir, fast_cfg):

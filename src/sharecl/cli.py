@@ -93,8 +93,9 @@ def run(
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed, augment=augment,
                       warmup_steps=warmup_steps, max_grad_norm=max_grad_norm)
     configs = {m: {"r": rank} for m in names}
-    if "share" in configs:
-        configs["share"].update(share_options(k, p, energy, rank, phi, init, merge_finetune_steps))
+    for name in ("share", "share-full"):  # Share-full takes Share's options (and --set share-full.old_task_steps=N)
+        if name in configs:
+            configs[name].update(share_options(k, p, energy, rank, phi, init, merge_finetune_steps))
     console.print(f"stream [bold]{s.name}[/]: " + ", ".join(
         f"{t.name} ({getattr(t, 'metric', None) or f'{t.num_classes} classes'}, {len(t.train_inputs)} train)" for t in s))
     results = run_stream(s, names, cfg, out, model_path=model, method_configs=configs, progress=progress, log=console.print,
@@ -149,8 +150,9 @@ def compare(
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, augment=augment,
                       warmup_steps=warmup_steps, max_grad_norm=max_grad_norm)
     configs = {m: ({} if m in ("head-only", "zero-shot") else {"r": rank}) for m in names}
-    if "share" in configs:
-        configs["share"].update(share_options(k, p, None, rank, 2, "zero", 0))
+    for name in ("share", "share-full"):
+        if name in configs:
+            configs[name].update(share_options(k, p, None, rank, 2, "zero", 0))
     for item in set_ or []:
         method, key, value = _parse_set(item, names)
         configs[method][key] = value
@@ -197,7 +199,7 @@ def _print_results(results: dict[str, dict]) -> None:
     console.print(s)
 
 
-for _command in (cli_store.learn, cli_store.generate, cli_store.predict, cli_store.export, cli_store.info):
+for _command in (cli_store.learn, cli_store.generate, cli_store.predict, cli_store.export, cli_store.info, cli_store.compact):
     app.command()(_command)
 app.command("add-adapter")(cli_store.add_adapter)
 

@@ -305,11 +305,30 @@ def export(
 
 
 @user_errors
+def compact(store: Annotated[Path, typer.Argument(help="Store directory.")]):
+    """Fold a Share store's appended log files into one new checkpoint (a new version; every
+    prediction stays bit-for-bit the same). Writes happen without it: the log is folded on its
+    own once it would outgrow the checkpoint; this makes the next load read one file."""
+    setup_torch(None)
+    from sharecl.store import load_store, read_manifest, save_store, store_lock
+
+    with store_lock(store):
+        before = read_manifest(store)
+        if not before["files"].get("log") and before.get("format_version") == 2:
+            console.print(f"{store}: nothing to fold (version {before['version']} is a checkpoint)")
+            return
+        manifest = save_store(load_store(store), store, compact=True)
+    console.print(f"{store}: {len(before['files'].get('log', []))} log file(s) folded into a checkpoint of "
+                  f"{manifest['files']['state']['bytes']:,} bytes; store version {manifest['version']}")
+
+
+@user_errors
 def info(store: Annotated[Path, typer.Argument(help="Store directory.")]):
     """Describe a store: base model, config, tasks, sizes, last merge drift."""
-    from sharecl.store import read_manifest
+    from sharecl.store import read_manifest, store_records
 
     m = read_manifest(store)
+    tasks, merges = store_records(store, m)
     console.print(f"[bold]{store}[/]  version {m['version']}  method {m['method']}  base {m['base_model']['path']} "
                   f"(sha256 {m['base_model']['sha256'][:12]}…)  tasks: {_KIND_WORDS.get(m.get('modality') or 'text')}")
     tok = m["base_model"].get("tokenizer")
@@ -317,19 +336,20 @@ def info(store: Annotated[Path, typer.Argument(help="Store directory.")]):
         console.print(f"tokenizer sha256 {tok['tokenizer_sha256'][:12]}…, chat template "
                       + (f"sha256 {tok['chat_template_sha256'][:12]}…" if tok.get("chat") else "not used"))
     console.print("config: " + ", ".join(f"{k}={v}" for k, v in m["config"].items()))
-    t = Table(title=f"{len(m['tasks'])} task(s)")
+    t = Table(title=f"{len(tasks)} task(s)")
     for col in ("task", "kind", "classes"):
         t.add_column(col)
-    for task in m["tasks"]:
+    for task in tasks:
         t.add_row(task["name"], task["kind"], ", ".join(task["classes"]) or "-")
     console.print(t)
     size = sum(f.stat().st_size for f in Path(store).iterdir() if f.is_file())
-    console.print(f"on disk: {size:,} bytes")
-    if m.get("merges"):
-        last = m["merges"][-1]
-        worst = max((v["max"] for v in last["per_task"].values()), default=0.0)
-        console.print(f"last merge (after {last['after_task']}): k per side {last['k'][0]}, largest old-task drift {100 * worst:.3f}%")
-        cuts = [(r["after_task"], r["new_task"]["truncation_max"]) for r in m["merges"] if "new_task" in r]
+    log = m["files"].get("log", [])
+    console.print(f"on disk: {size:,} bytes" + (f" (a checkpoint and {len(log)} appended log file(s))" if log else ""))
+    if merges:
+        last = merges[-1]
+        console.print(f"last merge (after {last['after_task']}): k per side {last['k'][0]}, largest old-task drift "
+                      f"{100 * last.get('drift_max', 0.0):.3f}%")
+        cuts = [(r["after_task"], r["new_task"]["truncation_max"]) for r in merges if "new_task" in r]
         if cuts:
             name, cut = max(cuts, key=lambda c: c[1])
             console.print(f"own truncation of a task to p={m['config']['p']} (‖ΔW − ΔW^(p)‖/‖ΔW‖, worst layer): "

@@ -5,22 +5,35 @@ InfLoRA (each task's merged factors and the DualGPM memory), SD-LoRA (unit direc
 magnitudes) or DualLoRA (merged orthogonal factors, residual bases and up-projections,
 memory). PEFT baselines keep their adapters in PEFT's own format and have no store.
 
-Layout of a store directory::
+Layout of a store directory (format 2)::
 
     manifest.json              format, version, method and config, base model (path, sha256),
-                               tasks (name, classes, kind), method state that is not a tensor
-                               (merge summaries, ranks, memory kinds), file checksums, versions
-    state-v<N>-<token>.safetensors  every adapter/memory tensor, and every head (a random token
-                               per write: no two writers ever share a file name)
+                               task count, the last merge's summary, the files below with their
+                               sha256 and sizes, library versions: a size that does not grow
+                               with the number of tasks
+    state-v<N>-<token>.safetensors  a checkpoint: every tensor of the method (adapters, memory,
+                               heads) and, as a JSON byte tensor ``__meta__``, the task list, the
+                               merge records and the method's other state
+    log-v<N>-<token>.safetensors    Share only: what versions after the checkpoint appended,
+                               in order (each merge's change of basis and new task, the current
+                               bases, the new tasks' heads; :mod:`sharecl.coeff_log`) and their
+                               tasks and merges in ``__meta__``
     .lock                      advisory lock held by a writer
 
+Adding a Share task appends one log file (the bases, ``k²`` numbers per layer and side, the new
+task): its bytes do not grow with the number of tasks. When the log outgrows the checkpoint (or
+holds :data:`~sharecl.methods.share.LOG_STEPS_MAX` merges) the next write folds it into a new
+checkpoint, so the work of a write stays proportional to one task on average and a load reads at
+most about twice the checkpoint. Other methods write a checkpoint every time.
+
 Every change takes the store's write lock (:func:`save_store` takes it itself, re-entrantly
-when the caller holds it already), writes a new state file (temporary name, fsync, rename),
-then the manifest the same way, last. A process killed at any instant leaves either the
-previous manifest (pointing at the previous, untouched state file) or the new one. Then the
-state files the new manifest does not name, and temporary debris, are removed. Every file is
-checked against the sha256 recorded in the manifest before it is read; nothing is ever
-unpickled. A new version must run on the store's base model (same weights' sha256).
+when the caller holds it already), writes the new file (temporary name, fsync, rename), then
+the manifest the same way, last. A process killed at any instant leaves either the previous
+manifest (naming only files that are untouched) or the new one. Then the files the new manifest
+does not name, and temporary debris, are removed. Every file is checked against the sha256
+recorded in the manifest before it is read; nothing is ever unpickled. A new version must run
+on the store's base model (same weights' sha256). Format 1 stores (one state file, tasks in the
+manifest) still load; their next write is a format 2 checkpoint.
 """
 
 from __future__ import annotations
@@ -35,17 +48,20 @@ import threading
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sharecl.provenance import environment, library_versions
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "STORABLE", "StoreError", "StoreLockedError", "compact_merges", "save_store", "load_store", "read_manifest",
-           "store_lock", "library_versions"]
+           "store_records", "store_tasks", "store_lock", "library_versions"]
 
 FORMAT = "sharecl-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READS = (1, 2)  # format versions this sharecl reads
 _STATE = re.compile(r"^state-v(\d+)(?:-[0-9a-f]{8,64})?\.safetensors$")
+_LOG = re.compile(r"^log-v(\d+)-[0-9a-f]{8,64}\.safetensors$")
+_META = "__meta__"  # the JSON byte tensor inside every state and log file
 _HELD = threading.local()  # per thread: {store path: depth} of the write locks this thread holds
 #: Methods a store can hold.
 STORABLE = ("share", "inflora", "sd-lora", "sd-lora-rr", "sd-lora-kd", "dual-lora")
@@ -146,18 +162,22 @@ def read_manifest(path: str | Path) -> dict:
         raise StoreError(f"{mf} is not valid JSON ({exc}); restore it from a backup") from exc
     if manifest.get("format") != FORMAT:
         raise StoreError(f"{mf} is not a sharecl store manifest (format={manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{mf} has format_version {manifest.get('format_version')!r}; this sharecl reads version "
-                         f"{FORMAT_VERSION}: use the sharecl release that wrote it")
-    state = manifest.get("files", {}).get("state", {})
-    name = state.get("name", "")
+    if manifest.get("format_version") not in _READS:
+        raise StoreError(f"{mf} has format_version {manifest.get('format_version')!r}; this sharecl reads versions "
+                         f"{', '.join(map(str, _READS))}: use the sharecl release that wrote it")
+    files = manifest.get("files", {})
+    name = files.get("state", {}).get("name", "")
     if not _STATE.match(name) or Path(name).name != name:
         raise StoreError(f"{mf} points at {name!r}, which is not a state file inside the store; the manifest was tampered with")
+    for entry in files.get("log", []):
+        if not _LOG.match(entry.get("name", "")) or Path(entry["name"]).name != entry["name"]:
+            raise StoreError(f"{mf} points at {entry.get('name')!r}, which is not a log file inside the store; the "
+                             f"manifest was tampered with")
     return manifest
 
 
-def _state_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    entry = manifest["files"]["state"]
+def _read_file(path: Path, entry: dict) -> dict[str, torch.Tensor]:
+    """A state or log file's tensors, after checking it against its sha256 in the manifest."""
     f = path / entry["name"]
     if not f.is_file():
         raise StoreError(f"{f} is missing; the store is damaged (restore the directory from a backup)")
@@ -170,23 +190,92 @@ def _state_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
         raise StoreError(f"cannot read {f}: {exc}") from exc
 
 
+def _meta_tensor(meta: dict) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+
+
+def _pop_meta(tensors: dict[str, torch.Tensor], where: Path) -> dict:
+    raw = tensors.pop(_META, None)
+    if raw is None:
+        raise StoreError(f"{where} has no {_META} record; the store is damaged (restore it from a backup)")
+    return json.loads(bytes(raw.tolist()).decode())
+
+
+def _read_all(path: Path, manifest: dict) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
+    """Every tensor of the store as one dict (checkpoint first, then the log files in order, later
+    keys replacing earlier ones: the newest bases win), the task list and the method's meta."""
+    files = manifest["files"]
+    tensors = _read_file(path, files["state"])
+    if manifest.get("format_version", 1) == 1:
+        return tensors, manifest["tasks"], {**(manifest.get("method_state") or {}), "merges": manifest.get("merges", [])}
+    meta = _pop_meta(tensors, path / files["state"]["name"])
+    tasks, merges, state = list(meta["tasks"]), list(meta["merges"]), dict(meta["method_state"])
+    for entry in files.get("log", []):
+        part = _read_file(path, entry)
+        m = _pop_meta(part, path / entry["name"])
+        tasks += m["tasks"]
+        merges = compact_merges(merges[:-1] + [_summary(merges[-1])] if merges else []) + m["merges"]
+        mean, mx = part.pop("merge.drift_mean"), part.pop("merge.drift_max")
+        merges[-1] = {**merges[-1], "per_task": {t["name"]: {"mean": float(a), "max": float(b)}
+                                                 for t, a, b in zip(tasks, mean.tolist(), mx.tolist())}}
+        for key, value in m["method_state"].items():
+            state[key] = {**state.get(key, {}), **value} if isinstance(value, dict) else value
+        tensors.update(part)
+    return tensors, tasks, {**state, "merges": merges}
+
+
+def store_records(path: str | Path, manifest: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """A store's task entries in order (name, classes, kind, head, …) and its merge summaries,
+    read without loading the model: from the manifest (format 1) or the ``__meta__`` records of
+    its files (format 2), each file checked against its sha256 first.
+
+    Raises:
+        StoreError: see :func:`read_manifest`; a missing or damaged file.
+    """
+    p = Path(path)
+    manifest = manifest or read_manifest(p)
+    if manifest.get("format_version", 1) == 1:
+        return manifest["tasks"], [_summary(r) for r in manifest.get("merges", [])]
+    tasks, merges = [], []
+    for entry in [manifest["files"]["state"], *manifest["files"].get("log", [])]:
+        f = p / entry["name"]
+        if not f.is_file() or _sha256(f) != entry["sha256"]:
+            raise StoreError(f"{f} is missing or does not match its sha256 in the manifest; restore the store from a backup")
+        with safe_open(str(f), framework="pt") as fh:
+            meta = json.loads(bytes(fh.get_tensor(_META).tolist()).decode())
+        tasks += meta["tasks"]
+        merges += [_summary(r) for r in meta["merges"]]
+    return tasks, merges
+
+
+def store_tasks(path: str | Path, manifest: dict | None = None) -> list[dict]:
+    """A store's task entries in order; see :func:`store_records`."""
+    return store_records(path, manifest)[0]
+
+
+def _summary(rec: dict) -> dict:
+    """A merge record without its per-task drift: ``drift_mean``/``drift_max`` over old tasks and the ``worst_task``."""
+    per = rec.get("per_task")
+    summary = {k: v for k, v in rec.items() if k != "per_task"}
+    if per:
+        worst = max(per, key=lambda n: per[n]["max"])
+        summary.update(drift_mean=sum(v["mean"] for v in per.values()) / len(per), drift_max=per[worst]["max"],
+                       worst_task=worst)
+    return summary
+
+
 def compact_merges(merges: list[dict]) -> list[dict]:
-    """Share's merge records as the manifest keeps them: every merge's summary (``k``, kept
+    """Share's merge records as a checkpoint keeps them: every merge's summary (``k``, kept
     energy, ``drift_mean``/``drift_max`` over old tasks and the ``worst_task``), and the per-task
-    drift of the last merge only, so the manifest grows linearly with the number of tasks."""
-    out = []
-    for i, rec in enumerate(merges):
-        per = rec.get("per_task")
-        if i == len(merges) - 1 or per is None:
-            out.append(rec)
-            continue
-        summary = {k: v for k, v in rec.items() if k != "per_task"}
-        if per:
-            worst = max(per, key=lambda n: per[n]["max"])
-            summary.update(drift_mean=sum(v["mean"] for v in per.values()) / len(per), drift_max=per[worst]["max"],
-                           worst_task=worst)
-        out.append(summary)
-    return out
+    drift of the last merge only, so they grow linearly with the number of tasks."""
+    return [rec if i == len(merges) - 1 or rec.get("per_task") is None else _summary(rec) for i, rec in enumerate(merges)]
+
+
+def _drift_tensors(rec: dict) -> dict[str, torch.Tensor]:
+    """The last merge's per-task drift as two float32 tensors (old tasks in order), for a log file."""
+    per = rec.get("per_task") or {}
+    return {"merge.drift_mean": torch.tensor([v["mean"] for v in per.values()], dtype=torch.float32),
+            "merge.drift_max": torch.tensor([v["max"] for v in per.values()], dtype=torch.float32)}
 
 
 def _check_tokenizer(path: Path, recorded: dict | None, current: dict) -> None:
@@ -205,10 +294,47 @@ def _check_tokenizer(path: Path, recorded: dict | None, current: dict) -> None:
                              f"model directory as it was)")
 
 
-def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
+def _task_entry(method, name: str) -> dict:
+    return {"name": name, "classes": method.task_classes[name], "kind": getattr(method, "kinds", {}).get(name, "data"),
+            "head": name in method.heads}
+
+
+def _last_merge(method) -> dict | None:
+    drift = getattr(method, "drift", [])
+    return _summary(drift[-1]) if drift else None
+
+
+def _can_append(method, key: str, previous: dict | None) -> bool:
+    """Whether ``method`` holds exactly the store's state plus merges logged since (Share)."""
+    link = getattr(method, "_store_link", None)
+    return (hasattr(method, "log_tensors") and previous is not None and previous.get("format_version") == 2
+            and link is not None and link[:3] == (key, previous["version"], method.log_epoch)
+            and method.log_steps() > link[3])
+
+
+def _outgrows(files: dict, tensors: dict[str, torch.Tensor], method) -> bool:
+    """Whether appending ``tensors`` would make the log at least as big as the checkpoint, or
+    longer than :data:`~sharecl.methods.share.LOG_STEPS_MAX` merges: then a checkpoint is
+    written instead, which keeps the average bytes of a write proportional to one task."""
+    from sharecl.methods.share import LOG_STEPS_MAX
+
+    header = sum(len(k) + 80 for k in tensors)  # safetensors' JSON header: name, dtype, shape, offsets per tensor
+    log = sum(e["bytes"] for e in files.get("log", [])) + sum(v.numel() * v.element_size() for v in tensors.values()) + header
+    return log >= files["state"].get("bytes", 0) or method.log_steps() > LOG_STEPS_MAX
+
+
+def save_store(method, path: str | Path, *, extra: dict | None = None, compact: bool | None = None) -> dict:
     """Write ``method`` (a storable method, :data:`STORABLE`) as the next store version.
 
-    Takes the store's write lock (re-entrant: callers may hold it already). Returns the manifest.
+    A Share method that was loaded from (or last saved to) this store's current version appends
+    its new merges as one log file; anything else writes a checkpoint. Takes the store's write
+    lock (re-entrant: callers may hold it already). Returns the manifest.
+
+    Args:
+        extra: JSON-ready fields added to the manifest.
+        compact: True: write a checkpoint even where a log file would do; False: append whenever
+            possible; None (default): write a checkpoint instead once the log would outgrow the
+            checkpoint (see the module docstring).
 
     Raises:
         StoreError: if the method has no store format, the store holds another method, or the
@@ -220,6 +346,7 @@ def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
     if method.name not in STORABLE:
         raise StoreError(f"method {method.name!r} has no store format; stores hold {', '.join(STORABLE)}")
     p = Path(path)
+    key = str(p.resolve())
     with store_lock(p):
         previous = read_manifest(p) if (p / "manifest.json").exists() else None
         if previous and previous.get("method") != method.name:
@@ -235,30 +362,57 @@ def save_store(method, path: str | Path, *, extra: dict | None = None) -> dict:
         if method.modality == "lm":  # what besides the weights decides a causal LM's answers
             base["tokenizer"] = method.encoder.identity()
             _check_tokenizer(p, (previous or {}).get("base_model", {}).get("tokenizer"), base["tokenizer"])
-        state_name = f"state-v{version}-{secrets.token_hex(8)}.safetensors"
-        tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_tensors().items()}
-        meta = method.state_meta()
-        _atomic_write(p / state_name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "version": str(version)}))
+        token = secrets.token_hex(8)
+        tensors = None
+        if compact is not True and _can_append(method, key, previous):
+            tensors, new = method.log_tensors(method._store_link[3])
+            steps = method.log_steps() - method._store_link[3]
+            kinds = {n: getattr(method, "kinds", {}).get(n, "data") for n in new}
+            meta = {"tasks": [_task_entry(method, n) for n in new], "merges": [_summary(r) for r in method.drift[-steps:]],
+                    "method_state": {**method.state_meta(), "kinds": kinds}}
+            tensors.update(_drift_tensors(method.drift[-1]))
+            tensors[_META] = _meta_tensor(meta)
+            if compact is None and _outgrows(previous["files"], tensors, method):
+                tensors = None  # fold the log into a checkpoint instead
+        if tensors is not None:
+            name = f"log-v{version}-{token}.safetensors"
+            files = {"state": previous["files"]["state"], "log": list(previous["files"].get("log", []))}
+        else:
+            if hasattr(method, "compact_log"):
+                method.compact_log()
+            tensors = method.state_tensors()
+            meta = {"tasks": [_task_entry(method, n) for n in method.task_names],
+                    "merges": compact_merges(getattr(method, "drift", [])), "method_state": method.state_meta()}
+            name = f"state-v{version}-{token}.safetensors"
+            files = {"log": []}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        tensors[_META] = _meta_tensor(meta)
+        _atomic_write(p / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "version": str(version)}))
+        entry = {"name": name, "sha256": _sha256(p / name), "bytes": (p / name).stat().st_size}
+        if name.startswith("log-"):
+            files["log"].append(entry)
+        else:
+            files["state"] = entry
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "version": version, "method": method.name,
             "config": method.config.to_dict(), "seed": method.seed, "max_length": method.encoder.max_length,
             "image_size": method.encoder.image_size, "modality": method.modality,
             **({"chat": method.encoder.chat} if method.modality == "lm" else {}),
             "base_model": base, "targets": list(method.layers),
-            "tasks": [{"name": n, "classes": method.task_classes[n], "kind": getattr(method, "kinds", {}).get(n, "data"),
-                       "head": n in method.heads} for n in method.task_names],
-            "merges": compact_merges(getattr(method, "drift", [])),
-            "method_state": meta,
-            "files": {"state": {"name": state_name, "sha256": _sha256(p / state_name)}},
+            "task_count": len(method.task_names), "last_merge": _last_merge(method),
+            "files": files,
             "library_versions": library_versions(),
             "environment": environment(),
             **(extra or {}),
         }
         _atomic_write(p / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
-        for f in p.iterdir():  # state files the new manifest does not name, and debris of killed writers
-            if (_STATE.match(f.name) and f.name != state_name) or f.name.startswith(".state-v") \
-                    or f.name.startswith(".manifest.json.tmp"):
+        live = {files["state"]["name"], *(e["name"] for e in files["log"])}
+        for f in p.iterdir():  # files the new manifest does not name, and debris of killed writers
+            if ((_STATE.match(f.name) or _LOG.match(f.name)) and f.name not in live) or f.name.startswith(".state-v") \
+                    or f.name.startswith(".log-v") or f.name.startswith(".manifest.json.tmp"):
                 f.unlink(missing_ok=True)
+        method._store_link = (key, version, getattr(method, "log_epoch", 0),
+                              method.log_steps() if hasattr(method, "log_steps") else 0)
     return manifest
 
 
@@ -289,7 +443,7 @@ def load_store(path: str | Path, *, model_path: str | None = None, device: str |
     if weights_hash(base) != manifest["base_model"]["sha256"]:
         raise StoreError(f"base model at {base} differs from the one this store was built on (sha256 mismatch); "
                          f"use the original base model")
-    tensors = _state_tensors(p, manifest)
+    tensors, tasks, meta = _read_all(p, manifest)
     if manifest.get("modality") == "lm":  # a causal LM with generation tasks
         from sharecl.generation.lm import load_causal_lm
 
@@ -303,9 +457,11 @@ def load_store(path: str | Path, *, model_path: str | None = None, device: str |
     method = build_method(manifest["method"], encoder, seed=manifest.get("seed", 0), **manifest["config"])
     if list(method.layers) != manifest["targets"]:
         raise StoreError(f"the base model's target layers do not match the store's ({len(method.layers)} vs {len(manifest['targets'])})")
-    meta = {**(manifest.get("method_state") or {}), "merges": manifest.get("merges", [])}
     try:
-        method.load_state(tensors, manifest["tasks"], meta)
+        method.load_state(tensors, tasks, meta)
     except (KeyError, ValueError, RuntimeError) as exc:
         raise StoreError(f"{p}: the state file does not match the manifest ({exc}); restore the store from a backup") from exc
+    method.store_tasks = tasks
+    method._store_link = (str(p.resolve()), manifest["version"], getattr(method, "log_epoch", 0),
+                          method.log_steps() if hasattr(method, "log_steps") else 0)
     return method

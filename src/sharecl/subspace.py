@@ -20,6 +20,7 @@ __all__ = [
     "choose_rank",
     "numerical_rank",
     "orthonormal_complement",
+    "MergeGrams",
     "MergeResult",
     "merge_subspace",
     "naive_merge_subspace",
@@ -113,6 +114,19 @@ def orthonormal_complement(basis: torch.Tensor, n: int, generator: torch.Generat
 
 
 @dataclass
+class MergeGrams:
+    """What a merge needs of the old tasks besides their coefficients, kept between merges so a
+    merge need not recompute it: ``B`` / ``A`` the ``(k, k)`` Gram ``Σ_i C[i] C[i]ᵀ`` of all tasks'
+    coefficients per side, ``tasks_B`` / ``tasks_A`` every task's ``C[i]ᵀ C[i]`` ``(T, p, p)``.
+    Float64; None where unknown."""
+
+    B: torch.Tensor | None
+    A: torch.Tensor | None
+    tasks_B: torch.Tensor | None
+    tasks_A: torch.Tensor | None
+
+
+@dataclass
 class MergeResult:
     """Output of a Share merge for one adapted layer.
 
@@ -130,6 +144,7 @@ class MergeResult:
         change_B, change_A: ``(k_B', k_B)`` / ``(k_A', k_A)`` changes of basis of the old tasks'
             coefficients, ``coeff_B[i] = change_B @ old coeff_B[i]`` (``U'ᵀ U``; a store can keep
             old coefficients as written and replay these, :mod:`sharecl.store`).
+        grams: the Gram matrices of every task after this merge, for the next one.
     """
 
     U: torch.Tensor
@@ -142,6 +157,7 @@ class MergeResult:
     truncation: float = 0.0
     change_B: torch.Tensor | None = None
     change_A: torch.Tensor | None = None
+    grams: MergeGrams | None = None
 
 
 def _canonical_batch(b: torch.Tensor, a: torch.Tensor, p: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,17 +183,16 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2) @ x
 
 
-def _drift(cb: torch.Tensor, ca: torch.Tensor, yb: torch.Tensor, ya: torch.Tensor) -> torch.Tensor:
+def _drift(gcb: torch.Tensor, gca: torch.Tensor, gyb: torch.Tensor, gya: torch.Tensor) -> torch.Tensor:
     """Relative Frobenius change of every task when its factors are projected onto new bases.
 
-    Per task, in an orthonormal coordinate system split into the new basis and its complement:
-    ``cb`` (T, k_B, p) / ``ca`` (T, k_A, p) are the coordinates inside the new bases, ``yb`` /
-    ``ya`` those in the complements (what the truncation drops). With ``b = (cb, yb)``,
-    ``b aᵀ − P_B b aᵀ P_A = cb yaᵀ + yb caᵀ + yb yaᵀ`` (three mutually orthogonal terms), and
-    ``‖x yᵀ‖_F² = Σ (xᵀx) ⊙ (yᵀy)`` needs only per-task ``(p, p)`` Gram matrices. Each term comes
-    from its own small residual, so a drift of 1e-16 reads as such (no cancellation).
+    Per task, in an orthonormal coordinate system split into the new basis and its complement,
+    ``gcb = cbᵀ cb`` / ``gca`` (T, p, p) are the Gram matrices of the coordinates inside the new
+    bases and ``gyb`` / ``gya`` those of the coordinates in the complements (what the truncation
+    drops). With ``b = (cb, yb)``, ``b aᵀ − P_B b aᵀ P_A = cb yaᵀ + yb caᵀ + yb yaᵀ`` (three
+    mutually orthogonal terms), and ``‖x yᵀ‖_F² = Σ (xᵀx) ⊙ (yᵀy)``. The dropped terms come from
+    their own small residuals, so a drift of 1e-16 reads as such (no cancellation).
     """
-    gcb, gca, gyb, gya = _gram(cb), _gram(ca), _gram(yb), _gram(ya)
     num = ((gcb * gya) + (gyb * gca) + (gyb * gya)).sum((1, 2))
     den = num + (gcb * gca).sum((1, 2))
     return torch.where(den > 0, (num.clamp_min(0) / den.clamp_min(torch.finfo(_F).tiny)).sqrt(), torch.zeros_like(den))
@@ -235,6 +250,8 @@ def merge_subspace(
     energy: float | None = None,
     k_max: int | None = None,
     store_dtype: torch.dtype = torch.float32,
+    grams: MergeGrams | None = None,
+    reproject: bool = True,
 ) -> MergeResult:
     """Share's data-free merge of one new task into one layer's subspace, in the small space.
 
@@ -263,6 +280,12 @@ def merge_subspace(
         p: pseudo-rank kept per task; the new task's coefficients keep its best rank-p part.
         k, energy, k_max: the rank rule of :func:`choose_rank`, applied per side.
         store_dtype: dtype the factors are stored in; sets the numerical-rank tolerance.
+        grams: the old tasks' Gram matrices as the previous merge returned them
+            (:attr:`MergeResult.grams`); computed from the coefficients when None.
+        reproject: False: return only the new task's coefficients (``coeff_B`` ``(1, k', p)``);
+            the caller re-expresses old tasks with ``change_B`` / ``change_A`` (a coefficient
+            log, :mod:`sharecl.coeff_log`). With ``grams`` given, the merge then reads each old
+            task's coefficients once, through a ``(k + r − k', k)`` matrix (their dropped part).
 
     Returns:
         :class:`MergeResult` (float64 tensors).
@@ -284,56 +307,81 @@ def merge_subspace(
     qa, ra = torch.linalg.qr(torch.cat([V, na], 1))
     # old tasks were balanced when they were new; only the new task is canonicalised (METHODS.md §1)
     full_b, full_a = _canonical_batch(rb[:, kb:].unsqueeze(0), ra[:, ka:].unsqueeze(0), max(r, p))
-    sides = [_merge_side(rb[:, :kb], cB, full_b[0], p, k, energy, k_max, store_dtype),
-             _merge_side(ra[:, :ka], cA, full_a[0], p, k, energy, k_max, store_dtype)]
+    g = grams or MergeGrams(None, None, None, None)
+    sides = [_merge_side(rb[:, :kb], cB, full_b[0], p, k, energy, k_max, store_dtype, gram=g.B, task_grams=g.tasks_B,
+                         reproject=reproject),
+             _merge_side(ra[:, :ka], cA, full_a[0], p, k, energy, k_max, store_dtype, gram=g.A, task_grams=g.tasks_A,
+                         reproject=reproject)]
     return _result(qb, qa, sides, full_b[0], full_a[0], p)
 
 
-def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False):
+def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=None, task_grams=None, reproject=True):
     """One side of the merge in a coordinate system of dimension m.
 
     ``L`` (m, k_old) has orthonormal columns: the old basis in these coordinates, so old task i
     is ``L @ C[i]`` with ``C`` (T_old, k_old, p); ``full`` (m, r') holds the new task's balanced
     columns by singular value. The stored stack is ``[L C_1 … L C_T, full[:, :p]]``; with many
     tasks its left singular vectors come from its ``(m, m)`` Gram matrix ``L G Lᵀ + n nᵀ``,
-    ``G = Σ_i C_i C_iᵀ`` (``O(T·p·k²)`` in one product; no ``(m, T·p)`` stack is formed), with
-    few (or ``dense``) from an SVD of the stack itself.
+    ``G = Σ_i C_i C_iᵀ`` (``gram``, or one product over ``C``; no ``(m, T·p)`` stack is formed),
+    with few (or ``dense``) from an SVD of the stack itself. ``task_grams`` ``(T_old, p, p)``
+    are the old tasks' ``C_iᵀ C_i`` (computed when None).
 
-    Returns ``(W (m, k'), R (k', k_old), coefficients (T+1, k', p), residuals (T+1, m−k', p),
-    kept energy)``: ``R = Wᵀ L`` is the change of basis of the old tasks' coefficients, the
-    residuals their coordinates outside ``W`` (what the truncation drops).
+    Returns a dict: ``W`` (m, k'), ``R = Wᵀ L`` (k', k_old, the change of basis of old
+    coefficients), ``coeff`` (T+1, k', p) (only the new task's (1, k', p) without
+    ``reproject``), per-task Grams ``g_coeff`` / ``g_resid`` (T+1, p, p) of every task's part
+    inside ``W`` and outside it (what the truncation drops), the new ``gram`` (k', k') and the
+    kept energy.
     """
     T, m = C.shape[0], L.shape[0]
     new, tail = full[:, :p], full[:, p:]
     shape = (m, T * p + full.shape[1])
+    if gram is None:
+        gram = torch.einsum("tkp,tlp->kl", C, C)
     if dense or T * p + p <= 2 * m:
         stored = torch.cat([L @ _wide(C), new], 1)
         w, s = _left_singular(stored)
         s_full = _left_singular(torch.cat([stored, tail], 1))[1]
-        gram = stored @ stored.T
     else:
-        gram = L @ torch.einsum("tkp,tlp->kl", C, C) @ L.T + new @ new.T
-        w, s = _from_gram(gram)
-        s_full = _from_gram(gram + tail @ tail.T)[1]
+        S = L @ gram @ L.T + new @ new.T
+        w, s = _from_gram(S)
+        s_full = _from_gram(S + tail @ tail.T)[1]
+    stack_gram = L @ gram @ L.T + new @ new.T
     W = _choose_basis(w, s, s_full, shape, tail, k, energy, k_max, store_dtype)
-    total = float(torch.trace(gram))
-    kept = float(torch.trace(W.T @ gram @ W)) / total if total > 0 else 1.0
-    P = torch.linalg.qr(W, mode="complete")[0]  # (m, m): W's span first, then its complement
-    P = torch.cat([W, P[:, W.shape[1]:]], 1)
+    total = float(torch.trace(stack_gram))
+    kept = float(torch.trace(W.T @ stack_gram @ W)) / total if total > 0 else 1.0
     kk = W.shape[1]
-    coords, last = torch.einsum("mk,tkp->tmp", P.T @ L, C), P.T @ new  # old tasks (T, m, p), the new one (m, p)
-    coeff = torch.cat([coords[:, :kk], last[None, :kk]], 0)
-    resid = torch.cat([coords[:, kk:], last[None, kk:]], 0)
-    return W, W.T @ L, coeff, resid, kept
+    Wc = torch.linalg.qr(W, mode="complete")[0][:, kk:]  # (m, m − k'): the complement of W
+    R = W.T @ L
+    c_new, y_new = W.T @ new, Wc.T @ new
+    if task_grams is None:
+        task_grams = _gram(C)
+    if reproject:
+        coords = torch.einsum("mk,tkp->tmp", torch.cat([W, Wc], 1).T @ L, C)  # (T, m, p)
+        coeff = torch.cat([coords[:, :kk], c_new[None]], 0)
+        resid = coords[:, kk:]
+        g_coeff_old = _gram(coeff[:-1])
+    else:
+        coeff = c_new[None]
+        resid = torch.einsum("mk,tkp->tmp", Wc.T @ L, C)  # only the dropped part: (T, m − k', p)
+        g_coeff_old = None
+    g_resid_old = _gram(resid)
+    if g_coeff_old is None:  # ‖C_i‖-Gram splits exactly into the parts inside and outside W
+        g_coeff_old = task_grams - g_resid_old
+    return {"W": W, "R": R, "coeff": coeff, "kept": kept,
+            "g_coeff": torch.cat([g_coeff_old, (c_new.T @ c_new)[None]], 0),
+            "g_resid": torch.cat([g_resid_old, (y_new.T @ y_new)[None]], 0),
+            "gram": R @ gram @ R.T + c_new @ c_new.T}
 
 
 def _result(qb, qa, sides, full_b, full_a, p) -> MergeResult:
-    (wb, rB, cb, yb, eb), (wa, rA, ca, ya, ea) = sides
+    b, a = sides
     s2 = (torch.linalg.vector_norm(full_b, dim=0) * torch.linalg.vector_norm(full_a, dim=0)) ** 2  # σ_j² of ΔW_t
     total = float(s2.sum())
     cut = float(s2[p:].sum() / total) ** 0.5 if total > 0 else 0.0
-    return MergeResult(qb @ wb, qa @ wa, cb, ca, _drift(cb, ca, yb, ya), eb, ea, cut,
-                       change_B=rB, change_A=rA)
+    drift = _drift(b["g_coeff"], a["g_coeff"], b["g_resid"], a["g_resid"])
+    grams = MergeGrams(b["gram"], a["gram"], b["g_coeff"], a["g_coeff"])
+    return MergeResult(qb @ b["W"], qa @ a["W"], b["coeff"], a["coeff"], drift, b["kept"], a["kept"], cut,
+                       change_B=b["R"], change_A=a["R"], grams=grams)
 
 
 def _wide(coeff: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sharecl.coeff_log import CoefficientLog
 from sharecl.routing import Router
-from sharecl.subspace import MergeResult, orthonormal_complement
+from sharecl.subspace import MergeGrams, MergeResult, orthonormal_complement
 
 __all__ = ["ShareLinear", "ShareTrainState"]
 
@@ -69,7 +70,9 @@ class ShareLinear(nn.Module):
             one when None.
 
     Buffers (float32, saved in ``state_dict``): ``U`` ``(d_out, k_B)``, ``V`` ``(d_in, k_A)``,
-    ``coeff_B`` ``(T, k_B, p)``, ``coeff_A`` ``(T, k_A, p)``.
+    ``coeff_B`` ``(T, k_B, p)``, ``coeff_A`` ``(T, k_A, p)``. The coefficients are materialised
+    from ``log_B`` / ``log_A`` (:class:`~sharecl.coeff_log.CoefficientLog`: a checkpoint plus the
+    merges since), which is what a store appends to.
 
     What a forward computes: ``train_state`` while a task trains (from ``begin_task`` to the
     merge); else the router's current route: ``row_tasks`` ``(N,)`` int64 for a batch mixing
@@ -91,6 +94,9 @@ class ShareLinear(nn.Module):
         self.register_buffer("V", w.new_zeros(d_in, 0))
         self.register_buffer("coeff_B", w.new_zeros(0, 0, self.p))
         self.register_buffer("coeff_A", w.new_zeros(0, 0, self.p))
+        self.log_B = CoefficientLog(w.new_zeros(0, 0, self.p))
+        self.log_A = CoefficientLog(w.new_zeros(0, 0, self.p))
+        self._grams: MergeGrams | None = None  # the next merge's Gram matrices (None: from the coefficients)
         self.router = router or Router()
         self.train_state: ShareTrainState | None = None
         self._mix_cache: torch.Tensor | None = None
@@ -175,11 +181,8 @@ class ShareLinear(nn.Module):
     def end_finetune(self) -> None:
         """Write the fine-tuned coefficients back and drop the training state."""
         st, i = self.train_state, self._finetune_index
-        with torch.no_grad():
-            self.coeff_B[i] = st.coeff_B.detach()
-            self.coeff_A[i] = st.coeff_A.detach()
+        self.set_coefficients(i, st.coeff_B.detach(), st.coeff_A.detach())
         self.train_state = None
-        self._mix_cache = None
 
     def trained_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training task's ``(B_t, A_t)`` without the scaling, detached."""
@@ -189,14 +192,55 @@ class ShareLinear(nn.Module):
         return B.detach(), A.detach()
 
     def apply_merge(self, result: MergeResult) -> None:
-        """Replace bases and all coefficients by a merge's output (cast to the layer dtype)."""
+        """Take a merge's bases and log its change of basis and the new task's coefficients
+        (cast to the layer dtype); the old tasks' coefficients follow from the log."""
         dt = self.base.weight.dtype
         self.U = result.U.to(dt).contiguous()
         self.V = result.V.to(dt).contiguous()
-        self.coeff_B = result.coeff_B.to(dt).contiguous()
-        self.coeff_A = result.coeff_A.to(dt).contiguous()
+        self.log_B.append(result.change_B, result.coeff_B[-1].to(dt))
+        self.log_A.append(result.change_A, result.coeff_A[-1].to(dt))
         self.train_state = None
+        self.refresh()
+        self._grams = result.grams
+
+    def merge_grams(self) -> MergeGrams:
+        """The Gram matrices the next merge needs (:class:`~sharecl.subspace.MergeGrams`): as the
+        last merge left them, else computed from the coefficients (float64)."""
+        if self._grams is None:
+            cB, cA = self.coeff_B.double(), self.coeff_A.double()
+            self._grams = MergeGrams(torch.einsum("tkp,tlp->kl", cB, cB), torch.einsum("tkp,tlp->kl", cA, cA),
+                                     cB.transpose(1, 2) @ cB, cA.transpose(1, 2) @ cA)
+        return self._grams
+
+    def refresh(self) -> None:
+        """Materialise ``coeff_B`` / ``coeff_A`` from the logs (after a merge or a load)."""
+        dt = self.base.weight.dtype
+        self.coeff_B = self.log_B.materialize(dt)
+        self.coeff_A = self.log_A.materialize(dt)
         self._mix_cache = None
+
+    def set_coefficients(self, index: int, coeff_B: torch.Tensor, coeff_A: torch.Tensor) -> None:
+        """Replace task ``index``'s coefficients ``(k_B, p)`` / ``(k_A, p)`` in the current basis.
+        The newest task's change stays in the log; any other folds the log into its checkpoint."""
+        dt = self.base.weight.dtype
+        if index == self.num_tasks - 1 and self.log_B.steps:
+            self.log_B.set_last(coeff_B.to(dt))
+            self.log_A.set_last(coeff_A.to(dt))
+        else:
+            for log, new in ((self.log_B, coeff_B), (self.log_A, coeff_A)):
+                base = log.compact(dt).clone()
+                base[index] = new.to(dt)
+                log.base = base
+        self.refresh()
+        self._grams = None
+
+    def load_logs(self, U: torch.Tensor, V: torch.Tensor, log_B: CoefficientLog, log_A: CoefficientLog) -> None:
+        """Install bases and coefficient logs read from a store."""
+        dt = self.base.weight.dtype
+        self.U, self.V = U.to(dt).contiguous(), V.to(dt).contiguous()
+        self.log_B, self.log_A = log_B, log_A
+        self.refresh()
+        self._grams = None
 
     # -------------------------------------------------------------- inference
     def task_factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

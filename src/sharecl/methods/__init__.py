@@ -7,8 +7,9 @@ from sharecl.methods.lora import JointLoRAMethod, LoRAConfig, LoRAPerTaskMethod,
 from sharecl.methods.probe import HeadOnlyMethod, ZeroShotMethod
 from sharecl.methods.sdlora import SDLoRAConfig, SDLoRAKDMethod, SDLoRAMethod, SDLoRARRMethod
 from sharecl.methods.share import ShareConfig, ShareMethod
+from sharecl.methods.share_full import ShareFullConfig, ShareFullMethod
 
 __all__ = ["METHODS", "ContinualMethod", "UnsupportedScenarioError", "build_method", "ShareConfig", "ShareMethod",
            "LoRAConfig", "LoRAPerTaskMethod", "SeqLoRAMethod", "JointLoRAMethod", "HeadOnlyMethod", "ZeroShotMethod",
            "InfLoRAConfig", "InfLoRAMethod", "SDLoRAConfig", "SDLoRAMethod", "SDLoRARRMethod", "SDLoRAKDMethod",
-           "DualLoRAConfig", "DualLoRAMethod"]
+           "DualLoRAConfig", "DualLoRAMethod", "ShareFullConfig", "ShareFullMethod"]

@@ -18,13 +18,18 @@ from torch import nn
 
 from sharecl.adapters.share import ShareLinear
 from sharecl.backbone import Encoder
+from sharecl.coeff_log import CoefficientLog
 from sharecl.data.tasks import Task, check_task_name
 from sharecl.inject import default_targets, set_submodule, wrap_targets
 from sharecl.methods.base import ContinualMethod, register
 from sharecl.subspace import merge_subspace
 from sharecl.train import PeakRSS, TrainConfig, train_steps
 
-__all__ = ["ShareConfig", "ShareMethod"]
+__all__ = ["ShareConfig", "ShareMethod", "LOG_STEPS_MAX"]
+
+#: Merges kept in the coefficient logs before they are folded into a checkpoint
+#: (:mod:`sharecl.coeff_log`): bounds the work of materialising coefficients after a merge.
+LOG_STEPS_MAX = 256
 
 
 #: Class-incremental scores for Share's task identification.
@@ -169,7 +174,8 @@ class ShareMethod(ContinualMethod):
             has = layer.num_tasks > 0
             res = merge_subspace(layer.U if has else None, layer.V if has else None,
                                  layer.coeff_B if has else None, layer.coeff_A if has else None,
-                                 B, A, p=cfg.p, k=cfg.k, energy=cfg.energy, k_max=cfg.k_max)
+                                 B, A, p=cfg.p, k=cfg.k, energy=cfg.energy, k_max=cfg.k_max,
+                                 grams=layer.merge_grams() if has else None, reproject=False)
             layer.apply_merge(res)
             energies.append((res.energy_B, res.energy_A))
             cuts.append(res.truncation)
@@ -185,27 +191,35 @@ class ShareMethod(ContinualMethod):
                   "k": [list(layer.k) for layer in self.layers.values()],
                   "kept_energy_min": min(min(e) for e in energies)}
         self.drift.append(record)
+        if self.log_steps() > LOG_STEPS_MAX:
+            self.compact_log()
         return record
 
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         factors = {name: layer.trained_factors() for name, layer in self.layers.items()}
         record = self._merge_new(factors, task.name)
         if self.config.merge_finetune_steps > 0:
-            idx = self.index(task.name)
-            states = [layer.begin_finetune(idx) for layer in self.layers.values()]
-            params = [p for s in states for p in s.parameters()]
-            head = self.heads.heads[task.name] if task.name in self.heads else None
-            try:
-                train_steps(self.training_forward(task),
-                            [{"params": params, "lr": self.config.lr or cfg.lr}, *self._head_groups(head, cfg)],
-                            task, cfg, steps=self.config.merge_finetune_steps, desc=f"share · {task.name} · finetune",
-                            generator=self.generator(13), rss=rss, progress=progress)
-            finally:
-                for layer in self.layers.values():
-                    layer.end_finetune()
+            self.finetune_coefficients(task, cfg, self.config.merge_finetune_steps, rss=rss, progress=progress)
         if task.name in self.heads:  # class prototypes identify the task in class-incremental inference
             self.prototypes[task.name] = self.class_prototypes(task, cfg.eval_batch_size)
         return {"merge": record}
+
+    def finetune_coefficients(self, task: Task, cfg: TrainConfig, steps: int, *, head: bool = True, salt: int = 13,
+                              rss: PeakRSS | None = None, progress: bool = True) -> list[float]:
+        """Train ``task``'s coefficients (and its head, with ``head``) for ``steps`` steps on its
+        data, the merged bases frozen (METHODS.md §1, "merging & finetuning"). Returns the losses."""
+        idx = self.index(task.name)
+        states = [layer.begin_finetune(idx) for layer in self.layers.values()]
+        params = [p for s in states for p in s.parameters()]
+        task_head = self.heads.heads[task.name] if head and task.name in self.heads else None
+        try:
+            return train_steps(self.training_forward(task),
+                               [{"params": params, "lr": self.config.lr or cfg.lr}, *self._head_groups(task_head, cfg)],
+                               task, cfg, steps=steps, desc=f"{self.name} · {task.name} · finetune",
+                               generator=self.generator(salt), rss=rss, progress=progress)
+        finally:
+            for layer in self.layers.values():
+                layer.end_finetune()
 
     @torch.no_grad()
     def class_prototypes(self, task: Task, batch_size: int = 64) -> torch.Tensor:
@@ -375,23 +389,68 @@ class ShareMethod(ContinualMethod):
         return self._last_trainable
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything a store needs besides the manifest: bases, coefficients, heads."""
+        """A checkpoint: bases, every task's current coefficients, heads and prototypes. Folds
+        the coefficient logs first (:meth:`compact_log`) when they hold merges."""
+        if self.log_steps():
+            self.compact_log()
         out = self.head_tensors()
         out.update({f"prototypes.{t}": v.contiguous() for t, v in self.prototypes.items()})
         for name, layer in self.layers.items():
-            for key in ("U", "V", "coeff_B", "coeff_A"):
-                out[f"layers.{name}.{key}"] = getattr(layer, key).detach().contiguous()
-        return out
+            out[f"layers.{name}.U"], out[f"layers.{name}.V"] = layer.U.detach(), layer.V.detach()
+            out[f"layers.{name}.coeff_B"], out[f"layers.{name}.coeff_A"] = layer.log_B.base, layer.log_A.base
+        return {k: v.contiguous() for k, v in out.items()}
 
     def state_meta(self) -> dict:
         return {"kinds": dict(self.kinds)}
 
-    def load_state(self, tensors: dict[str, torch.Tensor], tasks: list[dict], meta: dict) -> None:
-        """Inverse of :meth:`state_tensors`, given the manifest's task list (order matters)."""
+    # ------------------------------------------------------------ store log
+    def log_steps(self) -> int:
+        """Merges in the coefficient logs since their checkpoint (the same in every layer)."""
+        return len(next(iter(self.layers.values())).log_B.steps)
+
+    @property
+    def log_epoch(self) -> int:
+        """Changes whenever any layer's coefficient log is folded into a new checkpoint."""
+        return sum(layer.log_B.epoch + layer.log_A.epoch for layer in self.layers.values())
+
+    def compact_log(self) -> None:
+        """Fold every layer's coefficient log into its checkpoint; the coefficients stay bitwise
+        the same, and the next store write is a checkpoint (:func:`sharecl.store.save_store`)."""
+        for layer in self.layers.values():
+            layer.log_B.compact(layer.coeff_B.dtype)
+            layer.log_A.compact(layer.coeff_A.dtype)
+
+    def log_tensors(self, start: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """What a store appends for the merges ``start …`` of the logs: the current bases, each
+        merge's changes of basis (float64) and new coefficients, and the new tasks' heads and
+        prototypes. Returns ``(tensors, new task names)``; keys never clash with a checkpoint's
+        coefficients, so a store's files are read back as one dict (:meth:`load_state`)."""
+        steps = self.log_steps()
+        new = self.task_names[len(self.task_names) - (steps - start):]
+        out = {k: v for k, v in self.head_tensors().items() if k.split(".")[1] in new}
+        out.update({f"prototypes.{t}": self.prototypes[t].contiguous() for t in new if t in self.prototypes})
         for name, layer in self.layers.items():
-            for key in ("U", "V", "coeff_B", "coeff_A"):
-                setattr(layer, key, tensors[f"layers.{name}.{key}"].to(layer.base.weight.dtype))
-            layer._mix_cache = None
+            out[f"layers.{name}.U"], out[f"layers.{name}.V"] = layer.U.detach(), layer.V.detach()
+            for g in range(start, steps):
+                for side, log in (("B", layer.log_B), ("A", layer.log_A)):
+                    change, coeff = log.steps[g]
+                    out[f"steps.{g}.layers.{name}.change_{side}"] = change
+                    out[f"steps.{g}.layers.{name}.coeff_{side}"] = coeff
+        return {k: v.detach().contiguous() for k, v in out.items()}, new
+
+    def load_state(self, tensors: dict[str, torch.Tensor], tasks: list[dict], meta: dict) -> None:
+        """Inverse of :meth:`state_tensors` (plus any :meth:`log_tensors` read back into the same
+        dict), given the task list in order. The logs are rebuilt as written, so the coefficients
+        are bitwise those of the process that wrote them."""
+        for name, layer in self.layers.items():
+            dt = layer.base.weight.dtype
+            logs = [CoefficientLog(tensors[f"layers.{name}.coeff_{side}"].to(dt)) for side in ("B", "A")]
+            g = 0
+            while f"steps.{g}.layers.{name}.change_B" in tensors:
+                for side, log in zip(("B", "A"), logs):
+                    log.append(tensors[f"steps.{g}.layers.{name}.change_{side}"], tensors[f"steps.{g}.layers.{name}.coeff_{side}"])
+                g += 1
+            layer.load_logs(tensors[f"layers.{name}.U"], tensors[f"layers.{name}.V"], *logs)
         self.load_tasks_and_heads(tensors, tasks)
         self.prototypes = {t["name"]: tensors[f"prototypes.{t['name']}"] for t in tasks if f"prototypes.{t['name']}" in tensors}
         self.kinds = {t["name"]: meta.get("kinds", {}).get(t["name"], t.get("kind", "data")) for t in tasks}

@@ -35,10 +35,10 @@ def _load(path: Path, device: str, precision: str = "fp32") -> Loaded:
     sig = _signature(path)
     manifest = read_manifest(path)
     method = load_store(path, device=device, precision=precision)
-    if method.task_names != [t["name"] for t in manifest["tasks"]]:  # a newer manifest landed between the two reads
+    if method._store_link[1] != manifest["version"]:  # a newer manifest landed between the two reads
         raise RuntimeError("the store changed while it was being read")
     return Loaded(manifest["version"], method, {t: list(method.task_classes[t]) for t in method.task_names},
-                  {t["name"]: t.get("kind", "data") for t in manifest["tasks"]},
+                  {t["name"]: t.get("kind", "data") for t in method.store_tasks},
                   frozenset(t for t in method.task_names if t in method.heads), sig)
 
 
