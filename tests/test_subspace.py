@@ -147,3 +147,29 @@ def test_a_rank_r_task_builds_the_basis_from_all_its_directions_and_records_its_
     # with no spare room the newcomer's unstored tail never displaces a stored direction
     tight = merge(res.U, res.V, res.coeff_B, res.coeff_A, B5, A5, p=2, k=4)
     assert tight.U.shape[1] == 4 and tight.drift.max() < 1e-9
+
+
+@pytest.mark.parametrize("T", [3, 14])  # T = 14: the Gram-matrix path
+def test_a_centred_basis_depends_on_arbitrary_factor_signs_and_fits_worse(T):
+    """``center=True`` (the authors' code, METHODS.md §1) subtracts the stack's mean column
+    before the SVD. Each balanced factor column pair has an arbitrary sign (``B[:, j], A[j]`` and
+    ``−B[:, j], −A[j]`` give the same ΔW; an SVD picks one by its own conventions), and the mean
+    moves with it: the same merge computed in two coordinate systems (the small space, and the
+    full space of the reference merge) gives two different centred bases, while the uncentred
+    bases agree. By Eckart–Young the uncentred basis also keeps at least as much of the stack."""
+    g = torch.Generator().manual_seed(5)
+    common = torch.randn(40, 1, generator=g, dtype=torch.float64) * 3  # every task shares one direction
+    U = V = cB = cA = None
+    for _ in range(T):
+        B = common + 0.3 * torch.randn(40, 2, generator=g, dtype=torch.float64)
+        A = torch.randn(2, 33, generator=g, dtype=torch.float64)
+        res = merge_subspace(U, V, cB, cA, B, A, p=2, k=3)
+        U, V, cB, cA = res.U, res.V, res.coeff_B, res.coeff_A
+    B = common + 0.3 * torch.randn(40, 2, generator=g, dtype=torch.float64)
+    A = torch.randn(2, 33, generator=g, dtype=torch.float64)
+    runs = {(merge, center): merge(U, V, cB, cA, B, A, p=2, k=3, center=center)
+            for merge in (merge_subspace, naive_merge_subspace) for center in (False, True)}
+    proj = {key: r.U @ r.U.T for key, r in runs.items()}
+    assert torch.allclose(proj[merge_subspace, False], proj[naive_merge_subspace, False], atol=1e-8)
+    assert (proj[merge_subspace, True] - proj[naive_merge_subspace, True]).abs().max() > 1e-3
+    assert runs[merge_subspace, False].energy_B >= runs[merge_subspace, True].energy_B - 1e-12

@@ -252,6 +252,7 @@ def merge_subspace(
     store_dtype: torch.dtype = torch.float32,
     grams: MergeGrams | None = None,
     reproject: bool = True,
+    center: bool = False,
 ) -> MergeResult:
     """Share's data-free merge of one new task into one layer's subspace, in the small space.
 
@@ -282,6 +283,9 @@ def merge_subspace(
         store_dtype: dtype the factors are stored in; sets the numerical-rank tolerance.
         grams: the old tasks' Gram matrices as the previous merge returned them
             (:attr:`MergeResult.grams`); computed from the coefficients when None.
+        center: take the basis from the mean-centred stack, as the authors' code does, while the
+            coefficients are still projections of the uncentred factors (METHODS.md §1: kept only
+            for comparison; the uncentred basis is the best rank-k fit, Eckart–Young).
         reproject: False: return only the new task's coefficients (``coeff_B`` ``(1, k', p)``);
             the caller re-expresses old tasks with ``change_B`` / ``change_A`` (a coefficient
             log, :mod:`sharecl.coeff_log`). With ``grams`` given, the merge then reads each old
@@ -309,13 +313,14 @@ def merge_subspace(
     full_b, full_a = _canonical_batch(rb[:, kb:].unsqueeze(0), ra[:, ka:].unsqueeze(0), max(r, p))
     g = grams or MergeGrams(None, None, None, None)
     sides = [_merge_side(rb[:, :kb], cB, full_b[0], p, k, energy, k_max, store_dtype, gram=g.B, task_grams=g.tasks_B,
-                         reproject=reproject),
+                         reproject=reproject, center=center),
              _merge_side(ra[:, :ka], cA, full_a[0], p, k, energy, k_max, store_dtype, gram=g.A, task_grams=g.tasks_A,
-                         reproject=reproject)]
+                         reproject=reproject, center=center)]
     return _result(qb, qa, sides, full_b[0], full_a[0], p)
 
 
-def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=None, task_grams=None, reproject=True):
+def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=None, task_grams=None, reproject=True,
+                center=False):
     """One side of the merge in a coordinate system of dimension m.
 
     ``L`` (m, k_old) has orthonormal columns: the old basis in these coordinates, so old task i
@@ -324,7 +329,8 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
     tasks its left singular vectors come from its ``(m, m)`` Gram matrix ``L G Lᵀ + n nᵀ``,
     ``G = Σ_i C_i C_iᵀ`` (``gram``, or one product over ``C``; no ``(m, T·p)`` stack is formed),
     with few (or ``dense``) from an SVD of the stack itself. ``task_grams`` ``(T_old, p, p)``
-    are the old tasks' ``C_iᵀ C_i`` (computed when None).
+    are the old tasks' ``C_iᵀ C_i`` (computed when None). ``center``: the basis comes from the
+    stacks minus their column means (the authors' code), the coefficients from the uncentred stack.
 
     Returns a dict: ``W`` (m, k'), ``R = Wᵀ L`` (k', k_old, the change of basis of old
     coefficients), ``coeff`` (T+1, k', p) (only the new task's (1, k', p) without
@@ -339,12 +345,21 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
         gram = torch.einsum("tkp,tlp->kl", C, C)
     if dense or T * p + p <= 2 * m:
         stored = torch.cat([L @ _wide(C), new], 1)
+        both = torch.cat([stored, tail], 1)
+        if center:
+            stored, both = stored - stored.mean(1, keepdim=True), both - both.mean(1, keepdim=True)
         w, s = _left_singular(stored)
-        s_full = _left_singular(torch.cat([stored, tail], 1))[1]
+        s_full = _left_singular(both)[1]
     else:
         S = L @ gram @ L.T + new @ new.T
+        S_full = S + tail @ tail.T
+        if center:  # X Xᵀ − N μ μᵀ with μ the mean column: the Gram of the centred stack
+            total = L @ C.sum((0, 2)) + new.sum(1)
+            both = total + tail.sum(1)
+            S = S - torch.outer(total, total) / (T * p + p)
+            S_full = S_full - torch.outer(both, both) / (T * p + p + tail.shape[1])
         w, s = _from_gram(S)
-        s_full = _from_gram(S + tail @ tail.T)[1]
+        s_full = _from_gram(S_full)[1]
     stack_gram = L @ gram @ L.T + new @ new.T
     W = _choose_basis(w, s, s_full, shape, tail, k, energy, k_max, store_dtype)
     total = float(torch.trace(stack_gram))
@@ -391,7 +406,7 @@ def _wide(coeff: torch.Tensor) -> torch.Tensor:
 
 
 def naive_merge_subspace(U, V, coeff_B, coeff_A, new_B, new_A, *, p, k=None, energy=None, k_max=None,
-                         store_dtype: torch.dtype = torch.float32) -> MergeResult:
+                         store_dtype: torch.dtype = torch.float32, center: bool = False) -> MergeResult:
     """Reference merge: reconstruct every task in full ``(d, p)`` and SVD the ``(d, T·p)`` stack.
 
     Same contract as :func:`merge_subspace`; exists for tests and for the merge benchmark.
@@ -403,8 +418,8 @@ def naive_merge_subspace(U, V, coeff_B, coeff_A, new_B, new_A, *, p, k=None, ene
         U, V = fb.new_zeros(fb.shape[0], 0), fa.new_zeros(fa.shape[0], 0)
         coeff_B = coeff_A = fb.new_zeros(0, 0, p)
     U, V, cB, cA = U.to(_F), V.to(_F), coeff_B.to(_F), coeff_A.to(_F)
-    sides = [_merge_side(U, cB, fb, p, k, energy, k_max, store_dtype, dense=True),
-             _merge_side(V, cA, fa, p, k, energy, k_max, store_dtype, dense=True)]
+    sides = [_merge_side(U, cB, fb, p, k, energy, k_max, store_dtype, dense=True, center=center),
+             _merge_side(V, cA, fa, p, k, energy, k_max, store_dtype, dense=True, center=center)]
     res = _result(torch.eye(fb.shape[0], dtype=_F), torch.eye(fa.shape[0], dtype=_F), sides, fb, fa, p)
     # drift from the dense products themselves, task by task
     before = [U @ cB[i] @ (V @ cA[i]).T for i in range(cB.shape[0])] + [fb[:, :p] @ fa[:, :p].T]

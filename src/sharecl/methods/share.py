@@ -54,6 +54,8 @@ class ShareConfig:
         lr: learning rate for the coefficients and temporary directions (None = TrainConfig.lr).
         cil_score: class-incremental task-identification score (see :meth:`ShareMethod.cil_logits`):
             "prototype" (default), "energy", "max-prob" or "max-logit".
+        center: build the basis from mean-centred stacks, as the authors' code does (for
+            comparison only: the uncentred basis is the best rank-k fit; METHODS.md §1).
     """
 
     target_modules: list[str] | str | None = None
@@ -68,6 +70,7 @@ class ShareConfig:
     merge_finetune_steps: int = 0
     lr: float | None = None
     cil_score: str = "prototype"
+    center: bool = False
 
     def __post_init__(self):
         if self.cil_score not in CIL_SCORES:
@@ -175,7 +178,7 @@ class ShareMethod(ContinualMethod):
             res = merge_subspace(layer.U if has else None, layer.V if has else None,
                                  layer.coeff_B if has else None, layer.coeff_A if has else None,
                                  B, A, p=cfg.p, k=cfg.k, energy=cfg.energy, k_max=cfg.k_max,
-                                 grams=layer.merge_grams() if has else None, reproject=False)
+                                 grams=layer.merge_grams() if has else None, reproject=False, center=cfg.center)
             layer.apply_merge(res)
             energies.append((res.energy_B, res.energy_A))
             cuts.append(res.truncation)
