@@ -26,6 +26,18 @@ def test_text5_is_real_fixed_and_seeded():
         get_stream("nope")
 
 
+def test_text20_is_twenty_disjoint_two_class_tasks_drawn_from_the_seed():
+    s, cil, other = get_stream("text20", seed=0), get_stream("text20-cil", seed=0), get_stream("text20", seed=1)
+    assert len(s.tasks) == 20 and all(t.num_classes == 2 for t in s) and s.scenario == "til" and cil.scenario == "cil"
+    classes = [c for t in s for c in t.classes]
+    assert len(set(classes)) == 40  # every class in one task only, names unique across sources
+    assert sorted(t.name.split("-")[1] for t in s).count("noun") == 12
+    for t in s:
+        assert len(t.train_inputs) == 96 and len(t.test_inputs) == 60 and not set(t.train_inputs) & set(t.test_inputs)
+    assert [t.classes for t in cil] == [t.classes for t in s]
+    assert [t.classes for t in other] != [t.classes for t in s]  # pairs and order come from the seed
+
+
 def test_csv_jsonl_and_saved_dataset(tmp_path):
     import datasets
 

