@@ -17,12 +17,12 @@ KEYS = {"method", "stream", "tasks", "accuracy_matrix", "final_average_accuracy"
 
 def test_all_methods_two_tasks(tiny_model_dir, fast_cfg, tmp_path):
     stream = Stream("tiny2", [make_task("a"), make_task("b", seed=1)], seed=0)
-    configs = {"share": {"r": 4, "k": 4, "p": 2}}
+    configs = {"share": {"r": 4, "k": 4, "p": 2}, "share-full": {"r": 4, "k": 4, "p": 2, "old_task_steps": 3}}
     names = sorted(m for m in METHODS if "classification" in METHODS[m].task_kinds)
     results = run_stream(stream, names, fast_cfg, tmp_path, model_path=tiny_model_dir,
                          method_configs=configs, progress=False, log=lambda *a: None)
-    assert set(results) == {"share", "lora-per-task", "seq-lora", "head-only", "joint-lora", "inflora", "sd-lora",
-                            "sd-lora-rr", "sd-lora-kd", "dual-lora"}
+    assert set(results) == {"share", "share-full", "lora-per-task", "seq-lora", "head-only", "joint-lora", "inflora",
+                            "sd-lora", "sd-lora-rr", "sd-lora-kd", "dual-lora"}
     for name in results:
         on_disk = json.loads((tmp_path / name / "results.json").read_text())
         assert KEYS <= set(on_disk), KEYS - set(on_disk)
@@ -30,9 +30,11 @@ def test_all_methods_two_tasks(tiny_model_dir, fast_cfg, tmp_path):
         assert R[0][1] is None and all(0 <= v <= 1 for row in R for v in row if v is not None)
         assert len(on_disk["adapter_bytes_after_task"]) == (1 if name == "joint-lora" else 2)
         assert (tmp_path / name / "accuracy_matrix.png").stat().st_size > 1000
-        protos = 3 * 32 * 4 if name == "share" else 0  # Share also stores class prototypes (3 classes × hidden 32)
+        protos = 3 * 32 * 4 if name.startswith("share") else 0  # Share also keeps class prototypes (3 classes × hidden 32)
         assert on_disk["head_bytes_per_task"] == (32 * 3 + 3) * 4 + protos
     assert results["share"]["bytes_per_task"] == 4 * (4 + 4) * 2 * 4  # 4 layers, k_B + k_A = 8, p = 2, float32
+    assert results["share-full"]["bytes_per_task"] == results["share"]["bytes_per_task"]
+    assert not (tmp_path / "share-full" / "store").exists()  # it keeps its tasks' data: no store
     assert results["lora-per-task"]["bytes_per_task"] == 4 * 8 * (32 + 32) * 4
     assert results["seq-lora"]["bytes_per_task"] == 0 and results["seq-lora"]["bytes_shared"] == 4 * 8 * 64 * 4
     assert results["head-only"]["forgetting"] == pytest.approx(0.0)
