@@ -221,7 +221,7 @@ def to_format1(path, edit=None):
     assert not mf["files"]["log"], "fold the log first (save_store(..., compact=True))"
     state = path / mf["files"]["state"]["name"]
     tensors = load_file(str(state))
-    meta = json.loads(bytes(tensors.pop("__meta__").tolist()).decode())
+    meta = json.loads(tensors.pop("__meta__").numpy().tobytes().decode())
     if edit is not None:
         edit(tensors, meta["method_state"])
     state.unlink()

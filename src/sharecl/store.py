@@ -198,7 +198,11 @@ def _pop_meta(tensors: dict[str, torch.Tensor], where: Path) -> dict:
     raw = tensors.pop(_META, None)
     if raw is None:
         raise StoreError(f"{where} has no {_META} record; the store is damaged (restore it from a backup)")
-    return json.loads(bytes(raw.tolist()).decode())
+    return _json_of(raw)
+
+
+def _json_of(raw: torch.Tensor) -> dict:
+    return json.loads(raw.numpy().tobytes().decode())
 
 
 def _read_all(path: Path, manifest: dict) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
@@ -210,17 +214,23 @@ def _read_all(path: Path, manifest: dict) -> tuple[dict[str, torch.Tensor], list
         return tensors, manifest["tasks"], {**(manifest.get("method_state") or {}), "merges": manifest.get("merges", [])}
     meta = _pop_meta(tensors, path / files["state"]["name"])
     tasks, merges, state = list(meta["tasks"]), list(meta["merges"]), dict(meta["method_state"])
+    drift = None  # the newest log file's per-task drift of its last merge
     for entry in files.get("log", []):
         part = _read_file(path, entry)
         m = _pop_meta(part, path / entry["name"])
         tasks += m["tasks"]
-        merges = compact_merges(merges[:-1] + [_summary(merges[-1])] if merges else []) + m["merges"]
-        mean, mx = part.pop("merge.drift_mean"), part.pop("merge.drift_max")
-        merges[-1] = {**merges[-1], "per_task": {t["name"]: {"mean": float(a), "max": float(b)}
-                                                 for t, a, b in zip(tasks, mean.tolist(), mx.tolist())}}
+        if merges and drift is None:  # only the newest merge keeps its per-task drift
+            merges[-1] = _summary(merges[-1])
+        merges += m["merges"]
+        drift = part.pop("merge.drift_mean").tolist(), part.pop("merge.drift_max").tolist()
         for key, value in m["method_state"].items():
-            state[key] = {**state.get(key, {}), **value} if isinstance(value, dict) else value
+            if isinstance(value, dict):
+                state.setdefault(key, {}).update(value)
+            else:
+                state[key] = value
         tensors.update(part)
+    if drift is not None:
+        merges[-1] = {**merges[-1], "per_task": {t["name"]: {"mean": a, "max": b} for t, a, b in zip(tasks, *drift)}}
     return tensors, tasks, {**state, "merges": merges}
 
 
@@ -242,7 +252,7 @@ def store_records(path: str | Path, manifest: dict | None = None) -> tuple[list[
         if not f.is_file() or _sha256(f) != entry["sha256"]:
             raise StoreError(f"{f} is missing or does not match its sha256 in the manifest; restore the store from a backup")
         with safe_open(str(f), framework="pt") as fh:
-            meta = json.loads(bytes(fh.get_tensor(_META).tolist()).decode())
+            meta = _json_of(fh.get_tensor(_META))
         tasks += meta["tasks"]
         merges += [_summary(r) for r in meta["merges"]]
     return tasks, merges
@@ -378,9 +388,7 @@ def save_store(method, path: str | Path, *, extra: dict | None = None, compact: 
             name = f"log-v{version}-{token}.safetensors"
             files = {"state": previous["files"]["state"], "log": list(previous["files"].get("log", []))}
         else:
-            if hasattr(method, "compact_log"):
-                method.compact_log()
-            tensors = method.state_tensors()
+            tensors = method.state_tensors()  # Share folds its coefficient logs into this checkpoint
             meta = {"tasks": [_task_entry(method, n) for n in method.task_names],
                     "merges": compact_merges(getattr(method, "drift", [])), "method_state": method.state_meta()}
             name = f"state-v{version}-{token}.safetensors"

@@ -125,6 +125,18 @@ class MergeGrams:
     tasks_B: torch.Tensor | None
     tasks_A: torch.Tensor | None
 
+    @staticmethod
+    def side(coeff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Σ_i C[i] C[i]ᵀ (k, k), C[i]ᵀ C[i] (T, p, p))`` of coefficients ``(T, k, p)``, float64."""
+        c = coeff.to(_F)
+        return torch.einsum("tkp,tlp->kl", c, c), _gram(c)
+
+    @classmethod
+    def of(cls, coeff_B: torch.Tensor, coeff_A: torch.Tensor) -> MergeGrams:
+        """Computed from every task's coefficients (one pass over them)."""
+        (gB, tB), (gA, tA) = cls.side(coeff_B), cls.side(coeff_A)
+        return cls(gB, gA, tB, tA)
+
 
 @dataclass
 class MergeResult:
@@ -263,7 +275,7 @@ def merge_subspace(
     coefficients keep its best rank-p part (METHODS.md §1, "Merging after task t" and "The new
     task's own truncation"), and what that cut loses is :attr:`MergeResult.truncation`. The
     basis takes the stored (rank-p) columns first and the new task's further directions only in
-    the room the rank rule leaves ([ours], see :func:`_basis`).
+    the room the rank rule leaves ([ours], see :func:`_choose_basis`).
     Because old tasks lie in ``span(U)``, the B-stack lies in
     ``span([U, new_B])``: one thin QR of that ``(d_out, k + r)`` matrix gives coordinates in
     which the whole stack is a ``(k + r, T_old·p + r)`` matrix; likewise for A. With many tasks
@@ -341,8 +353,9 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
     T, m = C.shape[0], L.shape[0]
     new, tail = full[:, :p], full[:, p:]
     shape = (m, T * p + full.shape[1])
-    if gram is None:
-        gram = torch.einsum("tkp,tlp->kl", C, C)
+    if gram is None or task_grams is None:
+        gram, task_grams = MergeGrams.side(C)
+    stack_gram = L @ gram @ L.T + new @ new.T  # of the stored stack [L C_1 … L C_T, new]
     if dense or T * p + p <= 2 * m:
         stored = torch.cat([L @ _wide(C), new], 1)
         both = torch.cat([stored, tail], 1)
@@ -351,8 +364,7 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
         w, s = _left_singular(stored)
         s_full = _left_singular(both)[1]
     else:
-        S = L @ gram @ L.T + new @ new.T
-        S_full = S + tail @ tail.T
+        S, S_full = stack_gram, stack_gram + tail @ tail.T
         if center:  # X Xᵀ − N μ μᵀ with μ the mean column: the Gram of the centred stack
             total = L @ C.sum((0, 2)) + new.sum(1)
             both = total + tail.sum(1)
@@ -360,7 +372,6 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
             S_full = S_full - torch.outer(both, both) / (T * p + p + tail.shape[1])
         w, s = _from_gram(S)
         s_full = _from_gram(S_full)[1]
-    stack_gram = L @ gram @ L.T + new @ new.T
     W = _choose_basis(w, s, s_full, shape, tail, k, energy, k_max, store_dtype)
     total = float(torch.trace(stack_gram))
     kept = float(torch.trace(W.T @ stack_gram @ W)) / total if total > 0 else 1.0
@@ -368,20 +379,17 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
     Wc = torch.linalg.qr(W, mode="complete")[0][:, kk:]  # (m, m − k'): the complement of W
     R = W.T @ L
     c_new, y_new = W.T @ new, Wc.T @ new
-    if task_grams is None:
-        task_grams = _gram(C)
     if reproject:
         coords = torch.einsum("mk,tkp->tmp", torch.cat([W, Wc], 1).T @ L, C)  # (T, m, p)
         coeff = torch.cat([coords[:, :kk], c_new[None]], 0)
         resid = coords[:, kk:]
+        g_resid_old = _gram(resid)
         g_coeff_old = _gram(coeff[:-1])
     else:
         coeff = c_new[None]
         resid = torch.einsum("mk,tkp->tmp", Wc.T @ L, C)  # only the dropped part: (T, m − k', p)
-        g_coeff_old = None
-    g_resid_old = _gram(resid)
-    if g_coeff_old is None:  # ‖C_i‖-Gram splits exactly into the parts inside and outside W
-        g_coeff_old = task_grams - g_resid_old
+        g_resid_old = _gram(resid)
+        g_coeff_old = task_grams - g_resid_old  # ‖C_i‖-Gram splits exactly into the parts inside and outside W
     return {"W": W, "R": R, "coeff": coeff, "kept": kept,
             "g_coeff": torch.cat([g_coeff_old, (c_new.T @ c_new)[None]], 0),
             "g_resid": torch.cat([g_resid_old, (y_new.T @ y_new)[None]], 0),

@@ -207,9 +207,7 @@ class ShareLinear(nn.Module):
         """The Gram matrices the next merge needs (:class:`~sharecl.subspace.MergeGrams`): as the
         last merge left them, else computed from the coefficients (float64)."""
         if self._grams is None:
-            cB, cA = self.coeff_B.double(), self.coeff_A.double()
-            self._grams = MergeGrams(torch.einsum("tkp,tlp->kl", cB, cB), torch.einsum("tkp,tlp->kl", cA, cA),
-                                     cB.transpose(1, 2) @ cB, cA.transpose(1, 2) @ cA)
+            self._grams = MergeGrams.of(self.coeff_B, self.coeff_A)
         return self._grams
 
     def refresh(self) -> None:
