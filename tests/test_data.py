@@ -38,6 +38,23 @@ def test_text20_is_twenty_disjoint_two_class_tasks_drawn_from_the_seed():
     assert [t.classes for t in other] != [t.classes for t in s]  # pairs and order come from the seed
 
 
+def test_text_pairs_draws_distinct_two_class_tasks_by_source_quota():
+    s, again, other = (get_stream("text-pairs", seed=0), get_stream("text-pairs", seed=0, num_tasks=60),
+                       get_stream("text-pairs", seed=1))
+    assert len(s.tasks) == 60 and all(t.num_classes == 2 for t in s) and s.scenario == "til"
+    pairs = [tuple(t.classes) for t in s]
+    assert len(set(pairs)) == 60  # no task twice
+    tags = [t.name.split("-")[1] for t in s]
+    assert {tag: tags.count(tag) for tag in set(tags)} == {"noun": 27, "verb": 18, "bbc": 6, "fortune": 6, "lang": 3}
+    assert all(c.startswith(t.name.split("-")[1] + ".") for t in s for c in t.classes)  # a pair stays in its source
+    assert [t.train_inputs for t in again] == [t.train_inputs for t in s]
+    assert [t.classes for t in other] != [t.classes for t in s]
+    big = get_stream("text-pairs", seed=0, num_tasks=400)  # small sources exhausted, nouns fill the rest
+    assert len({tuple(t.classes) for t in big}) == 400 and sum(t.name.endswith("-bbc") for t in big) == 10
+    with pytest.raises(ValueError, match="at most"):
+        get_stream("text-pairs", num_tasks=403)
+
+
 def test_csv_jsonl_and_saved_dataset(tmp_path):
     import datasets
 

