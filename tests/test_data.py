@@ -55,6 +55,39 @@ def test_text_pairs_draws_distinct_two_class_tasks_by_source_quota():
         get_stream("text-pairs", num_tasks=403)
 
 
+def test_validation_splits_come_from_unused_examples_and_leave_train_and_test_unchanged():
+    import numpy as np
+
+    from sharecl.data.images import class_split_tasks
+
+    examples = {c: [f"{c} {i}" for i in range(40)] for c in ("a", "b", "c")}
+    plain = split_task("t", examples, seed=3, train_per_class=10, test_per_class=5)
+    with_val = split_task("t", examples, seed=3, train_per_class=10, test_per_class=5, val_per_class=8)
+    assert (with_val.train_inputs, with_val.test_inputs) == (plain.train_inputs, plain.test_inputs)
+    assert plain.val_inputs == [] and len(with_val.val_inputs) == 24 and with_val.val_labels == [0] * 8 + [1] * 8 + [2] * 8
+    assert not set(with_val.val_inputs) & (set(with_val.train_inputs) | set(with_val.test_inputs))
+    assert all(x.split()[0] == with_val.classes[y] for x, y in zip(with_val.val_inputs, with_val.val_labels))
+    short = split_task("t", examples, seed=3, train_per_class=30, test_per_class=5, val_per_class=8)
+    assert len(short.val_inputs) == 3 * 5  # only 5 per class left over
+    uncapped = split_task("t", examples, seed=3, train_per_class=None, test_per_class=5, val_per_class=8)
+    assert len(uncapped.train_inputs) == 3 * 27 and not set(uncapped.val_inputs) & set(uncapped.train_inputs)
+
+    images = np.arange(60, dtype=np.uint8).reshape(60, 1, 1).repeat(2, 1)
+    labels = np.repeat(np.arange(3), 20)
+    kw = dict(seed=1, train_per_class=6, test_per_class=4, source="toy")
+    a = class_split_tasks("im", ["x", "y", "z"], [0, 1, 2], 3, (images, labels), None, **kw)[0]
+    b = class_split_tasks("im", ["x", "y", "z"], [0, 1, 2], 3, (images, labels), None, val_per_class=5, **kw)[0]
+    ids = lambda xs: [int(x[0, 0]) for x in xs]  # noqa: E731
+    assert ids(a.train_inputs) == ids(b.train_inputs) and ids(a.test_inputs) == ids(b.test_inputs)
+    assert len(b.val_inputs) == 15 and not set(ids(b.val_inputs)) & set(ids(b.train_inputs) + ids(b.test_inputs))
+    assert all(labels[i] == y for i, y in zip(ids(b.val_inputs), b.val_labels))
+
+    s = get_stream("text5", seed=0)
+    for t in s:
+        assert len(t.val_inputs) == 30 * t.num_classes and t.describe()["val_size"] == len(t.val_inputs)
+        assert not set(t.val_inputs) & (set(t.train_inputs) | set(t.test_inputs))
+
+
 def test_csv_jsonl_and_saved_dataset(tmp_path):
     import datasets
 

@@ -63,12 +63,15 @@ def mnist_5k() -> tuple[np.ndarray, np.ndarray]:
 
 
 def class_split_tasks(prefix: str, class_names: list[str], order: list[int], per_task: int, train: tuple, test: tuple | None,
-                      *, seed: int, train_per_class: int | None, test_per_class: int | None, source: str) -> list[Task]:
+                      *, seed: int, train_per_class: int | None, test_per_class: int | None, source: str,
+                      val_per_class: int | None = None) -> list[Task]:
     """Tasks of ``per_task`` classes each, in the class ``order`` given (labels into ``class_names``).
 
     Per class, ``train_per_class`` training and ``test_per_class`` test images are drawn with
     ``numpy.random.default_rng(seed)``; from the dataset's own test split when ``test`` is given,
-    else held out of ``train`` (disjoint). ``None`` caps keep every image.
+    else held out of ``train`` (disjoint). ``None`` caps keep every image. ``val_per_class``
+    validation images per class come from the training images the caps leave over (train and
+    test unchanged; fewer if fewer are left), or from the front of the pool without a cap.
 
     Raises:
         ValueError: if the classes do not split into equal tasks, or a class has too few images.
@@ -79,24 +82,32 @@ def class_split_tasks(prefix: str, class_names: list[str], order: list[int], per
     tasks = []
     for t in range(len(order) // per_task):
         classes = order[t * per_task:(t + 1) * per_task]
-        tr_x, tr_y, te_x, te_y = [], [], [], []
+        tr_x, tr_y, te_x, te_y, va_x, va_y = [], [], [], [], [], []
         for local, c in enumerate(classes):
             pool = rng.permutation(np.flatnonzero(train[1] == c))
             if test is not None:
                 te_pool = rng.permutation(np.flatnonzero(test[1] == c))[:test_per_class]
-                te_imgs, tr_idx = test[0][te_pool], pool[:train_per_class]
+                te_imgs, rest = test[0][te_pool], pool
             else:
                 n_test = test_per_class if test_per_class is not None else max(1, len(pool) // 5)
-                te_imgs, tr_idx = train[0][pool[:n_test]], pool[n_test:][:train_per_class]
+                te_imgs, rest = train[0][pool[:n_test]], pool[n_test:]
+            n_val = val_per_class or 0
+            if train_per_class is not None:
+                tr_idx, va_idx = rest[:train_per_class], rest[train_per_class:train_per_class + n_val]
+            else:
+                va_idx, tr_idx = rest[:n_val], rest[n_val:]
             if len(tr_idx) == 0 or len(te_imgs) == 0:
                 raise ValueError(f"class {class_names[c]!r} has too few images for the caps")
             tr_x += list(train[0][tr_idx])
             tr_y += [local] * len(tr_idx)
             te_x += list(te_imgs)
             te_y += [local] * len(te_imgs)
+            va_x += list(train[0][va_idx])
+            va_y += [local] * len(va_idx)
         perm = rng.permutation(len(tr_x))
         tasks.append(Task(f"{prefix}-{t + 1}", [class_names[c] for c in classes], [tr_x[i] for i in perm],
                           [tr_y[i] for i in perm], te_x, te_y,
                           {"source": source, "seed": seed, "train_per_class": train_per_class, "test_per_class": test_per_class,
-                           "class_ids": [int(c) for c in classes]}))
+                           "class_ids": [int(c) for c in classes], **({"val_per_class": val_per_class} if val_per_class else {})},
+                          va_x, va_y))
     return tasks

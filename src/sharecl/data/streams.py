@@ -7,6 +7,10 @@ supersense → English fortune topic → WordNet verb supersense → fortune lan
 ``fmnist-then-mnist`` (task-incremental): the ten tasks of both, a domain shift half-way.
 ``text20`` / ``text20-cil``: twenty two-class text tasks (a long stream: T·p ≥ 4k at Share's defaults).
 ``text-pairs``: any number (default 60) of two-class text tasks, for many-adapter experiments.
+
+Every classification stream here has a validation split of ``test_per_class`` examples per
+class, drawn from the examples its caps leave unused (train and test are the same with or
+without it), for choices that must not look at the test split.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def text5(seed: int = 0, train_per_class: int = 48, test_per_class: int = 30) ->
         train_per_class, test_per_class: per-class caps (defaults keep the three-method run
             near 15 minutes on 2 CPU cores).
     """
-    caps = dict(seed=seed, train_per_class=train_per_class, test_per_class=test_per_class)
+    caps = dict(seed=seed, train_per_class=train_per_class, test_per_class=test_per_class, val_per_class=test_per_class)
     noun = _top_classes(packaged.wordnet_supersenses("noun"), 8)
     verb = _top_classes(packaged.wordnet_supersenses("verb"), 8)
     tasks: list[Task] = [
@@ -77,7 +81,7 @@ def wordnet_cil(seed: int = 0, train_per_class: int = 48, test_per_class: int = 
             owners[x] = owners.get(x, 0) + 1
     random.Random(seed).shuffle(classes)
     per = len(classes) // num_tasks
-    caps = dict(seed=seed, train_per_class=train_per_class, test_per_class=test_per_class)
+    caps = dict(seed=seed, train_per_class=train_per_class, test_per_class=test_per_class, val_per_class=test_per_class)
     tasks = []
     for i in range(num_tasks):
         chunk = {c: [x for x in data[c] if owners[x] == 1] for c in classes[i * per:(i + 1) * per]}
@@ -108,7 +112,7 @@ def text20(seed: int = 0, train_per_class: int = 48, test_per_class: int = 30, s
         rng.shuffle(names)
         pairs += [(tag, {c: data[c] for c in names[i:i + 2]}, source) for i in range(0, len(names) - 1, 2)]
     rng.shuffle(pairs)
-    caps = dict(seed=seed, train_per_class=train_per_class, test_per_class=test_per_class)
+    caps = dict(seed=seed, train_per_class=train_per_class, test_per_class=test_per_class, val_per_class=test_per_class)
     tasks = [split_task(f"t{j + 1:02d}-{tag}", chunk, meta={"source": f"{source}, class pairs and order from the seed"}, **caps)
              for j, (tag, chunk, source) in enumerate(pairs)]
     return Stream("text20" if scenario == "til" else "text20-cil", tasks, seed, scenario)
@@ -156,7 +160,7 @@ def text_pairs(seed: int = 0, num_tasks: int = 60, train_per_class: int = 32, te
     chosen = [(tag, {c: data[c] for c in pair}, source)
               for (tag, data, _, source), ps, quota in zip(loaded, pairs, quotas) for pair in rng.sample(ps, quota)]
     rng.shuffle(chosen)
-    caps = dict(seed=seed, train_per_class=train_per_class, test_per_class=test_per_class)
+    caps = dict(seed=seed, train_per_class=train_per_class, test_per_class=test_per_class, val_per_class=test_per_class)
     width = len(str(num_tasks))
     tasks = [split_task(f"p{j + 1:0{width}d}-{tag}", chunk, meta={"source": f"{source}, class pairs and order from the seed"},
                         **caps) for j, (tag, chunk, source) in enumerate(chosen)]
@@ -184,7 +188,7 @@ def fmnist_cil(seed: int = 0, train_per_class: int = 200, test_per_class: int = 
 
     tasks = class_split_tasks("fmnist", FASHION_MNIST_CLASSES, _class_order(10, seed), 2, fashion_mnist("train"),
                               fashion_mnist("test"), seed=seed, train_per_class=train_per_class,
-                              test_per_class=test_per_class, source=_FMNIST_SOURCE)
+                              test_per_class=test_per_class, val_per_class=test_per_class, source=_FMNIST_SOURCE)
     return Stream("fmnist-cil", tasks, seed, "cil", modality="image", image_size=image_size)
 
 
@@ -194,7 +198,8 @@ def mnist_cil(seed: int = 0, train_per_class: int = 200, test_per_class: int = 1
     from sharecl.data.images import class_split_tasks, mnist_5k
 
     tasks = class_split_tasks("mnist", [str(d) for d in range(10)], _class_order(10, seed), 2, mnist_5k(), None,
-                              seed=seed, train_per_class=train_per_class, test_per_class=test_per_class, source=_MNIST_SOURCE)
+                              seed=seed, train_per_class=train_per_class, test_per_class=test_per_class,
+                              val_per_class=test_per_class, source=_MNIST_SOURCE)
     return Stream("mnist-cil", tasks, seed, "cil", modality="image", image_size=image_size)
 
 

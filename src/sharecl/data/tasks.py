@@ -1,7 +1,8 @@
 """Tasks and task streams.
 
 A :class:`Task` is one classification problem: a name, its class names, and fixed train
-and test splits (texts and integer labels). A :class:`Stream` is an ordered list of tasks
+and test splits (texts and integer labels), and optionally a validation split for choices
+(learning rates, rules) that must not look at the test split. A :class:`Stream` is an ordered list of tasks
 with the seed that drew their splits.
 """
 
@@ -36,6 +37,8 @@ class Task:
         train_inputs, test_inputs: input texts, or uint8 image arrays ``(H, W[, C])``.
         train_labels, test_labels: ints in ``[0, len(classes))``.
         meta: where the data came from, the seed, caps: recorded in run manifests.
+        val_inputs, val_labels: the validation split (empty when the task has none); disjoint
+            from train and test, never trained on.
     """
 
     name: str
@@ -45,6 +48,8 @@ class Task:
     test_inputs: list
     test_labels: list[int]
     meta: dict = field(default_factory=dict)
+    val_inputs: list = field(default_factory=list)
+    val_labels: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         check_task_name(self.name)
@@ -52,7 +57,8 @@ class Task:
             raise ValueError(f"task {self.name!r} has {len(self.classes)} class(es); a classification task needs at least 2")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"task {self.name!r} has duplicate class names")
-        for split, xs, ys in (("train", self.train_inputs, self.train_labels), ("test", self.test_inputs, self.test_labels)):
+        for split, xs, ys in (("train", self.train_inputs, self.train_labels), ("test", self.test_inputs, self.test_labels),
+                              ("validation", self.val_inputs, self.val_labels)):
             if len(xs) != len(ys):
                 raise ValueError(f"task {self.name!r}: {len(xs)} {split} inputs but {len(ys)} labels")
             bad = [y for y in ys if not (isinstance(y, int) and 0 <= y < len(self.classes))]
@@ -68,7 +74,7 @@ class Task:
     def describe(self) -> dict:
         """JSON-ready summary: name, classes, sizes, meta."""
         return {"name": self.name, "classes": list(self.classes), "train_size": len(self.train_inputs),
-                "test_size": len(self.test_inputs), **self.meta}
+                "test_size": len(self.test_inputs), "val_size": len(self.val_inputs), **self.meta}
 
 
 @dataclass
@@ -96,7 +102,8 @@ class Stream:
 
 
 def split_task(name: str, examples: dict[str, list], *, seed: int, train_per_class: int | None,
-               test_per_class: int | None, test_fraction: float = 0.2, meta: dict | None = None) -> Task:
+               test_per_class: int | None, test_fraction: float = 0.2, meta: dict | None = None,
+               val_per_class: int | None = None) -> Task:
     """Build a task from ``{class_name: [inputs]}`` with a seeded per-class split.
 
     Duplicate inputs are kept once, and inputs listed under two classes are dropped, so
@@ -106,6 +113,11 @@ def split_task(name: str, examples: dict[str, list], *, seed: int, train_per_cla
     result depends on nothing but the data and the seed). With caps, the first
     ``test_per_class`` go to test and the next ``train_per_class`` to train; without caps a
     ``test_fraction`` of each class is held out. Classes are sorted by name.
+
+    ``val_per_class`` (default None: no validation split) validation examples per class come
+    from what the caps leave over (the examples after the training ones), so adding a
+    validation split changes neither train nor test; a class with fewer left over gives what
+    it has. Without a training cap they are carved from the front of the training examples.
     """
     rng = random.Random(f"{seed}:{name}")
     classes = sorted(examples)
@@ -113,19 +125,26 @@ def split_task(name: str, examples: dict[str, list], *, seed: int, train_per_cla
     for cls in classes:
         for x in set(examples[cls]):
             owners[x] = owners.get(x, 0) + 1
-    tr_x, tr_y, te_x, te_y = [], [], [], []
+    tr_x, tr_y, te_x, te_y, va_x, va_y = [], [], [], [], [], []
     for label, cls in enumerate(classes):
         xs = sorted(x for x in set(examples[cls]) if owners[x] == 1)  # no duplicates, no ambiguous inputs
         rng.shuffle(xs)
         n_test = test_per_class if test_per_class is not None else max(1, round(len(xs) * test_fraction))
         test, rest = xs[:n_test], xs[n_test:]
-        train = rest[:train_per_class] if train_per_class is not None else rest
+        n_val = val_per_class or 0
+        if train_per_class is not None:
+            train, val = rest[:train_per_class], rest[train_per_class:train_per_class + n_val]
+        else:
+            val, train = rest[:n_val], rest[n_val:]
         te_x += test
         te_y += [label] * len(test)
         tr_x += train
         tr_y += [label] * len(train)
+        va_x += val
+        va_y += [label] * len(val)
     order = list(range(len(tr_x)))
     rng.shuffle(order)
     tr_x, tr_y = [tr_x[i] for i in order], [tr_y[i] for i in order]
-    info = {"seed": seed, "train_per_class": train_per_class, "test_per_class": test_per_class, **(meta or {})}
-    return Task(name, classes, tr_x, tr_y, te_x, te_y, info)
+    info = {"seed": seed, "train_per_class": train_per_class, "test_per_class": test_per_class,
+            **({"val_per_class": val_per_class} if val_per_class else {}), **(meta or {})}
+    return Task(name, classes, tr_x, tr_y, te_x, te_y, info, va_x, va_y)
