@@ -72,7 +72,9 @@ class CoefficientLog:
     @torch.no_grad()
     def materialize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Every task's coefficients in the current basis, ``(T, k, p)`` in ``dtype`` (the base's
-        by default): backwards through the log, composing the changes of basis in float64."""
+        by default): backwards through the log, composing the changes of basis in float64; the
+        composed change is applied to the checkpoint's ``T0`` tasks in ``dtype`` (one matmul of
+        depth k over all of them: the only pass that grows with the task count)."""
         dtype = dtype or self.base.dtype
         if not self.steps:
             return self.base.to(dtype).contiguous()
@@ -85,7 +87,7 @@ class CoefficientLog:
             out[T0 + j] = (P @ new.to(_F)).to(dtype)
             P = P @ change
         if T0:
-            out[:T0] = torch.einsum("mk,tkp->tmp", P, self.base.to(_F)).to(dtype)
+            out[:T0] = P.to(dtype) @ self.base.to(dtype)
         return out
 
     def compact(self, dtype: torch.dtype | None = None) -> torch.Tensor:

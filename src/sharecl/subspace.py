@@ -380,14 +380,14 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
     R = W.T @ L
     c_new, y_new = W.T @ new, Wc.T @ new
     if reproject:
-        coords = torch.einsum("mk,tkp->tmp", torch.cat([W, Wc], 1).T @ L, C)  # (T, m, p)
+        coords = (torch.cat([W, Wc], 1).T @ L) @ C  # (T, m, p)
         coeff = torch.cat([coords[:, :kk], c_new[None]], 0)
         resid = coords[:, kk:]
         g_resid_old = _gram(resid)
         g_coeff_old = _gram(coeff[:-1])
     else:
         coeff = c_new[None]
-        resid = torch.einsum("mk,tkp->tmp", Wc.T @ L, C)  # only the dropped part: (T, m − k', p)
+        resid = (Wc.T @ L) @ C  # only the dropped part: (T, m − k', p)
         g_resid_old = _gram(resid)
         g_coeff_old = task_grams - g_resid_old  # ‖C_i‖-Gram splits exactly into the parts inside and outside W
     return {"W": W, "R": R, "coeff": coeff, "kept": kept,
