@@ -88,6 +88,19 @@ def test_validation_splits_come_from_unused_examples_and_leave_train_and_test_un
         assert not set(t.val_inputs) & (set(t.train_inputs) | set(t.test_inputs))
 
 
+def test_images20_is_twenty_seeded_two_class_image_tasks_from_both_datasets():
+    s, other = get_stream("images20", seed=0), get_stream("images20", seed=1)
+    assert len(s.tasks) == 20 and s.modality == "image" and s.scenario == "til" and all(t.num_classes == 2 for t in s)
+    tags = [t.name.split("-")[1] for t in s]
+    assert tags.count("fmnist") == 10 and tags.count("mnist") == 10
+    assert len({tuple(t.classes) for t in s}) == 20  # no pair twice
+    for t in s:
+        assert all(c.startswith(t.name.split("-")[1] + ".") for c in t.classes)
+        assert len(t.train_inputs) == 200 and len(t.test_inputs) == 100 and len(t.val_inputs) == 100
+        assert t.train_inputs[0].shape == (28, 28) and t.train_inputs[0].dtype.name == "uint8"
+    assert [t.classes for t in other] != [t.classes for t in s]
+
+
 def test_csv_jsonl_and_saved_dataset(tmp_path):
     import datasets
 

@@ -6,6 +6,7 @@ supersense → English fortune topic → WordNet verb supersense → fortune lan
 ``fmnist-cil`` / ``mnist-cil`` (class-incremental images): 10 classes in 5 tasks of 2;
 ``fmnist-then-mnist`` (task-incremental): the ten tasks of both, a domain shift half-way.
 ``text20`` / ``text20-cil``: twenty two-class text tasks (a long stream: T·p ≥ 4k at Share's defaults).
+``images20``: twenty two-class image tasks, Fashion-MNIST and MNIST pairs mixed (task-incremental).
 ``text-pairs``: any number (default 60) of two-class text tasks, for many-adapter experiments.
 
 Every classification stream here has a validation split of ``test_per_class`` examples per
@@ -24,7 +25,7 @@ from sharecl.data import packaged
 from sharecl.data.tasks import Stream, Task, split_task
 
 __all__ = ["STREAMS", "get_stream", "TEXT5_FORTUNE_TOPICS", "wordnet_cil", "fmnist_cil", "mnist_cil", "fmnist_then_mnist",
-           "text20", "text_pairs"]
+           "text20", "text_pairs", "images20"]
 
 #: English fortune topic files used by ``text5`` (topic task, and "en" in the language task).
 TEXT5_FORTUNE_TOPICS = ["computers", "education", "food", "law", "politics", "sports"]
@@ -210,6 +211,37 @@ def fmnist_then_mnist(seed: int = 0, train_per_class: int = 200, test_per_class:
     return Stream("fmnist-then-mnist", a.tasks + b.tasks, seed, "til", modality="image", image_size=image_size)
 
 
+def images20(seed: int = 0, train_per_class: int = 100, test_per_class: int = 50, image_size: int = 56) -> Stream:
+    """Twenty two-class image tasks (task-incremental): 10 pairs of the 10 Fashion-MNIST classes
+    and 10 pairs of the 10 MNIST-5k digits, drawn without repetition from the 45 pairs of each
+    (``random.Random(f"images20:{seed}")``), in a seeded order that mixes the two datasets. A
+    class appears in about two tasks, each time beside another partner; every task draws its own
+    images (``numpy`` seed ``1000 · seed + task index``), so two tasks share few images. Class names are
+    prefixed (``fmnist.Sneaker``, ``mnist.7``). Smaller caps than ``fmnist-cil`` (100 train /
+    50 test / 50 validation images per class) keep a 20-task run near ``fmnist-then-mnist``'s cost.
+    There is no class-incremental variant: the two datasets have 20 classes, not 40.
+    """
+    import itertools
+
+    from sharecl.data.images import FASHION_MNIST_CLASSES, class_split_tasks, fashion_mnist, mnist_5k
+
+    rng = random.Random(f"images20:{seed}")
+    sources = [("fmnist", [f"fmnist.{c}" for c in FASHION_MNIST_CLASSES], fashion_mnist("train"), fashion_mnist("test"),
+                _FMNIST_SOURCE.replace("class order", "class pairs and order")),
+               ("mnist", [f"mnist.{d}" for d in range(10)], mnist_5k(), None,
+                _MNIST_SOURCE.replace("class order", "class pairs and order"))]
+    chosen = [(src, list(pair)) for src in sources for pair in rng.sample(list(itertools.combinations(range(10), 2)), 10)]
+    rng.shuffle(chosen)
+    tasks = []
+    for j, ((tag, names, train, test, source), pair) in enumerate(chosen):
+        task = class_split_tasks(f"i{j + 1:02d}-{tag}", names, pair, 2, train, test, seed=1000 * seed + j,
+                                 train_per_class=train_per_class, test_per_class=test_per_class,
+                                 val_per_class=test_per_class, source=source)[0]
+        task.name = f"i{j + 1:02d}-{tag}"
+        tasks.append(task)
+    return Stream("images20", tasks, seed, "til", modality="image", image_size=image_size)
+
+
 def gen5(seed: int = 0, train_size: int = 160, test_size: int = 40) -> Stream:
     """Five real generation tasks for a causal LM: :func:`sharecl.generation.streams.gen5`."""
     from sharecl.generation.streams import gen5 as build
@@ -220,7 +252,7 @@ def gen5(seed: int = 0, train_size: int = 160, test_size: int = 40) -> Stream:
 STREAMS: dict[str, Callable[..., Stream]] = {"text5": text5, "wordnet-cil": wordnet_cil, "fmnist-cil": fmnist_cil,
                                              "mnist-cil": mnist_cil, "fmnist-then-mnist": fmnist_then_mnist, "gen5": gen5,
                                              "text20": text20, "text20-cil": functools.partial(text20, scenario="cil"),
-                                             "text-pairs": text_pairs}
+                                             "text-pairs": text_pairs, "images20": images20}
 
 
 def get_stream(name: str, **kwargs) -> Stream:
