@@ -19,6 +19,7 @@ from rich.table import Table
 from sharecl import cli_store
 from sharecl.cli_checks import user_errors
 from sharecl.cli_common import (
+    AlignOpt,
     AugmentOpt,
     ClipOpt,
     DeviceOpt,
@@ -68,7 +69,7 @@ def run(
     image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56; DINOv2's native 224).")] = None,
     k: KOpt = 10, p: POpt = 2, energy: EOpt = None, phi: PhiOpt = 2, init: InitOpt = "zero", merge_finetune_steps: FtOpt = 0,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r (baselines, and Share's first-task seed).")] = 8,
-    augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None,
+    augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None, align: AlignOpt = False,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
@@ -90,8 +91,10 @@ def run(
     caps = {"train_per_class": train_per_class, "test_per_class": test_per_class, "image_size": image_size}
     s = get_stream(stream, seed=seed, **{k: v for k, v in caps.items() if v is not None})
     lr = lr if lr is not None else default_lr(s.modality)
+    if align and s.scenario != "cil":
+        raise ValueError(f"--align re-trains heads to compete across tasks; stream {s.name!r} is task-incremental ({s.scenario})")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed, augment=augment,
-                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm)
+                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align)
     configs = {m: {"r": rank} for m in names}
     for name in ("share", "share-full"):  # Share-full takes Share's options (and --set share-full.old_task_steps=N)
         if name in configs:
@@ -123,7 +126,7 @@ def compare(
     test_per_class: Annotated[Optional[int], typer.Option(help="Test examples per class (default: the stream's).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option METHOD.KEY=VALUE (repeatable), e.g. sd-lora.lr=0.001.")] = None,
-    augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None,
+    augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None, align: AlignOpt = False,
     resume: Annotated[bool, typer.Option(help="Reuse results.json files already in OUT.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -143,12 +146,15 @@ def compare(
     out = out or Path(f"runs/compare-{stream}")
     caps = {k: v for k, v in {"train_per_class": train_per_class, "test_per_class": test_per_class,
                               "image_size": image_size}.items() if v is not None}
-    modality = get_stream(stream, seed=seed_list[0] if seed_list else 0, **caps).modality
+    first = get_stream(stream, seed=seed_list[0] if seed_list else 0, **caps)
+    modality = first.modality
+    if align and first.scenario != "cil":
+        raise ValueError(f"--align re-trains heads to compete across tasks; stream {stream!r} is task-incremental ({first.scenario})")
     names = all_methods(modality) if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
     if lr is None:
         lr = default_lr(modality)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, augment=augment,
-                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm)
+                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align)
     configs = {m: ({} if m in ("head-only", "zero-shot") else {"r": rank}) for m in names}
     for name in ("share", "share-full"):
         if name in configs:

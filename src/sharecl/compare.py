@@ -204,6 +204,9 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
             if s.scenario not in METHODS[m].scenarios:
                 skipped[m] = f"supports {list(METHODS[m].scenarios)}, the stream is {s.scenario}"
                 continue
+            if cfg.align and not METHODS[m].aligns:
+                skipped[m] = "--align needs one feature space for all tasks; this method scores each task under its own"
+                continue
             f = out / f"seed-{seed}" / m / "results.json"
             if resume and f.exists():
                 old = json.loads(f.read_text())

@@ -53,6 +53,11 @@ class TrainConfig:
         augment: images only: train on :func:`sharecl.vision.transforms.augment_array` views
             (random resized crop + horizontal flip), drawn from a generator seeded by the batch
             generator, for the whole global batch before it is sharded across ranks.
+        align: class-incremental streams: after each task, keep its classes' feature means and
+            covariances and re-train every head on features sampled from all seen classes'
+            Gaussians (SLCA's classifier alignment, :mod:`sharecl.align`).
+        align_steps, align_samples, align_lr: that re-training's AdamW steps, features drawn
+            per class per step, and learning rate.
     """
 
     steps: int = 60
@@ -66,6 +71,10 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = None
     augment: bool = False
+    align: bool = False
+    align_steps: int = 200
+    align_samples: int = 32
+    align_lr: float = 1e-3
 
     def resolved(self, modality: str) -> TrainConfig:
         """A copy with ``lr`` / ``head_lr`` filled in for ``modality`` (``text``, ``image`` or ``lm``) where None.

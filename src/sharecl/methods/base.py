@@ -45,6 +45,8 @@ class ContinualMethod(ABC):
 
     name: ClassVar[str]
     scenarios: ClassVar[tuple[str, ...]] = ("til",)
+    #: whether ``--align`` (classifier alignment, :meth:`align_classifier`) applies: one feature space for all tasks.
+    aligns: ClassVar[bool] = True
     storable: ClassVar[bool] = False
     #: the backbone computes the same features whatever the task (InfLoRA, SD-LoRA after merging):
     #: a batch mixing tasks needs one forward and per-row heads.
@@ -76,6 +78,7 @@ class ContinualMethod(ABC):
         self.num_tasks: int | None = None
         self.layers: dict[str, nn.Module] = {}
         self.router = Router()  # handed to every layer the method wraps (sharecl.routing)
+        self.class_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # task → (means, covs), with --align
 
     @property
     def modality(self) -> str:
@@ -183,7 +186,42 @@ class ContinualMethod(ABC):
         losses = train_steps(self.training_forward(task), groups, task, cfg,
                              desc=f"{self.name} · {task.name}", generator=self.generator(11), rss=rss, progress=progress)
         info = self.end_task(task, cfg, rss=rss, progress=progress)
+        if cfg.align:
+            info["align"] = self.align_classifier(task, cfg)
         return {"final_loss": losses[-1] if losses else None, **info}
+
+    # -- classifier alignment (SLCA §3.3; sharecl.align) -------------------------
+    @torch.no_grad()
+    def cil_features(self, inputs: list) -> torch.Tensor:
+        """Features ``(N, hidden)`` float32 that :meth:`cil_logits` feeds every head: one feature
+        space for all tasks. Methods whose class-incremental scores read task-specific features
+        raise ``ValueError`` (classifier alignment needs one space)."""
+        return self._features(inputs)
+
+    def align_classifier(self, task: Task, cfg: TrainConfig) -> dict:
+        """Keep ``task``'s class statistics (mean and covariance of :meth:`cil_features` over its
+        training inputs), then re-train every head on features sampled from every seen class's
+        Gaussian (:func:`sharecl.align.align_heads`). Old tasks' statistics are kept as computed
+        when they were learned.
+
+        Returns:
+            ``{"loss_before", "loss_after", "classes"}``.
+
+        Raises:
+            ValueError: for a method without one feature space, or a class with < 2 examples.
+        """
+        from sharecl.align import align_heads, class_statistics
+
+        xs = task.train_inputs
+        feats = torch.cat([self.cil_features(xs[i: i + cfg.eval_batch_size]).cpu() for i in range(0, len(xs), cfg.eval_batch_size)])
+        self.class_stats[task.name] = class_statistics(feats, torch.tensor(task.train_labels), task.num_classes)
+        names = [t for t in self.task_names if t in self.heads]
+        missing = [t for t in names if t not in self.class_stats]
+        if missing:
+            raise ValueError(f"tasks {missing} have no class statistics (learned without --align); alignment needs every task's")
+        info = align_heads([self.heads.heads[t] for t in names], [self.class_stats[t] for t in names], steps=cfg.align_steps,
+                           per_class=cfg.align_samples, lr=cfg.align_lr, generator=self.generator(17))
+        return {**info, "classes": sum(len(self.task_classes[t]) for t in names)}
 
     # -- accounting (numbers, not bytes; float32 storage = 4 bytes each) -------
     @abstractmethod
@@ -204,7 +242,8 @@ class ContinualMethod(ABC):
 
     def head_numbers_per_task(self) -> float:
         """Numbers stored per task outside the adapter: its head (Share adds its class prototypes)."""
-        sizes = [sum(p.numel() for p in self.heads.heads[n].parameters()) if n in self.heads else 0 for n in self.task_names]
+        sizes = [(sum(p.numel() for p in self.heads.heads[n].parameters()) if n in self.heads else 0)
+                 + sum(x.numel() for x in self.class_stats.get(n, ())) for n in self.task_names]
         return sum(sizes) / max(len(sizes), 1)
 
     def _features(self, inputs: list) -> torch.Tensor:
@@ -345,12 +384,15 @@ class ContinualMethod(ABC):
 
     # -- store hooks (storable methods) ----------------------------------------
     def head_tensors(self) -> dict[str, torch.Tensor]:
-        """``heads.<task>.weight`` / ``.bias`` for every task with a head."""
+        """``heads.<task>.weight`` / ``.bias`` for every task with a head, and
+        ``classstats.<task>.mean`` / ``.cov`` for every task with class statistics."""
         out = {}
         for tname in self.task_names:
             if tname in self.heads:
                 for key, val in self.heads.heads[tname].state_dict().items():
                     out[f"heads.{tname}.{key}"] = val.detach().contiguous()
+            if tname in self.class_stats:
+                out[f"classstats.{tname}.mean"], out[f"classstats.{tname}.cov"] = (x.contiguous() for x in self.class_stats[tname])
         return out
 
     def load_tasks_and_heads(self, tensors: dict[str, torch.Tensor], tasks: list[dict]) -> None:
@@ -363,6 +405,8 @@ class ContinualMethod(ABC):
                 w = tensors[f"heads.{t['name']}.weight"]
                 head = self.heads.add(t["name"], w.shape[0])
                 head.load_state_dict({"weight": w, "bias": tensors[f"heads.{t['name']}.bias"]})
+            if f"classstats.{t['name']}.mean" in tensors:
+                self.class_stats[t["name"]] = (tensors[f"classstats.{t['name']}.mean"], tensors[f"classstats.{t['name']}.cov"])
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor a store needs (adapters, memories, heads). Storable methods override."""

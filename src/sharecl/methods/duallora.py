@@ -141,6 +141,12 @@ class DualLoRAMethod(ContinualMethod):
         return {"threshold": eps_t, "memory_dim_mean": sum(dims) / len(dims), "residual_energy_mean": sum(shares) / len(shares)}
 
     @torch.no_grad()
+    def cil_features(self, inputs: list) -> torch.Tensor:
+        """The dynamic-memory features :meth:`cil_logits` feeds every head (no task routing)."""
+        with self.router.nowhere():
+            return self._features(inputs)
+
+    @torch.no_grad()
     def cil_logits(self, inputs: list) -> torch.Tensor:
         """Dynamic-memory forward, then task identity and calibration (see module docstring)."""
         with self.router.nowhere():

@@ -129,6 +129,7 @@ class ShareMethod(ContinualMethod):
     name = "share"
     config_class = ShareConfig
     scenarios = ("til", "cil")
+    aligns = False  # every task's own features (cil_features)
     storable = True
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: ShareConfig | None = None, **overrides):
@@ -296,6 +297,16 @@ class ShareMethod(ContinualMethod):
         return {**self._merge_new(scaled, name), "layers_without_update": len(missing)}
 
     # --------------------------------------------------------------- inference
+    def cil_features(self, inputs: list) -> torch.Tensor:
+        """Not available: Share's class-incremental scores read every task's own features
+        (:meth:`cil_logits`), so one Gaussian per class does not calibrate its heads.
+
+        Raises:
+            ValueError: always.
+        """
+        raise ValueError("classifier alignment (--align) needs one feature space for all tasks; Share scores each task "
+                         "under its own coefficients (cil_score rules), so it is not offered for share / share-full")
+
     def mixed_route(self, task_names: list[str]):
         """Every row gathers its own task's ``M_t = C_B[t] C_A[t]ᵀ`` in each adapted layer
         (METHODS.md §1, "Inference"): one forward, the cost of one rank-k adapter.

@@ -1,0 +1,112 @@
+"""Classifier alignment from stored class statistics (class-incremental learning).
+
+Heads trained one task at a time never compete with each other's classes, so without a task id
+their logits are not calibrated against one another. SLCA (Zhang et al., ICCV 2023, §3.3
+"classifier alignment") and InfLoRA+CA keep, per class, the mean and covariance of its features
+(no data), and after each task re-train the unified classifier on features sampled from every
+seen class's Gaussian. sharecl offers that to every method whose class-incremental inference
+reads one feature space for all tasks (``--align``; ``ContinualMethod.align_classifier``).
+
+[ours] The covariance gets a ridge of ``ridge · trace(Σ)/hidden`` before its Cholesky factor
+(a class has fewer training examples than feature dimensions, so Σ is singular); the heads are
+trained with AdamW on cross-entropy over every seen class, a fresh sample each step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["class_statistics", "sample_features", "align_heads"]
+
+
+@torch.no_grad()
+def class_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class feature mean and covariance, computed in float64.
+
+    Args:
+        features: ``(N, hidden)`` float features of a task's training examples.
+        labels: ``(N,)`` int64 labels in ``[0, num_classes)``.
+
+    Returns:
+        ``means (C, hidden)`` and ``covs (C, hidden, hidden)`` (unbiased, symmetric), float32.
+
+    Raises:
+        ValueError: if a class has fewer than 2 examples (no covariance).
+    """
+    x = features.detach().to(torch.float64).cpu()
+    y = labels.cpu()
+    counts = torch.bincount(y, minlength=num_classes)
+    if int(counts.min()) < 2:
+        bad = int((counts < 2).nonzero()[0])
+        raise ValueError(f"class {bad} has {int(counts[bad])} training example(s); class statistics need at least 2 per class")
+    means = torch.stack([x[y == c].mean(0) for c in range(num_classes)])
+    covs = torch.stack([torch.cov(x[y == c].T, correction=1).reshape(x.shape[1], x.shape[1]) for c in range(num_classes)])
+    covs = (covs + covs.transpose(1, 2)) / 2
+    return means.float(), covs.float()
+
+
+def _cholesky(covs: torch.Tensor, ridge: float) -> torch.Tensor:
+    c = covs.to(torch.float64)
+    h = c.shape[-1]
+    scale = (c.diagonal(dim1=-2, dim2=-1).sum(-1) / h).clamp_min(1e-12)
+    eye = torch.eye(h, dtype=torch.float64)
+    return torch.linalg.cholesky(c + ridge * scale[:, None, None] * eye)
+
+
+def sample_features(means: torch.Tensor, covs: torch.Tensor, per_class: int, generator: torch.Generator,
+                    ridge: float = 1e-3, chol: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``per_class`` features from each class's Gaussian ``N(μ_c, Σ_c + ridge·tr(Σ_c)/h·I)``.
+
+    Returns:
+        ``z (C·per_class, hidden)`` float32 and labels ``(C·per_class,)`` int64 (class-major).
+    """
+    L = _cholesky(covs, ridge) if chol is None else chol
+    C, h = means.shape
+    eps = torch.randn(C, per_class, h, generator=generator, dtype=torch.float64)
+    z = means.to(torch.float64)[:, None, :] + eps @ L.transpose(1, 2)
+    return z.reshape(C * per_class, h).float(), torch.arange(C).repeat_interleave(per_class)
+
+
+def align_heads(heads: list[nn.Linear], stats: list[tuple[torch.Tensor, torch.Tensor]], *, steps: int, per_class: int,
+                lr: float, generator: torch.Generator, ridge: float = 1e-3) -> dict:
+    """Re-train the concatenated heads on features sampled from every seen class's Gaussian.
+
+    Args:
+        heads: one linear head per task, in task order; class ``j`` of task ``t`` is global class
+            ``sum(classes of earlier tasks) + j``.
+        stats: per task ``(means (C_t, hidden), covs (C_t, hidden, hidden))`` from
+            :func:`class_statistics`, in the same order.
+        steps: AdamW steps; each draws ``per_class`` fresh features per class.
+        lr: AdamW learning rate.
+
+    Returns:
+        ``{"loss_before", "loss_after"}``: cross-entropy on one fresh sample (nats).
+
+    Raises:
+        ValueError: if heads and statistics disagree in number or size.
+    """
+    if len(heads) != len(stats) or any(h.out_features != m.shape[0] for h, (m, _) in zip(heads, stats)):
+        raise ValueError("align_heads needs one (means, covs) pair per head, with one row per class of that head")
+    means = torch.cat([m for m, _ in stats])
+    chol = torch.cat([_cholesky(c, ridge) for _, c in stats])
+    device = heads[0].weight.device
+    params = [p for h in heads for p in h.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def loss_on_sample() -> torch.Tensor:
+        z, y = sample_features(means, None, per_class, generator, chol=chol)
+        z, y = z.to(device), y.to(device)
+        return nn.functional.cross_entropy(torch.cat([h(z) for h in heads], -1), y)
+
+    with torch.no_grad():
+        before = float(loss_on_sample())
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = loss_on_sample()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        after = float(loss_on_sample())
+    return {"loss_before": before, "loss_after": after}

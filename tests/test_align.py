@@ -1,0 +1,130 @@
+"""Classifier alignment from class statistics (sharecl.align, --align): toy Gaussians, methods, stores."""
+
+import pytest
+import torch
+from torch import nn
+
+from sharecl.align import align_heads, class_statistics, sample_features
+
+
+def _toy(seed: int = 0, tasks: int = 3, per_task: int = 2, h: int = 12, n: int = 400):
+    """Separable Gaussian classes in ``h`` dimensions, ``per_task`` per task; each task's head is
+    trained on its own classes only (as a continual learner trains it)."""
+    g = torch.Generator().manual_seed(seed)
+    C = tasks * per_task
+    means = torch.randn(C, h, generator=g) * 3
+    mix = torch.randn(C, h, h, generator=g) * 0.4
+    def draw(c, m):
+        return means[c] + torch.randn(m, h, generator=g) @ mix[c].T
+    train = [(torch.cat([draw(c, n) for c in range(t * per_task, (t + 1) * per_task)]),
+              torch.arange(per_task).repeat_interleave(n)) for t in range(tasks)]
+    test_x = torch.cat([draw(c, 200) for c in range(C)])
+    test_y = torch.arange(C).repeat_interleave(200)
+    return train, test_x, test_y, means, mix
+
+
+def _fit(head: nn.Module, x, y, steps=300, lr=0.05):
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(head(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _cil_acc(heads, x, y):
+    with torch.no_grad():
+        return float((torch.cat([hd(x) for hd in heads], -1).argmax(-1) == y).float().mean())
+
+
+def test_statistics_and_samples_recover_the_gaussians():
+    g = torch.Generator().manual_seed(1)
+    mean, A = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([[1.0, 0, 0], [0.5, 2.0, 0], [0, -1.0, 0.3]])
+    x = torch.cat([mean + torch.randn(20000, 3, generator=g) @ A.T, torch.randn(20000, 3, generator=g)])
+    y = torch.cat([torch.zeros(20000, dtype=torch.long), torch.ones(20000, dtype=torch.long)])
+    means, covs = class_statistics(x, y, 2)
+    assert means.shape == (2, 3) and covs.shape == (2, 3, 3) and means.dtype == torch.float32
+    assert torch.allclose(means[0], mean, atol=0.05) and torch.allclose(covs[0], A @ A.T, atol=0.1)
+    assert torch.allclose(covs[1], torch.eye(3), atol=0.05)
+    z, zy = sample_features(means, covs, 20000, torch.Generator().manual_seed(2), ridge=0.0)
+    assert z.shape == (40000, 3) and zy.tolist() == [0] * 20000 + [1] * 20000
+    assert torch.allclose(z[:20000].mean(0), mean, atol=0.05) and torch.allclose(torch.cov(z[:20000].T), A @ A.T, atol=0.12)
+    with pytest.raises(ValueError, match="at least 2"):
+        class_statistics(x[:3], torch.tensor([0, 0, 1]), 2)
+
+
+def test_alignment_from_statistics_reaches_a_joint_head_on_separable_gaussians():
+    torch.manual_seed(0)
+    train, test_x, test_y, _, _ = _toy()
+    heads = [nn.Linear(12, 2) for _ in train]
+    for hd, (x, y) in zip(heads, train):
+        _fit(hd, x, y)  # each head sees only its own task's classes
+    separate = _cil_acc(heads, test_x, test_y)
+    joint = nn.Linear(12, 6)  # the reference: one head trained on the real features of every class
+    _fit(joint, torch.cat([x for x, _ in train]), torch.cat([y + 2 * t for t, (_, y) in enumerate(train)]))
+    joint_acc = _cil_acc([joint], test_x, test_y)
+    stats = [class_statistics(x, y, 2) for x, y in train]
+    info = align_heads(heads, stats, steps=300, per_class=64, lr=0.05, generator=torch.Generator().manual_seed(3))
+    aligned = _cil_acc(heads, test_x, test_y)
+    assert info["loss_after"] < info["loss_before"]
+    assert joint_acc > 0.9 and separate < joint_acc - 0.05  # the toy needs alignment: heads alone are miscalibrated
+    assert aligned >= joint_acc - 0.03, (separate, aligned, joint_acc)
+
+
+def test_align_heads_rejects_mismatched_statistics():
+    stats = [(torch.zeros(3, 4), torch.eye(4).repeat(3, 1, 1))]
+    with pytest.raises(ValueError, match="one row per class"):
+        align_heads([nn.Linear(4, 2)], stats, steps=1, per_class=2, lr=0.1, generator=torch.Generator())
+
+
+@pytest.mark.parametrize("name", ["inflora", "dual-lora"])
+def test_methods_align_and_stores_keep_the_statistics(name, tiny_model_dir, fast_cfg, tmp_path):
+    from dataclasses import replace
+
+    from conftest import make_task
+    from sharecl.backbone import load_encoder
+    from sharecl.methods import build_method
+    from sharecl.store import load_store, save_store
+
+    cfg = replace(fast_cfg, align=True, align_steps=5, align_samples=4)
+    tasks = [make_task("a"), make_task("b", seed=1)]
+    xs = [x for t in tasks for x in t.test_inputs]
+    method = build_method(name, load_encoder(tiny_model_dir, max_length=16), seed=0, r=4)
+    method.begin_stream(None)
+    before_heads = None
+    for i, task in enumerate(tasks):
+        info = method.learn(task, cfg, progress=False)
+        assert info["align"]["classes"] == 3 * (i + 1)
+        if i == 1:
+            assert not torch.equal(method.heads.heads["a"].weight, before_heads)  # the old head was re-trained
+        before_heads = method.heads.heads["a"].weight.detach().clone()
+        means, covs = method.class_stats[task.name]
+        assert means.shape == (3, 32) and covs.shape == (3, 32, 32)
+        with torch.no_grad():
+            want = method.cil_logits(xs)
+        save_store(method, tmp_path / "s")
+        method = load_store(tmp_path / "s")
+        with torch.no_grad():
+            assert torch.equal(method.cil_logits(xs), want)
+        assert set(method.class_stats) == {t.name for t in tasks[: i + 1]}
+        assert torch.equal(method.class_stats[task.name][1], covs)
+    # statistics count as head bytes: mean + covariance per class
+    assert method.head_numbers_per_task() >= 3 * 32 + 3 * 32 * 32
+
+
+def test_share_does_not_align_and_compare_skips_it(tiny_share, fast_cfg, tmp_path):
+    from dataclasses import replace
+
+    from conftest import make_task
+
+    cfg = replace(fast_cfg, align=True)
+    with pytest.raises(ValueError, match="one feature space"):
+        tiny_share.learn(make_task("a"), cfg, progress=False)
+    assert not type(tiny_share).aligns
+
+
+def test_align_on_a_task_incremental_stream_is_refused(tmp_path):
+    from conftest import sharecl
+
+    res = sharecl("run", "--stream", "text5", "--methods", "inflora", "--align", "--out", str(tmp_path / "r"), check=False)
+    assert res.returncode != 0 and "task-incremental" in res.stdout + res.stderr
