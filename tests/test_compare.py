@@ -85,3 +85,37 @@ def test_wordnet_cil_stream_shape_and_seeded_order():
         assert not set(t.train_inputs) & set(t.test_inputs)
     everything = [x for t in s0 for x in t.train_inputs + t.test_inputs]
     assert len(everything) == len(set(everything))  # no input under two classes or two tasks
+
+
+def test_tune_lr_chooses_on_the_validation_split_and_runs_every_seed_with_the_choice(tiny_model_dir, fast_cfg, tmp_path,
+                                                                                     monkeypatch):
+    from conftest import make_task
+    from sharecl.data.tasks import split_task
+
+    def task(name, seed):  # make_task's data, with 4 validation examples per class carved from training
+        t = make_task(name, seed, n_per_class=16)
+        data = {}
+        for x, y in zip(t.train_inputs + t.test_inputs, t.train_labels + t.test_labels):
+            data.setdefault(t.classes[y], []).append(x)
+        return split_task(name, data, seed=seed, train_per_class=None, test_per_class=4, val_per_class=4)
+
+    monkeypatch.setitem(streams.STREAMS, "tiny-val", lambda seed=0: Stream("tiny-val", [task("a", seed), task("b", seed + 1)],
+                                                                           seed, "til"))
+    monkeypatch.setitem(streams.STREAMS, "tiny-noval", lambda seed=0: Stream("tiny-noval", [make_task("a", seed)], seed, "til"))
+    summary, md = compare("tiny-val", ["head-only", "zero-shot"], [0, 1], fast_cfg, tmp_path, model_path=tiny_model_dir,
+                          progress=False, log=lambda *_: None, tune_lrs=[1e-2, 1e-5])
+    tuned = json.loads((tmp_path / "compare.json").read_text())["tuned_lr"]
+    assert list(tuned) == ["head-only"]  # zero-shot trains nothing
+    scores = tuned["head-only"]["validation_final_accuracy"]
+    assert set(scores) == {"0.01", "1e-05"} and tuned["head-only"]["lr"] == max([1e-2, 1e-5], key=lambda lr: scores[f"{lr:g}"])
+    val_run = json.loads((tmp_path / "tune" / "lr-0.01" / "head-only" / "results.json").read_text())
+    assert val_run["train_config"]["lr"] == 0.01
+    described = json.loads((tmp_path / "tune" / "lr-0.01" / "manifest.json").read_text())["tasks"]
+    assert all(t["evaluated_on"] == "validation" and t["test_size"] == t["val_size"] for t in described)
+    for s in (0, 1):
+        run = json.loads((tmp_path / f"seed-{s}" / "head-only" / "results.json").read_text())
+        assert run["train_config"]["lr"] == tuned["head-only"]["lr"] and run["train_config"]["seed"] == s
+    assert "chosen on the validation split" in md
+    with pytest.raises(ValueError, match="no validation split"):
+        compare("tiny-noval", ["head-only"], [0], fast_cfg, tmp_path / "x", model_path=tiny_model_dir, progress=False,
+                log=lambda *_: None, tune_lrs=[1e-2])

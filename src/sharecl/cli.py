@@ -127,6 +127,8 @@ def compare(
     image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option METHOD.KEY=VALUE (repeatable), e.g. sd-lora.lr=0.001.")] = None,
     augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None, align: AlignOpt = False,
+    tune_lr: Annotated[Optional[str], typer.Option(help="Comma-separated learning rates: each method first runs them on the "
+                                                        "validation split of the first seed and keeps its best.")] = None,
     resume: Annotated[bool, typer.Option(help="Reuse results.json files already in OUT.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -162,8 +164,12 @@ def compare(
     for item in set_ or []:
         method, key, value = _parse_set(item, names)
         configs[method][key] = value
+    try:
+        grid = [float(x) for x in tune_lr.split(",") if x.strip()] if tune_lr else None
+    except ValueError:
+        raise ValueError(f"--tune-lr must be comma-separated numbers, got {tune_lr!r}") from None
     summary, md = run_compare(stream, names, seed_list, cfg, out, model_path=model, method_configs=configs,
-                              stream_options=caps,
+                              stream_options=caps, tune_lrs=grid,
                               resume=resume, progress=progress, log=console.print, device=dev, precision=precision)
     console.print(md, highlight=False, markup=False)
     console.print(f"written: {out}/compare.md, compare.json, accuracy_curve.png, bytes.png, seed-*/<method>/results.json")

@@ -86,7 +86,7 @@ def _cell(v: dict, scale: float) -> str:
     return f"{v['mean']:,.0f}" if v["std"] == 0 or v["std"] is None else f"{v['mean']:,.0f} ± {v['std']:,.0f}"
 
 
-def write_report(summary: dict, out: Path, stream: str, scenario: str, skipped: dict[str, str]) -> str:
+def write_report(summary: dict, out: Path, stream: str, scenario: str, skipped: dict[str, str], tuned: dict | None = None) -> str:
     """Write ``compare.md``, ``compare.json`` and the two plots; returns the markdown."""
     kind = "class-incremental (no task id)" if scenario == "cil" else "task-incremental"
     generation = any(e.get("fwt", {}).get("mean") is not None for e in summary.values())
@@ -105,10 +105,15 @@ def write_report(summary: dict, out: Path, stream: str, scenario: str, skipped: 
         lines.append(f"| {m} | " + " | ".join(_cell(e[k], s) for k, _, s in cols) + " |")
     for m, why in skipped.items():
         lines.append(f"\n- `{m}` not run: {why}")
+    if tuned:
+        lines.append("\nLearning rates chosen on the validation split of seed "
+                     f"{next(iter(tuned.values()))['seed']} (final accuracy there, %): " + "; ".join(
+                         f"{m} **{t['lr']:g}** (" + ", ".join(f"{lr}: {100 * v:.1f}" for lr, v in t["validation_final_accuracy"].items())
+                         + ")" for m, t in tuned.items()))
     md = "\n".join(lines) + "\n"
     (out / "compare.md").write_text(md)
     (out / "compare.json").write_text(json.dumps({"stream": stream, "scenario": scenario, "methods": summary,
-                                                  "skipped": skipped}, indent=2))
+                                                  "skipped": skipped, **({"tuned_lr": tuned} if tuned else {})}, indent=2))
     _plots(summary, out, stream, kind)
     return md
 
@@ -170,8 +175,15 @@ def _check_same_settings(path: Path, old: dict, cfg: TrainConfig, method: str, m
 def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig, out_dir: str | Path, *,
             model_path: str | None = None, method_configs: dict[str, dict] | None = None, stream_options: dict | None = None,
             resume: bool = True, progress: bool = True, log=print, device: str | None = "cpu",
-            precision: str = "fp32") -> tuple[dict, str]:
+            precision: str = "fp32", tune_lrs: list[float] | None = None) -> tuple[dict, str]:
     """Run ``methods`` on ``stream`` for every seed; returns ``(summary, markdown)``.
+
+    With ``tune_lrs`` every trained method first runs each learning rate of the grid (adapters
+    and head alike) on the **validation** split of the first seed's stream
+    (:func:`~sharecl.data.tasks.validation_stream`; runs under ``OUT/tune/lr-<lr>/``), keeps the
+    one with the best final average accuracy (class-incremental on a CIL stream; ties → the
+    earlier in the grid), and runs every seed with it; the grid's scores and the choice are in
+    ``compare.json`` under ``tuned_lr``. Otherwise every method runs at ``cfg.lr``.
 
     Methods that do not support the stream's scenario are skipped with the reason recorded.
     Under ``torchrun`` rank 0 decides what to resume and writes the report; the other ranks
@@ -192,6 +204,12 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
     per_seed: dict[str, list[dict]] = {m: [] for m in methods}
     skipped: dict[str, str] = {}
     scenario = "til"
+    tuned = {}
+    if tune_lrs:
+        tuned = tune_learning_rates(stream, methods, seeds[0], cfg, tune_lrs, out / "tune", model_path=model_path,
+                                    method_configs=method_configs, stream_options=stream_options, resume=resume,
+                                    progress=progress, log=log, device=device, precision=precision)
+    cfgs = {m: replace(cfg, lr=tuned[m]["lr"], head_lr=tuned[m]["lr"]) if m in tuned else cfg for m in methods}
     for seed in seeds:
         s = get_stream(stream, seed=seed, **(stream_options or {}))
         scenario = s.scenario
@@ -210,18 +228,77 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
             f = out / f"seed-{seed}" / m / "results.json"
             if resume and f.exists():
                 old = json.loads(f.read_text())
-                _check_same_settings(f, old, replace(cfg, seed=seed), m, (method_configs or {}).get(m, {}))
+                _check_same_settings(f, old, replace(cfgs[m], seed=seed), m, (method_configs or {}).get(m, {}))
                 per_seed[m].append(old)
                 log(f"seed {seed} · {m}: reusing {f}")
             else:
                 todo.append(m)
         todo = dist.broadcast_object(todo)
-        if todo:
-            res = run_stream(s, todo, replace(cfg, seed=seed), out / f"seed-{seed}", model_path=model_path,
+        for group in _same_config_groups(todo, cfgs):
+            res = run_stream(s, group, replace(cfgs[group[0]], seed=seed), out / f"seed-{seed}", model_path=model_path,
                              method_configs=method_configs, progress=progress, log=log, device=device, precision=precision)
-            for m in todo:
+            for m in group:
                 per_seed[m].append(res[m])
     summary = aggregate({m: r for m, r in per_seed.items() if r})
     if not dist.is_main():
         return summary, ""
-    return summary, write_report(summary, out, stream, scenario, skipped)
+    return summary, write_report(summary, out, stream, scenario, skipped, tuned)
+
+
+def _same_config_groups(methods: list[str], cfgs: dict[str, TrainConfig]) -> list[list[str]]:
+    """``methods`` in order, grouped by identical training configs (one run_stream call each)."""
+    groups: list[list[str]] = []
+    for m in methods:
+        for g in groups:
+            if cfgs[g[0]] == cfgs[m]:
+                g.append(m)
+                break
+        else:
+            groups.append([m])
+    return groups
+
+
+#: Methods a learning rate does not affect.
+UNTRAINED = ("zero-shot",)
+
+
+def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainConfig, grid: list[float], out: Path, *,
+                        model_path=None, method_configs=None, stream_options=None, resume=True, progress=True, log=print,
+                        device="cpu", precision="fp32") -> dict[str, dict]:
+    """Each method's best learning rate of ``grid`` on the validation split of ``seed``'s stream.
+
+    Returns:
+        ``{method: {"lr": chosen, "validation_final_accuracy": {lr: score}, "seed": seed}}`` for
+        every method the stream supports (not those a learning rate does not affect).
+
+    Raises:
+        ValueError: for an empty grid, a non-positive rate, or a stream without validation splits.
+    """
+    from sharecl.data.tasks import validation_stream
+    from sharecl.runner import run_stream
+
+    if not grid or any(lr <= 0 for lr in grid):
+        raise ValueError(f"--tune-lr needs positive learning rates, got {grid}")
+    s = validation_stream(get_stream(stream, seed=seed, **(stream_options or {})))
+    kind = "generation" if s.modality == "lm" else "classification"
+    chosen = {}
+    for m in methods:
+        M = METHODS[m]
+        if m in UNTRAINED or kind not in M.task_kinds or s.scenario not in M.scenarios or (cfg.align and not M.aligns):
+            continue
+        scores = {}
+        for lr in grid:
+            c = replace(cfg, seed=seed, lr=lr, head_lr=lr)
+            d = out / f"lr-{lr:g}"
+            f = d / m / "results.json"
+            if resume and f.exists():
+                res = json.loads(f.read_text())
+                _check_same_settings(f, res, c, m, (method_configs or {}).get(m, {}))
+            else:
+                res = run_stream(s, [m], c, d, model_path=model_path, method_configs=method_configs, progress=progress,
+                                 log=log, device=device, precision=precision)[m]
+            scores[lr] = res["final_average_accuracy"]
+            log(f"tuning {m}: lr {lr:g} → validation final accuracy {100 * scores[lr]:.2f}")
+        best = max(grid, key=lambda lr: (scores[lr], -grid.index(lr)))
+        chosen[m] = {"lr": best, "validation_final_accuracy": {f"{lr:g}": v for lr, v in scores.items()}, "seed": seed}
+    return chosen

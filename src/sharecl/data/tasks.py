@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["Task", "Stream", "split_task", "check_task_name"]
+__all__ = ["Task", "Stream", "split_task", "check_task_name", "validation_stream"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -148,3 +148,21 @@ def split_task(name: str, examples: dict[str, list], *, seed: int, train_per_cla
     info = {"seed": seed, "train_per_class": train_per_class, "test_per_class": test_per_class,
             **({"val_per_class": val_per_class} if val_per_class else {}), **(meta or {})}
     return Task(name, classes, tr_x, tr_y, te_x, te_y, info, va_x, va_y)
+
+
+def validation_stream(stream: Stream) -> Stream:
+    """The same stream with every task's test split replaced by its validation split, for
+    choices (learning rates, rules) that must not look at the test split.
+
+    Raises:
+        ValueError: if a task has no validation split (say which, and how to get one).
+    """
+    from dataclasses import replace
+
+    missing = [t.name for t in stream if not getattr(t, "val_inputs", None)]
+    if missing:
+        raise ValueError(f"stream {stream.name!r}: tasks {missing[:4]} have no validation split; the packaged "
+                         "classification streams have one (val_per_class), a data file needs one carved with val_per_class")
+    tasks = [replace(t, test_inputs=list(t.val_inputs), test_labels=list(t.val_labels), meta={**t.meta, "evaluated_on": "validation"})
+             for t in stream]
+    return replace(stream, name=f"{stream.name}[validation]", tasks=tasks)
