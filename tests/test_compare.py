@@ -116,6 +116,12 @@ def test_tune_lr_chooses_on_the_validation_split_and_runs_every_seed_with_the_ch
         run = json.loads((tmp_path / f"seed-{s}" / "head-only" / "results.json").read_text())
         assert run["train_config"]["lr"] == tuned["head-only"]["lr"] and run["train_config"]["seed"] == s
     assert "chosen on the validation split" in md
+    compare("tiny-val", ["sd-lora"], [0], fast_cfg, tmp_path / "sd", model_path=tiny_model_dir, progress=False,
+            log=lambda *_: None, tune_lrs=[1e-2], method_configs={"sd-lora": {"r": 4}})
+    sd = json.loads((tmp_path / "sd" / "compare.json").read_text())["tuned_lr"]["sd-lora"]
+    assert set(sd["validation_final_accuracy"]) == {"0.01", "0.01 sgd"}  # AdamW and its official SGD
+    run = json.loads((tmp_path / "sd" / "seed-0" / "sd-lora" / "results.json").read_text())
+    assert run["train_config"]["optimizer"] == sd["optimizer"]
     with pytest.raises(ValueError, match="no validation split"):
         compare("tiny-noval", ["head-only"], [0], fast_cfg, tmp_path / "x", model_path=tiny_model_dir, progress=False,
                 log=lambda *_: None, tune_lrs=[1e-2])

@@ -27,6 +27,7 @@ from sharecl.cli_common import (
     FtOpt,
     InitOpt,
     KOpt,
+    OptimizerOpt,
     PhiOpt,
     POpt,
     PrecisionOpt,
@@ -70,6 +71,7 @@ def run(
     k: KOpt = 10, p: POpt = 2, energy: EOpt = None, phi: PhiOpt = 2, init: InitOpt = "zero", merge_finetune_steps: FtOpt = 0,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r (baselines, and Share's first-task seed).")] = 8,
     augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None, align: AlignOpt = False,
+    optimizer: OptimizerOpt = "adamw",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
@@ -94,7 +96,8 @@ def run(
     if align and s.scenario != "cil":
         raise ValueError(f"--align re-trains heads to compete across tasks; stream {s.name!r} is task-incremental ({s.scenario})")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed, augment=augment,
-                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align)
+                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align,
+                      optimizer=optimizer)
     configs = {m: {"r": rank} for m in names}
     for name in ("share", "share-full"):  # Share-full takes Share's options (and --set share-full.old_task_steps=N)
         if name in configs:
@@ -127,6 +130,7 @@ def compare(
     image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option METHOD.KEY=VALUE (repeatable), e.g. sd-lora.lr=0.001.")] = None,
     augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None, align: AlignOpt = False,
+    optimizer: OptimizerOpt = "adamw",
     tune_lr: Annotated[Optional[str], typer.Option(help="Comma-separated learning rates: each method first runs them on the "
                                                         "validation split of the first seed and keeps its best.")] = None,
     resume: Annotated[bool, typer.Option(help="Reuse results.json files already in OUT.")] = True,
@@ -156,7 +160,8 @@ def compare(
     if lr is None:
         lr = default_lr(modality)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, augment=augment,
-                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align)
+                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align,
+                      optimizer=optimizer)
     configs = {m: ({} if m in ("head-only", "zero-shot") else {"r": rank}) for m in names}
     for name in ("share", "share-full"):
         if name in configs:

@@ -61,6 +61,7 @@ PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16 (bfloat16 autocas
 WarmupOpt = Annotated[int, typer.Option(help="Linear learning-rate warm-up over the first N steps of each task (0: none).")]
 ClipOpt = Annotated[Optional[float], typer.Option(help="Clip the gradient norm of the trained parameters to this value.")]
 AugmentOpt = Annotated[bool, typer.Option(help="Images: train on random resized crops (area 25-100 %) and horizontal flips.")]
+OptimizerOpt = Annotated[str, typer.Option(help="adamw (every method alike) or sgd (momentum 0.9; SD-LoRA's official code).")]
 AlignOpt = Annotated[bool, typer.Option(help="Class-incremental streams: keep each class's feature mean and covariance and, after "
                                              "every task, re-train all heads on features sampled from them (SLCA's classifier "
                                              "alignment; not for share).")]

@@ -106,10 +106,12 @@ def write_report(summary: dict, out: Path, stream: str, scenario: str, skipped: 
     for m, why in skipped.items():
         lines.append(f"\n- `{m}` not run: {why}")
     if tuned:
-        lines.append("\nLearning rates chosen on the validation split of seed "
-                     f"{next(iter(tuned.values()))['seed']} (final accuracy there, %): " + "; ".join(
-                         f"{m} **{t['lr']:g}** (" + ", ".join(f"{lr}: {100 * v:.1f}" for lr, v in t["validation_final_accuracy"].items())
-                         + ")" for m, t in tuned.items()))
+        def choice(m: str, t: dict) -> str:
+            opt = "" if t["optimizer"] == "adamw" else " " + t["optimizer"]
+            grid = ", ".join(f"{lr}: {100 * v:.1f}" for lr, v in t["validation_final_accuracy"].items())
+            return f"{m} **{t['lr']:g}{opt}** ({grid})"
+        lines.append(f"\nLearning rates chosen on the validation split of seed {next(iter(tuned.values()))['seed']} "
+                     "(final accuracy there, %): " + "; ".join(choice(m, t) for m, t in tuned.items()))
     md = "\n".join(lines) + "\n"
     (out / "compare.md").write_text(md)
     (out / "compare.json").write_text(json.dumps({"stream": stream, "scenario": scenario, "methods": summary,
@@ -182,7 +184,8 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
     and head alike) on the **validation** split of the first seed's stream
     (:func:`~sharecl.data.tasks.validation_stream`; runs under ``OUT/tune/lr-<lr>/``), keeps the
     one with the best final average accuracy (class-incremental on a CIL stream; ties → the
-    earlier in the grid), and runs every seed with it; the grid's scores and the choice are in
+    earlier in the grid), and runs every seed with it; a method whose official code trains with
+    another optimiser (SD-LoRA: SGD) runs the grid with both and keeps the best pair; the grid's scores and the choice are in
     ``compare.json`` under ``tuned_lr``. Otherwise every method runs at ``cfg.lr``.
 
     Methods that do not support the stream's scenario are skipped with the reason recorded.
@@ -209,7 +212,8 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
         tuned = tune_learning_rates(stream, methods, seeds[0], cfg, tune_lrs, out / "tune", model_path=model_path,
                                     method_configs=method_configs, stream_options=stream_options, resume=resume,
                                     progress=progress, log=log, device=device, precision=precision)
-    cfgs = {m: replace(cfg, lr=tuned[m]["lr"], head_lr=tuned[m]["lr"]) if m in tuned else cfg for m in methods}
+    cfgs = {m: replace(cfg, lr=tuned[m]["lr"], head_lr=tuned[m]["lr"], optimizer=tuned[m]["optimizer"]) if m in tuned else cfg
+            for m in methods}
     for seed in seeds:
         s = get_stream(stream, seed=seed, **(stream_options or {}))
         scenario = s.scenario
@@ -287,9 +291,12 @@ def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainCo
         if m in UNTRAINED or kind not in M.task_kinds or s.scenario not in M.scenarios or (cfg.align and not M.aligns):
             continue
         scores = {}
-        for lr in grid:
-            c = replace(cfg, seed=seed, lr=lr, head_lr=lr)
-            d = out / f"lr-{lr:g}"
+        trials = [(lr, cfg.optimizer) for lr in grid]
+        if M.official_optimizer and M.official_optimizer != cfg.optimizer:
+            trials += [(lr, M.official_optimizer) for lr in grid]
+        for lr, optimizer in trials:
+            c = replace(cfg, seed=seed, lr=lr, head_lr=lr, optimizer=optimizer)
+            d = out / (f"lr-{lr:g}" if optimizer == "adamw" else f"lr-{lr:g}-{optimizer}")
             f = d / m / "results.json"
             if resume and f.exists():
                 res = json.loads(f.read_text())
@@ -297,8 +304,9 @@ def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainCo
             else:
                 res = run_stream(s, [m], c, d, model_path=model_path, method_configs=method_configs, progress=progress,
                                  log=log, device=device, precision=precision)[m]
-            scores[lr] = res["final_average_accuracy"]
-            log(f"tuning {m}: lr {lr:g} → validation final accuracy {100 * scores[lr]:.2f}")
-        best = max(grid, key=lambda lr: (scores[lr], -grid.index(lr)))
-        chosen[m] = {"lr": best, "validation_final_accuracy": {f"{lr:g}": v for lr, v in scores.items()}, "seed": seed}
+            scores[(lr, optimizer)] = res["final_average_accuracy"]
+            log(f"tuning {m}: {optimizer} lr {lr:g} → validation final accuracy {100 * res['final_average_accuracy']:.2f}")
+        best = max(trials, key=lambda t: (scores[t], -trials.index(t)))
+        chosen[m] = {"lr": best[0], "optimizer": best[1], "seed": seed,
+                     "validation_final_accuracy": {(f"{lr:g}" if o == "adamw" else f"{lr:g} {o}"): v for (lr, o), v in scores.items()}}
     return chosen

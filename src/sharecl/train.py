@@ -53,6 +53,8 @@ class TrainConfig:
         augment: images only: train on :func:`sharecl.vision.transforms.augment_array` views
             (random resized crop + horizontal flip), drawn from a generator seeded by the batch
             generator, for the whole global batch before it is sharded across ranks.
+        optimizer: ``adamw`` (the default, every method alike) or ``sgd`` (momentum 0.9, as
+            SD-LoRA's official code trains); ``lr``, ``head_lr`` and ``weight_decay`` apply to either.
         align: class-incremental streams: after each task, keep its classes' feature means and
             covariances and re-train every head on features sampled from all seen classes'
             Gaussians (SLCA's classifier alignment, :mod:`sharecl.align`).
@@ -71,6 +73,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = None
     augment: bool = False
+    optimizer: str = "adamw"
     align: bool = False
     align_steps: int = 200
     align_samples: int = 32
@@ -183,7 +186,12 @@ def train_steps(forward: Callable[[list], torch.Tensor], param_groups: Sequence[
         raise ValueError(f"a global batch of {batch} examples cannot be shared by {world} processes; "
                          f"raise --batch-size to at least {world} or launch fewer processes")
     model = _ddp(forward, params, some_unused)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
     warm = cfg.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (warm + 1))) if warm else None
     gen = generator or torch.Generator().manual_seed(cfg.seed)

@@ -47,6 +47,8 @@ class ContinualMethod(ABC):
     scenarios: ClassVar[tuple[str, ...]] = ("til",)
     #: whether ``--align`` (classifier alignment, :meth:`align_classifier`) applies: one feature space for all tasks.
     aligns: ClassVar[bool] = True
+    #: the optimiser the method's official code trains with, when it is not AdamW (``compare --tune-lr`` tries both)
+    official_optimizer: ClassVar[str | None] = None
     storable: ClassVar[bool] = False
     #: the backbone computes the same features whatever the task (InfLoRA, SD-LoRA after merging):
     #: a batch mixing tasks needs one forward and per-row heads.

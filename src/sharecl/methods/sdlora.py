@@ -110,6 +110,7 @@ class SDLoRAMethod(ContinualMethod):
     name = "sd-lora"
     config_class = SDLoRAConfig
     scenarios = ("til", "cil")
+    official_optimizer = "sgd"
     storable = True
     task_independent_backbone = True  # every direction with its current magnitude, whatever the task
     _variant: dict = {}
