@@ -5,7 +5,9 @@ Share's "asynchronous" mode (Lots-of-LoRAs in the paper) in miniature, on real t
 1. ``--tasks`` N two-class text tasks of the ``text-pairs`` stream (WordNet noun / verb
    supersense pairs, BBC topic, fortune topic and language pairs); one **PEFT** LoRA (r = 8,
    lora_alpha = 16, MiniLM's query/value) and a linear head trained per task on its own data
-   (AdamW, ``--steps`` × batch 16), saved with ``save_pretrained``. Every odd-numbered adapter
+   (AdamW, ``--steps`` × batch 16), saved with ``save_pretrained``. ``--head frozen``: the head
+   keeps its random init and only the LoRA trains, so the task lives in the adapter (without it
+   the head scores near chance) — the stricter test of what folding keeps. Every odd-numbered adapter
    is saved in another **gauge**: ``B R``, ``R⁻¹ A`` with a random well-conditioned R per layer
    (the same ΔW, as a different trainer may produce). Cached under ``--workdir``.
 2. Each method folds the adapters one by one, without data, and after every ``--eval-every``
@@ -13,7 +15,8 @@ Share's "asynchronous" mode (Lots-of-LoRAs in the paper) in miniature, on real t
    LoRA: ``retention`` = mean of folded ÷ original accuracy (the paper's measure); since a
    head alone already scores well on two-class tasks, also ``gain_kept`` = (folded − head
    without its adapter) ÷ (original − head without its adapter), accuracies averaged over the
-   tasks, and ``agreement`` = the fraction of test predictions equal to the original's; beside
+   tasks (None while the adapters add under 2 points), and ``agreement`` = the fraction of test
+   predictions equal to the original's; beside
    the relative ΔW error ``‖ΔŴ − ΔW‖ / ‖ΔW‖`` over all adapted layers (mean over tasks):
 
    - **Share** (``ShareMethod.add_adapter`` after ``read_lora_adapter``, as ``sharecl
@@ -65,8 +68,9 @@ def gauge(B: torch.Tensor, A: torch.Tensor, g: torch.Generator) -> tuple[torch.T
     return (B.double() @ Rm).float().contiguous(), torch.linalg.solve(Rm, A.double()).float().contiguous()
 
 
-def train_adapters(tasks, workdir: Path, steps: int, lr: float, seed: int) -> list[dict]:
-    """One PEFT LoRA + head per task under ``workdir/<task>`` (reused if present)."""
+def train_adapters(tasks, workdir: Path, steps: int, lr: float, seed: int, frozen_head: bool = False) -> list[dict]:
+    """One PEFT LoRA + head per task under ``workdir/<task>`` (reused if present); with
+    ``frozen_head`` the head keeps its random init and only the LoRA trains."""
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
@@ -86,7 +90,9 @@ def train_adapters(tasks, workdir: Path, steps: int, lr: float, seed: int) -> li
             model.eval()  # no dropout: the run depends on the seed only
             e = dataclasses.replace(enc, model=model)
             head = torch.nn.Linear(enc.hidden_size, task.num_classes)
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + list(head.parameters()), lr=lr)
+            head.requires_grad_(not frozen_head)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]
+                                    + ([] if frozen_head else list(head.parameters())), lr=lr)
             g = torch.Generator().manual_seed(seed * 100_003 + i)
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -250,7 +256,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sharecl" / "bench-adapters")
-    ap.add_argument("--out", default="adapters")
+    ap.add_argument("--head", choices=["trained", "frozen"], default="trained",
+                    help="frozen: each head keeps its random init and only the LoRA trains, so a task lives in its adapter")
+    ap.add_argument("--out", default=None, help="default: adapters, or adapters-frozen-head")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from safetensors.torch import load_file
@@ -260,8 +268,9 @@ def main() -> None:
     from sharecl.interop.peft import read_lora_adapter
 
     tasks = get_stream("text-pairs", seed=args.seed, num_tasks=args.tasks).tasks
-    workdir = args.workdir / f"seed-{args.seed}-steps-{args.steps}-lr-{args.lr:g}"
-    info = train_adapters(tasks, workdir, args.steps, args.lr, args.seed)
+    args.out = args.out or ("adapters" if args.head == "trained" else "adapters-frozen-head")
+    workdir = args.workdir / f"seed-{args.seed}-steps-{args.steps}-lr-{args.lr:g}{'-frozen-head' if args.head == 'frozen' else ''}"
+    info = train_adapters(tasks, workdir, args.steps, args.lr, args.seed, frozen_head=args.head == "frozen")
     loras = {t.name: read_lora_adapter(workdir / t.name) for t in tasks}
     sds = {t.name: load_file(str(workdir / t.name / "adapter_model.safetensors")) for t in tasks}
     heads = {}
@@ -302,10 +311,10 @@ def main() -> None:
                     acc[x], pred = scorer.predict(x, heads[x], deltas[x])
                     agree[x] = float((pred == preds[x]).float().mean())
                 mean = statistics.mean
+                gain = mean(orig[x] for x in names) - mean(bare_acc[x] for x in names)
                 point.update(dW_rel_error=mean(errs), dW_rel_error_max=max(errs),
                              retention=mean(acc[x] / orig[x] for x in names), accuracy=mean(acc.values()),
-                             gain_kept=(mean(acc.values()) - mean(bare_acc[x] for x in names))
-                             / max(mean(orig[x] for x in names) - mean(bare_acc[x] for x in names), 1e-9),
+                             gain_kept=(mean(acc.values()) - mean(bare_acc[x] for x in names)) / gain if gain >= 0.02 else None,
                              agreement=mean(agree.values()))
                 if n == N:
                     point["per_task"] = {x: {"accuracy": acc[x], "dW_rel_error": e} for x, e in zip(names, errs)}
