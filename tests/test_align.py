@@ -128,3 +128,24 @@ def test_align_on_a_task_incremental_stream_is_refused(tmp_path):
 
     res = sharecl("run", "--stream", "text5", "--methods", "inflora", "--align", "--out", str(tmp_path / "r"), check=False)
     assert res.returncode != 0 and "task-incremental" in res.stdout + res.stderr
+
+
+def test_align_recompute_refreshes_old_statistics_with_the_data(tiny_model_dir, fast_cfg):
+    from dataclasses import replace
+
+    from conftest import make_task
+    from sharecl.backbone import load_encoder
+    from sharecl.methods import build_method
+
+    tasks = [make_task("a"), make_task("b", seed=1)]
+    kept, fresh = (build_method("seq-lora", load_encoder(tiny_model_dir, max_length=16), seed=0, r=4) for _ in range(2))
+    for m, recompute in ((kept, False), (fresh, True)):
+        for t in tasks:
+            m.learn(t, replace(fast_cfg, align=True, align_steps=2, align_samples=4, align_recompute=recompute), progress=False)
+    # same training, so task b's statistics agree; task a's were taken before SeqLoRA trained on b, unless recomputed
+    assert torch.allclose(kept.class_stats["b"][0], fresh.class_stats["b"][0], atol=1e-5)
+    assert not torch.allclose(kept.class_stats["a"][0], fresh.class_stats["a"][0], atol=1e-4)
+    with torch.no_grad():
+        feats = fresh.cil_features(tasks[0].train_inputs)
+    labels = torch.tensor(tasks[0].train_labels)
+    assert torch.allclose(fresh.class_stats["a"][0][0], feats[labels == 0].mean(0), atol=1e-5)

@@ -131,6 +131,8 @@ def compare(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option METHOD.KEY=VALUE (repeatable), e.g. sd-lora.lr=0.001.")] = None,
     augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None, align: AlignOpt = False,
     optimizer: OptimizerOpt = "adamw",
+    align_recompute: Annotated[bool, typer.Option(help="Measurement only (keeps every task's data): with --align, recompute "
+                                                       "old classes' statistics with the current model before each alignment.")] = False,
     tune_lr: Annotated[Optional[str], typer.Option(help="Comma-separated learning rates: each method first runs them on the "
                                                         "validation split of the first seed and keeps its best.")] = None,
     resume: Annotated[bool, typer.Option(help="Reuse results.json files already in OUT.")] = True,
@@ -159,9 +161,11 @@ def compare(
     names = all_methods(modality) if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
     if lr is None:
         lr = default_lr(modality)
+    if align_recompute and not align:
+        raise ValueError("--align-recompute changes what --align keeps; pass --align too")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, augment=augment,
                       warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align,
-                      optimizer=optimizer)
+                      optimizer=optimizer, align_recompute=align_recompute)
     configs = {m: ({} if m in ("head-only", "zero-shot") else {"r": rank}) for m in names}
     for name in ("share", "share-full"):
         if name in configs:

@@ -214,9 +214,13 @@ class ContinualMethod(ABC):
         """
         from sharecl.align import align_heads, class_statistics
 
-        xs = task.train_inputs
-        feats = torch.cat([self.cil_features(xs[i: i + cfg.eval_batch_size]).cpu() for i in range(0, len(xs), cfg.eval_batch_size)])
-        self.class_stats[task.name] = class_statistics(feats, torch.tensor(task.train_labels), task.num_classes)
+        if cfg.align_recompute:  # measurement only: keeps every task's data (see TrainConfig)
+            self._align_data = {**getattr(self, "_align_data", {}), task.name: task}
+        for t in getattr(self, "_align_data", {}).values() if cfg.align_recompute else [task]:
+            xs = t.train_inputs
+            feats = torch.cat([self.cil_features(xs[i: i + cfg.eval_batch_size]).cpu()
+                               for i in range(0, len(xs), cfg.eval_batch_size)])
+            self.class_stats[t.name] = class_statistics(feats, torch.tensor(t.train_labels), t.num_classes)
         names = [t for t in self.task_names if t in self.heads]
         missing = [t for t in names if t not in self.class_stats]
         if missing:
