@@ -149,3 +149,46 @@ def test_align_recompute_refreshes_old_statistics_with_the_data(tiny_model_dir, 
         feats = fresh.cil_features(tasks[0].train_inputs)
     labels = torch.tensor(tasks[0].train_labels)
     assert torch.allclose(fresh.class_stats["a"][0][0], feats[labels == 0].mean(0), atol=1e-5)
+
+
+def test_max_class_log_likelihood_matches_torch_distributions():
+    from torch.distributions import MultivariateNormal
+
+    from sharecl.align import max_class_log_likelihood, pooled_gaussian
+
+    g = torch.Generator().manual_seed(4)
+    means = torch.randn(3, 5, generator=g)
+    a = torch.randn(3, 5, 5, generator=g)
+    covs = a @ a.transpose(1, 2) + torch.eye(5)
+    z = torch.randn(7, 5, generator=g)
+    gauss = pooled_gaussian(means, covs, shrink=0.0)
+    sigma = covs.double().mean(0)
+    want = torch.stack([MultivariateNormal(means[c].double(), sigma).log_prob(z.double()) for c in range(3)]).max(0).values
+    assert torch.allclose(max_class_log_likelihood(z, gauss) - 2.5 * torch.log(torch.tensor(2 * torch.pi, dtype=torch.float64)),
+                          want, atol=1e-8)
+
+
+def test_share_mahalanobis_task_identification_survives_the_store(tiny_model_dir, fast_cfg, tmp_path):
+    from conftest import make_task
+    from sharecl.backbone import load_encoder
+    from sharecl.methods.share import ShareMethod
+    from sharecl.store import load_store, save_store
+
+    tasks = [make_task("a"), make_task("b", seed=1)]
+    xs = [x for t in tasks for x in t.test_inputs]
+    m = ShareMethod(load_encoder(tiny_model_dir, max_length=16), seed=0, r=4, lora_alpha=8, p=2, k=4, cil_score="mahalanobis")
+    m.begin_stream(None)
+    for i, t in enumerate(tasks):
+        m.learn(t, fast_cfg, progress=False)
+        assert m.class_stats[t.name][1].shape == (3, 32, 32)
+        with torch.no_grad():
+            want, proto = m.cil_logits(xs), m.cil_logits(xs, score="prototype")  # the same models, two rules
+        assert want.shape == (len(xs), 3 * (i + 1)) and not torch.equal(want, proto)
+        save_store(m, tmp_path / "s")  # task 2 appends a log file: its statistics go with its head
+        m = load_store(tmp_path / "s")
+        with torch.no_grad():
+            assert torch.equal(m.cil_logits(xs), want)
+    plain = ShareMethod(load_encoder(tiny_model_dir, max_length=16), seed=0, r=4, lora_alpha=8, p=2, k=4)
+    plain.learn(tasks[0], fast_cfg, progress=False)
+    with pytest.raises(ValueError, match="no class statistics"):
+        plain.cil_logits(xs, score="mahalanobis")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["class_statistics", "sample_features", "align_heads"]
+__all__ = ["class_statistics", "sample_features", "align_heads", "pooled_gaussian", "max_class_log_likelihood"]
 
 
 @torch.no_grad()
@@ -110,3 +110,28 @@ def align_heads(heads: list[nn.Linear], stats: list[tuple[torch.Tensor, torch.Te
     with torch.no_grad():
         after = float(loss_on_sample())
     return {"loss_before": before, "loss_after": after}
+
+
+def pooled_gaussian(means: torch.Tensor, covs: torch.Tensor, shrink: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One Gaussian per class with a shared covariance (LDA): the classes' mean covariance,
+    shrunk towards ``trace/hidden · I`` by ``shrink`` [ours; the Mahalanobis score of Lee et al.
+    2018 ties the covariance the same way].
+
+    Returns:
+        ``(means (C, h) float64, L (h, h) lower Cholesky factor of Σ, log det Σ)``.
+    """
+    m, c = means.to(torch.float64), covs.to(torch.float64).mean(0)
+    h = c.shape[0]
+    target = torch.eye(h, dtype=torch.float64) * (c.trace() / h).clamp_min(1e-12)
+    chol = torch.linalg.cholesky((1 - shrink) * c + shrink * target)
+    return m, chol, float(2 * chol.diagonal().log().sum())
+
+
+def max_class_log_likelihood(z: torch.Tensor, gaussian: tuple[torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
+    """``max_c log N(z; μ_c, Σ) + h/2 · log 2π`` per row: ``−½ (z − μ_c)ᵀ Σ⁻¹ (z − μ_c) − ½ log det Σ``
+    of the best class, ``(N,)`` float64, for features ``z`` ``(N, h)`` and a :func:`pooled_gaussian`."""
+    means, chol, logdet = gaussian
+    diff = z.detach().to(torch.float64).cpu()[:, None, :] - means[None]  # (N, C, h)
+    sol = torch.linalg.solve_triangular(chol, diff.reshape(-1, diff.shape[-1]).T, upper=False)
+    d2 = sol.pow(2).sum(0).reshape(z.shape[0], -1)
+    return (-0.5 * d2 - 0.5 * logdet).max(-1).values

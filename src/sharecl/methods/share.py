@@ -33,7 +33,10 @@ LOG_STEPS_MAX = 256
 
 
 #: Class-incremental scores for Share's task identification.
-CIL_SCORES = ("prototype", "energy", "max-prob", "max-logit")
+CIL_SCORES = ("prototype", "energy", "max-prob", "max-logit", "mahalanobis")
+
+#: Shrinkage of the pooled class covariance towards ``trace/hidden · I`` in the Mahalanobis score [ours].
+MAHALANOBIS_SHRINK = 0.1
 
 
 @dataclass
@@ -53,7 +56,8 @@ class ShareConfig:
         merge_finetune_steps: steps fine-tuning the new task's coefficients on the merged basis.
         lr: learning rate for the coefficients and temporary directions (None = TrainConfig.lr).
         cil_score: class-incremental task-identification score (see :meth:`ShareMethod.cil_logits`):
-            "prototype" (default), "energy", "max-prob" or "max-logit".
+            "prototype" (default), "energy", "max-prob", "max-logit" or "mahalanobis" (which also
+            keeps each task's class means and covariances: ``C · hidden · (hidden + 1)`` numbers).
         center: build the basis from mean-centred stacks, as the authors' code does (for
             comparison only: the uncentred basis is the best rank-k fit; METHODS.md §1).
     """
@@ -206,7 +210,21 @@ class ShareMethod(ContinualMethod):
             self.finetune_coefficients(task, cfg, self.config.merge_finetune_steps, rss=rss, progress=progress)
         if task.name in self.heads:  # class prototypes identify the task in class-incremental inference
             self.prototypes[task.name] = self.class_prototypes(task, cfg.eval_batch_size)
+            if self.config.cil_score == "mahalanobis":
+                self.class_stats[task.name] = self.task_class_statistics(task, cfg.eval_batch_size)
         return {"merge": record}
+
+    @torch.no_grad()
+    def task_class_statistics(self, task: Task, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class means ``(C, hidden)`` and covariances ``(C, hidden, hidden)`` (float32) of
+        ``task``'s training features under the task's own coefficients, for the Mahalanobis
+        task-identification score (:meth:`cil_logits`); kept as computed, like the prototypes."""
+        from sharecl.align import class_statistics
+
+        xs = task.train_inputs
+        with self.task(task.name):
+            feats = torch.cat([self._features(xs[i: i + batch_size]).cpu() for i in range(0, len(xs), batch_size)])
+        return class_statistics(feats, torch.tensor(task.train_labels), task.num_classes)
 
     def finetune_coefficients(self, task: Task, cfg: TrainConfig, steps: int, *, head: bool = True, salt: int = 13,
                               rss: PeakRSS | None = None, progress: bool = True) -> list[float]:
@@ -336,6 +354,12 @@ class ShareMethod(ContinualMethod):
         - ``"max-prob"``: each task's log-softmax; the most confident task (highest maximum
           softmax probability) wins. Tasks with fewer classes find confidence easier.
         - ``"max-logit"``: raw logits; the task with the largest logit wins.
+        - ``"mahalanobis"``: each task's Gaussian class-conditional log-likelihood of the input's
+          features under that task's coefficients — class means and one pooled covariance per
+          task (shrunk by :data:`MAHALANOBIS_SHRINK` towards ``trace/hidden · I``), best class,
+          including ``−½ log det Σ_t`` so tasks compare — wins; the task's head ranks its classes.
+          Needs the statistics :meth:`task_class_statistics` keeps when ``cil_score`` is
+          ``"mahalanobis"`` at training time (issue 16; Lee et al. 2018's Mahalanobis score).
 
         ``benchmarks/bench_cil_rules.py`` (3 seeds each; the streams have no validation split, so
         the default was chosen on test splits): on ``wordnet-cil`` prototype and energy tie, on
@@ -357,6 +381,14 @@ class ShareMethod(ContinualMethod):
         if score == "prototype" and missing:
             raise ValueError(f"task(s) {missing} have no class prototypes (learned by an older sharecl); "
                              f"use the 'energy' score for this store")
+        if score == "mahalanobis":
+            missing = [t for t in self.task_names if t not in self.class_stats]
+            if missing:
+                raise ValueError(f"task(s) {missing} have no class statistics: they were learned without "
+                                 "cil_score='mahalanobis' (--set share.cil_score=mahalanobis); use 'prototype'")
+            from sharecl.align import max_class_log_likelihood, pooled_gaussian
+
+            gauss = {t: pooled_gaussian(*self.class_stats[t], shrink=MAHALANOBIS_SHRINK) for t in self.task_names}
         T, N = len(self.task_names), len(inputs)
         rows = torch.arange(T, device=self.encoder.device).repeat_interleave(N)
         with self.router.use(task_index=None, row_tasks=rows):
@@ -369,6 +401,9 @@ class ShareMethod(ContinualMethod):
                 proto = nn.functional.normalize(self.prototypes[t].to(logits), dim=-1)
                 sim = nn.functional.normalize(z[i * N:(i + 1) * N], dim=-1) @ proto.T
                 out.append(sim.max(-1, keepdim=True).values + logp - logp.max(-1, keepdim=True).values)
+            elif score == "mahalanobis":
+                ll = max_class_log_likelihood(z[i * N:(i + 1) * N], gauss[t])[:, None].to(logits)
+                out.append(ll + logp - logp.max(-1, keepdim=True).values)
             elif score == "max-prob":
                 out.append(logp)
             elif score == "max-logit":
