@@ -4,7 +4,9 @@ Evaluation only: loads the Share stores that ``sharecl compare --stream STREAM``
 in ``RUNS/seed-<s>/share/store`` and scores every test input of every task with no task id
 under each rule of :meth:`sharecl.methods.share.ShareMethod.cil_logits`. Reports the final
 class-incremental accuracy and the task-identification accuracy (how often the winning
-class belongs to the right task), per seed and averaged.
+class belongs to the right task), per seed and averaged, on the test splits and on the
+validation splits; ``chosen_on_validation`` names the rule a user should pick (best mean
+validation accuracy), so the choice never looks at test data.
 
     python benchmarks/bench_cil_rules.py [--stream wordnet-cil] [--runs runs/compare-wordnet-cil]
 
@@ -31,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stream", default="wordnet-cil")
     ap.add_argument("--runs", default=None, help="default: runs/compare-<stream>")
+    ap.add_argument("--out", default=None, help="results/<out>.json (default: cil_rules[-<stream>])")
     args = ap.parse_args()
     args.runs = args.runs or f"runs/compare-{args.stream}"
     rows = []
@@ -44,25 +47,35 @@ def main() -> None:
             if score == "prototype" and len(method.prototypes) < len(method.task_names):
                 print(f"seed {seed}: no class prototypes in {d}; prototype rule skipped")
                 continue
-            accs, tid = [], []
-            for j, t in enumerate(stream):
-                pred = predict_logits(lambda xs, method=method, score=score: method.cil_logits(xs, score=score), t.test_inputs, 64).argmax(-1)
-                accs.append((pred == torch.tensor(t.test_labels) + offsets[t.name]).float().mean().item())
-                task_of = torch.bucketize(pred, bounds, right=True) - 1
-                tid.append((task_of == j).float().mean().item())
-            rows.append({"seed": seed, "score": score, "final_cil_acc": 100 * statistics.fmean(accs),
-                         "task_id_acc": 100 * statistics.fmean(tid)})
+            if score == "mahalanobis" and len(method.class_stats) < len(method.task_names):
+                print(f"seed {seed}: no class statistics in {d} (learned without cil_score=mahalanobis); rule skipped")
+                continue
+            row = {"seed": seed, "score": score}
+            for split in ("test", "val"):
+                accs, tid = [], []
+                for j, t in enumerate(stream):
+                    xs, ys = (t.test_inputs, t.test_labels) if split == "test" else (t.val_inputs, t.val_labels)
+                    pred = predict_logits(lambda b, method=method, score=score: method.cil_logits(b, score=score), xs, 64).argmax(-1)
+                    accs.append((pred == torch.tensor(ys) + offsets[t.name]).float().mean().item())
+                    task_of = torch.bucketize(pred, bounds, right=True) - 1
+                    tid.append((task_of == j).float().mean().item())
+                suffix = "" if split == "test" else "_val"
+                row.update({f"final_cil_acc{suffix}": 100 * statistics.fmean(accs), f"task_id_acc{suffix}": 100 * statistics.fmean(tid)})
+            rows.append(row)
             print(rows[-1], flush=True)
     summary = []
     for score in CIL_SCORES:
         sel = [r for r in rows if r["score"] == score]
         if sel:
             summary.append({"score": score, "seeds": len(sel),
-                            "final_cil_acc": statistics.fmean(r["final_cil_acc"] for r in sel),
-                            "task_id_acc": statistics.fmean(r["task_id_acc"] for r in sel)})
-    print(table(summary, ["score", "seeds", "final_cil_acc", "task_id_acc"]))
-    name = "cil_rules" if args.stream == "wordnet-cil" else f"cil_rules-{args.stream}"
-    print("written:", write(name, {"stream": args.stream, "runs": args.runs, "per_seed": rows, "summary": summary}))
+                            **{k: statistics.fmean(r[k] for r in sel)
+                               for k in ("final_cil_acc_val", "task_id_acc_val", "final_cil_acc", "task_id_acc")}})
+    print(table(summary, ["score", "seeds", "final_cil_acc_val", "task_id_acc_val", "final_cil_acc", "task_id_acc"]))
+    chosen = max(summary, key=lambda r: r["final_cil_acc_val"])["score"] if summary else None
+    print(f"chosen on validation: {chosen}")
+    name = args.out or ("cil_rules" if args.stream == "wordnet-cil" else f"cil_rules-{args.stream}")
+    print("written:", write(name, {"stream": args.stream, "runs": args.runs, "per_seed": rows, "summary": summary,
+                                   "chosen_on_validation": chosen}))
 
 
 if __name__ == "__main__":
