@@ -128,6 +128,8 @@ def test_align_on_a_task_incremental_stream_is_refused(tmp_path):
 
     res = sharecl("run", "--stream", "text5", "--methods", "inflora", "--align", "--out", str(tmp_path / "r"), check=False)
     assert res.returncode != 0 and "task-incremental" in res.stdout + res.stderr
+    res = sharecl("run", "--stream", "wordnet-cil", "--methods", "share", "--align", "--out", str(tmp_path / "r"), check=False)
+    assert res.returncode != 0 and "not offered" in res.stdout + res.stderr
 
 
 def test_align_recompute_refreshes_old_statistics_with_the_data(tiny_model_dir, fast_cfg):

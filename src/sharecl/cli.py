@@ -95,6 +95,9 @@ def run(
     lr = lr if lr is not None else default_lr(s.modality)
     if align and s.scenario != "cil":
         raise ValueError(f"--align re-trains heads to compete across tasks; stream {s.name!r} is task-incremental ({s.scenario})")
+    if align and [m for m in names if not METHODS[m].aligns]:
+        raise ValueError(f"--align is not offered for {[m for m in names if not METHODS[m].aligns]} (each task is scored under its "
+                         "own features; for Share use --set share.cil_score=mahalanobis with `sharecl compare`); drop them from --methods")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed, augment=augment,
                       warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align,
                       optimizer=optimizer)
