@@ -1,0 +1,152 @@
+"""Share without a task id: how :class:`~sharecl.methods.share.ShareMethod` identifies the task
+in class-incremental inference (METHODS.md §1 "Inference"; the rules are [ours]).
+
+Every input runs under every task's coefficients in one mixed-task batch; each task's head scores
+its own classes and a per-task score decides which task answers: class prototypes (the default),
+energy, max-prob, max-logit, or the Gaussian (Mahalanobis) likelihood of the input's features
+under the task's class statistics. This module holds those rules and the statistics they keep;
+:class:`ShareClassIncremental` is mixed into ``ShareMethod``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sharecl.data.tasks import Task
+
+__all__ = ["CIL_SCORES", "MAHALANOBIS_SHRINK", "ShareClassIncremental"]
+
+#: Class-incremental scores for Share's task identification.
+CIL_SCORES = ("prototype", "energy", "max-prob", "max-logit", "mahalanobis")
+
+#: Shrinkage of the pooled class covariance towards ``trace/hidden · I`` in the Mahalanobis score [ours].
+MAHALANOBIS_SHRINK = 0.1
+
+
+class ShareClassIncremental:
+    """Class-incremental scoring for Share (a mixin: needs ``ShareMethod``'s ``task``, ``router``,
+    ``heads``, ``prototypes``, ``class_stats``, ``config`` and ``_features``)."""
+
+    @torch.no_grad()
+    def task_class_statistics(self, task: Task, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class means ``(C, hidden)`` and covariances ``(C, hidden, hidden)`` (float32) of
+        ``task``'s training features under the task's own coefficients, for the Mahalanobis
+        task-identification score (:meth:`cil_logits`); kept as computed, like the prototypes."""
+        from sharecl.align import class_statistics
+
+        xs = task.train_inputs
+        with self.task(task.name):
+            feats = torch.cat([self._features(xs[i: i + batch_size]).cpu() for i in range(0, len(xs), batch_size)])
+        return class_statistics(feats, torch.tensor(task.train_labels), task.num_classes)
+
+    @torch.no_grad()
+    def class_prototypes(self, task: Task, batch_size: int = 64) -> torch.Tensor:
+        """Class-mean pooled features of ``task``'s training inputs under the task's own (merged)
+        coefficients: float32 ``(num_classes, hidden)`` on the CPU [ours; the nearest-class-mean
+        rule, Rebuffi et al. 2017 §2.1, used here to identify the task in class-incremental inference].
+
+        Computed once, right after the task's merge, from unaugmented inputs; later merges move
+        the task's ``ΔW`` by the recorded drift and leave its prototypes as they were. Under
+        ``torchrun`` each rank sums its shard and the sums are all-reduced (float64).
+        """
+        from sharecl import distributed as dist
+
+        C = task.num_classes
+        sums = torch.zeros(C, self.encoder.hidden_size, dtype=torch.float64)
+        counts = torch.zeros(C, dtype=torch.float64)
+        xs, ys = dist.shard(task.train_inputs), dist.shard(task.train_labels)
+        with self.task(task.name):
+            for i in range(0, len(xs), batch_size):
+                y = torch.tensor(ys[i: i + batch_size])
+                sums.index_add_(0, y, self._features(xs[i: i + batch_size]).double().cpu())
+                counts += torch.bincount(y, minlength=C).double()
+        sums, counts = dist.all_reduce_sum(sums), dist.all_reduce_sum(counts)
+        return (sums / counts.clamp_min(1.0)[:, None]).float()
+
+    def cil_features(self, inputs: list) -> torch.Tensor:
+        """Not available: Share's class-incremental scores read every task's own features
+        (:meth:`cil_logits`), so one Gaussian per class does not calibrate its heads.
+
+        Raises:
+            ValueError: always.
+        """
+        raise ValueError("classifier alignment (--align) needs one feature space for all tasks; Share scores each task "
+                         "under its own coefficients (cil_score rules), so it is not offered for share / share-full")
+
+    @torch.no_grad()
+    def cil_logits(self, inputs: list, score: str | None = None) -> torch.Tensor:
+        """Class-incremental scores ``(N, total classes)``: Share's task-identification rule [ours].
+
+        The Share paper selects coefficients by task id. Without one, every input is run under
+        every task's coefficients in **one** mixed-task batched forward (``N × T`` rows, METHODS.md
+        §1 "Inference"), each task's head scores its own classes, and the scores are
+        concatenated in task order so that the argmax picks a task and a class at once:
+
+        - ``"prototype"`` (default): the task whose class prototype (:meth:`class_prototypes`) is
+          most cosine-similar to the input's features under that task's coefficients wins; the
+          task's head ranks its classes (its best class gets the task's score, the others less).
+          Costs ``C × hidden`` stored numbers per task.
+        - ``"energy"``: the task with the largest ``logsumexp`` of its logits wins
+          (its best class gets that score, the others less); the energy score of
+          out-of-distribution detection.
+        - ``"max-prob"``: each task's log-softmax; the most confident task (highest maximum
+          softmax probability) wins. Tasks with fewer classes find confidence easier.
+        - ``"max-logit"``: raw logits; the task with the largest logit wins.
+        - ``"mahalanobis"``: each task's Gaussian class-conditional log-likelihood of the input's
+          features under that task's coefficients — class means and one pooled covariance per
+          task (shrunk by :data:`MAHALANOBIS_SHRINK` towards ``trace/hidden · I``), best class,
+          including ``−½ log det Σ_t`` so tasks compare — wins; the task's head ranks its classes.
+          Needs the statistics :meth:`task_class_statistics` keeps when ``cil_score`` is
+          ``"mahalanobis"`` at training time (issue 16; Lee et al. 2018's Mahalanobis score).
+
+        ``benchmarks/bench_cil_rules.py`` (3 seeds each; the streams have no validation split, so
+        the default was chosen on test splits): on ``wordnet-cil`` prototype and energy tie, on
+        ``fmnist-cil`` prototype identifies the task far more often (see the README).
+
+        Args:
+            score: overrides ``config.cil_score``.
+
+        Raises:
+            ValueError: an unknown score, or ``"prototype"`` when a task has no prototypes (stores
+                written before prototypes existed: pass ``score="energy"``).
+
+        Cost: ``T`` forward passes' worth of compute, in one batch.
+        """
+        score = score or self.config.cil_score
+        if score not in CIL_SCORES:
+            raise ValueError(f"score must be one of {CIL_SCORES}, got {score!r}")
+        missing = [t for t in self.task_names if t not in self.prototypes]
+        if score == "prototype" and missing:
+            raise ValueError(f"task(s) {missing} have no class prototypes (learned by an older sharecl); "
+                             f"use the 'energy' score for this store")
+        if score == "mahalanobis":
+            missing = [t for t in self.task_names if t not in self.class_stats]
+            if missing:
+                raise ValueError(f"task(s) {missing} have no class statistics: they were learned without "
+                                 "cil_score='mahalanobis' (--set share.cil_score=mahalanobis); use 'prototype'")
+            from sharecl.align import max_class_log_likelihood, pooled_gaussian
+
+            gauss = {t: pooled_gaussian(*self.class_stats[t], shrink=MAHALANOBIS_SHRINK) for t in self.task_names}
+        T, N = len(self.task_names), len(inputs)
+        rows = torch.arange(T, device=self.encoder.device).repeat_interleave(N)
+        with self.router.use(task_index=None, row_tasks=rows):
+            z = self._features(list(inputs) * T)
+        out = []
+        for i, t in enumerate(self.task_names):
+            logits = self.heads(z[i * N:(i + 1) * N], t)
+            logp = torch.log_softmax(logits, -1)
+            if score == "prototype":
+                proto = nn.functional.normalize(self.prototypes[t].to(logits), dim=-1)
+                sim = nn.functional.normalize(z[i * N:(i + 1) * N], dim=-1) @ proto.T
+                out.append(sim.max(-1, keepdim=True).values + logp - logp.max(-1, keepdim=True).values)
+            elif score == "mahalanobis":
+                ll = max_class_log_likelihood(z[i * N:(i + 1) * N], gauss[t])[:, None].to(logits)
+                out.append(ll + logp - logp.max(-1, keepdim=True).values)
+            elif score == "max-prob":
+                out.append(logp)
+            elif score == "max-logit":
+                out.append(logits)
+            else:
+                out.append(torch.logsumexp(logits, -1, keepdim=True) + logp - logp.max(-1, keepdim=True).values)
+        return torch.cat(out, -1)
