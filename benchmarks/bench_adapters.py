@@ -230,17 +230,17 @@ class VloraFold:
         return {n: SCALE * rec.lora_b[n] @ rec.lora_a[n] for n in rec.layer_names}
 
 
-def equal_bytes(share_total: int, shapes: list[tuple[int, int]], n: int) -> tuple[int, int]:
-    """Largest k for lorashare and vlora whose stored numbers at ``n`` tasks fit in ``share_total``."""
-    d = sum(o + i for o, i in shapes)
-    k_ls = max(k for k in range(1, 4096) if d * k + n * len(shapes) * 2 * k * R <= share_total or k == 1)
-    k_vl = max(k for k in range(1, 4096) if (k + 1) * R * d + n * len(shapes) * 2 * k <= share_total or k == 1)
-    return k_ls, k_vl
-
-
 def stored_numbers(method: str, k: int, shapes, n: int) -> int:
+    """Numbers lorashare (bases + k·r loadings per side) or vlora (k + 1 flattened-factor rows,
+    with the mean, + k loadings per side) stores for ``n`` tasks, heads excluded."""
     d = sum(o + i for o, i in shapes)
     return d * k + n * len(shapes) * 2 * k * R if method == "lorashare" else (k + 1) * R * d + n * len(shapes) * 2 * k
+
+
+def equal_bytes(share_total: int, shapes: list[tuple[int, int]], n: int) -> tuple[int, int]:
+    """Largest k for lorashare and vlora whose stored numbers at ``n`` tasks fit in ``share_total`` (at least 1)."""
+    return tuple(max([1] + [k for k in range(1, 4096) if stored_numbers(m, k, shapes, n) <= share_total])
+                 for m in ("lorashare", "vlora"))
 
 
 # ------------------------------------------------------------------ main

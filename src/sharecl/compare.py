@@ -262,10 +262,6 @@ def _same_config_groups(methods: list[str], cfgs: dict[str, TrainConfig]) -> lis
     return groups
 
 
-#: Methods a learning rate does not affect.
-UNTRAINED = ("zero-shot",)
-
-
 def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainConfig, grid: list[float], out: Path, *,
                         model_path=None, method_configs=None, stream_options=None, resume=True, progress=True, log=print,
                         device="cpu", precision="fp32") -> dict[str, dict]:
@@ -288,7 +284,7 @@ def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainCo
     chosen = {}
     for m in methods:
         M = METHODS[m]
-        if m in UNTRAINED or kind not in M.task_kinds or s.scenario not in M.scenarios or (cfg.align and not M.aligns):
+        if not M.trains or kind not in M.task_kinds or s.scenario not in M.scenarios or (cfg.align and not M.aligns):
             continue
         scores = {}
         trials = [(lr, cfg.optimizer) for lr in grid]

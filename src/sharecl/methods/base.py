@@ -49,6 +49,8 @@ class ContinualMethod(ABC):
     aligns: ClassVar[bool] = True
     #: the optimiser the method's official code trains with, when it is not AdamW (``compare --tune-lr`` tries both)
     official_optimizer: ClassVar[str | None] = None
+    #: whether the method trains anything (a learning rate matters; ``compare --tune-lr`` tunes it)
+    trains: ClassVar[bool] = True
     storable: ClassVar[bool] = False
     #: the backbone computes the same features whatever the task (InfLoRA, SD-LoRA after merging):
     #: a batch mixing tasks needs one forward and per-row heads.
@@ -81,6 +83,7 @@ class ContinualMethod(ABC):
         self.layers: dict[str, nn.Module] = {}
         self.router = Router()  # handed to every layer the method wraps (sharecl.routing)
         self.class_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # task → (means, covs), with --align
+        self._align_data: dict[str, Task] = {}  # only with TrainConfig.align_recompute (a measurement; keeps data)
 
     @property
     def modality(self) -> str:
@@ -192,6 +195,12 @@ class ContinualMethod(ABC):
             info["align"] = self.align_classifier(task, cfg)
         return {"final_loss": losses[-1] if losses else None, **info}
 
+    @staticmethod
+    @torch.no_grad()
+    def batched(features, inputs: list, batch_size: int) -> torch.Tensor:
+        """``features`` (inputs → ``(n, hidden)``) over ``inputs`` in batches, concatenated on the CPU."""
+        return torch.cat([features(inputs[i: i + batch_size]).cpu() for i in range(0, len(inputs), batch_size)])
+
     # -- classifier alignment (SLCA §3.3; sharecl.align) -------------------------
     @torch.no_grad()
     def cil_features(self, inputs: list) -> torch.Tensor:
@@ -215,11 +224,9 @@ class ContinualMethod(ABC):
         from sharecl.align import align_heads, class_statistics
 
         if cfg.align_recompute:  # measurement only: keeps every task's data (see TrainConfig)
-            self._align_data = {**getattr(self, "_align_data", {}), task.name: task}
-        for t in getattr(self, "_align_data", {}).values() if cfg.align_recompute else [task]:
-            xs = t.train_inputs
-            feats = torch.cat([self.cil_features(xs[i: i + cfg.eval_batch_size]).cpu()
-                               for i in range(0, len(xs), cfg.eval_batch_size)])
+            self._align_data[task.name] = task
+        for t in self._align_data.values() if cfg.align_recompute else [task]:
+            feats = self.batched(self.cil_features, t.train_inputs, cfg.eval_batch_size)
             self.class_stats[t.name] = class_statistics(feats, torch.tensor(t.train_labels), t.num_classes)
         names = [t for t in self.task_names if t in self.heads]
         missing = [t for t in names if t not in self.class_stats]

@@ -57,6 +57,7 @@ class ZeroShotMethod(HeadOnlyMethod):
 
     name = "zero-shot"
     scenarios = ("til",)
+    trains = False
     task_kinds = ("generation",)
 
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:

@@ -26,7 +26,7 @@ MAHALANOBIS_SHRINK = 0.1
 
 class ShareClassIncremental:
     """Class-incremental scoring for Share (a mixin: needs ``ShareMethod``'s ``task``, ``router``,
-    ``heads``, ``prototypes``, ``class_stats``, ``config`` and ``_features``)."""
+    ``heads``, ``prototypes``, ``class_stats``, ``config``, ``_features`` and ``batched``)."""
 
     @torch.no_grad()
     def task_class_statistics(self, task: Task, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,9 +35,8 @@ class ShareClassIncremental:
         task-identification score (:meth:`cil_logits`); kept as computed, like the prototypes."""
         from sharecl.align import class_statistics
 
-        xs = task.train_inputs
         with self.task(task.name):
-            feats = torch.cat([self._features(xs[i: i + batch_size]).cpu() for i in range(0, len(xs), batch_size)])
+            feats = self.batched(self._features, task.train_inputs, batch_size)
         return class_statistics(feats, torch.tensor(task.train_labels), task.num_classes)
 
     @torch.no_grad()
