@@ -47,8 +47,11 @@ def main() -> None:
             if score == "prototype" and len(method.prototypes) < len(method.task_names):
                 print(f"seed {seed}: no class prototypes in {d}; prototype rule skipped")
                 continue
-            if score == "mahalanobis" and len(method.class_stats) < len(method.task_names):
-                print(f"seed {seed}: no class statistics in {d} (learned without cil_score=mahalanobis); rule skipped")
+            if score == "mahalanobis" and (len(method.class_stats) < len(method.task_names) or len(method.taskid_heads.heads)):
+                print(f"seed {seed}: no per-task class statistics in {d} (learned without cil_score=mahalanobis); rule skipped")
+                continue
+            if score == "aligned" and len(method.taskid_heads.heads) < len(method.task_names):
+                print(f"seed {seed}: no task-identification heads in {d} (learned without --align); rule skipped")
                 continue
             row = {"seed": seed, "score": score}
             for split in ("test", "val"):

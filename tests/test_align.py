@@ -112,15 +112,57 @@ def test_methods_align_and_stores_keep_the_statistics(name, tiny_model_dir, fast
     assert method.head_numbers_per_task() >= 3 * 32 + 3 * 32 * 32
 
 
-def test_share_does_not_align_and_compare_skips_it(tiny_share, fast_cfg, tmp_path):
+def test_share_aligns_task_identification_on_the_base_models_features(tiny_model_dir, fast_cfg, tmp_path):
     from dataclasses import replace
 
     from conftest import make_task
+    from sharecl.backbone import load_encoder
+    from sharecl.methods.share import ShareMethod
+    from sharecl.store import load_store, save_store
 
-    cfg = replace(fast_cfg, align=True)
-    with pytest.raises(ValueError, match="one feature space"):
-        tiny_share.learn(make_task("a"), cfg, progress=False)
-    assert not type(tiny_share).aligns
+    tasks = [make_task("a"), make_task("b", seed=1), make_task("c", seed=2)]
+    xs = [x for t in tasks for x in t.test_inputs]
+    aligned_cfg = replace(fast_cfg, align=True, align_steps=5, align_samples=4)
+
+    def share():
+        return ShareMethod(load_encoder(tiny_model_dir, max_length=16), seed=0, r=4, lora_alpha=8, p=2, k=4, phi=2)
+
+    m, plain = share(), share()
+    base = load_encoder(tiny_model_dir, max_length=16)  # a fresh copy of the pretrained model, no adapter
+    head_a = None
+    for i, t in enumerate(tasks):
+        torch.manual_seed(i)  # dropout draws from the global generator; nn.Linear's own init (a new head) does too
+        info = m.learn(t, aligned_cfg, progress=False)
+        torch.manual_seed(i)
+        plain.learn(t, fast_cfg, progress=False)
+        assert info["align"]["classes"] == 3 * (i + 1) and m.config.cil_score == "aligned"
+        with torch.no_grad():
+            # the statistics are taken on the pretrained model's features, which Share never moves
+            assert torch.allclose(m.cil_features(t.train_inputs), base.encode(base.tokenize(t.train_inputs)), atol=1e-5)
+            # alignment touches neither the coefficients nor the task heads: task-incremental logits stay
+            # (to float32 round-off: m is reloaded from its store each task, plain never is)
+            for old in tasks[: i + 1]:
+                assert torch.allclose(m.logits(old.test_inputs, old.name), plain.logits(old.test_inputs, old.name), atol=1e-6)
+            joint = m.cil_logits(xs)
+        # log p(t | x) + log p(j | x, t) is a joint log-probability over every seen class
+        assert joint.shape == (len(xs), 3 * (i + 1))
+        assert torch.allclose(joint.exp().sum(-1), torch.ones(len(xs)), atol=1e-4)
+        if head_a is not None:
+            assert not torch.equal(m.taskid_heads.heads["a"].weight, head_a)  # every alignment re-trains old tasks' heads
+        head_a = m.taskid_heads.heads["a"].weight.detach().clone()
+        save_store(m, tmp_path / "s")  # tasks 2 and 3 append log files: every re-trained head goes with them
+        m = load_store(tmp_path / "s")
+        assert m.config.cil_score == "aligned" and torch.equal(m.taskid_heads.heads["a"].weight, head_a)
+        with torch.no_grad():
+            assert torch.equal(m.cil_logits(xs), joint)
+    assert m.head_numbers_per_task() >= 3 * 32 * 33 + 3 * 33  # statistics and identification head count as head bytes
+    with pytest.raises(ValueError, match="choose one"):
+        ShareMethod(load_encoder(tiny_model_dir, max_length=16), seed=0, r=4, k=4, cil_score="mahalanobis").learn(
+            tasks[0], aligned_cfg, progress=False)
+    with pytest.raises(ValueError, match="without --align"):
+        plain.cil_logits(xs, score="aligned")
+    with pytest.raises(ValueError, match="base model's features"):
+        m.cil_logits(xs, score="mahalanobis")
 
 
 def test_align_on_a_task_incremental_stream_is_refused(tmp_path):
@@ -128,8 +170,6 @@ def test_align_on_a_task_incremental_stream_is_refused(tmp_path):
 
     res = sharecl("run", "--stream", "text5", "--methods", "inflora", "--align", "--out", str(tmp_path / "r"), check=False)
     assert res.returncode != 0 and "task-incremental" in res.stdout + res.stderr
-    res = sharecl("run", "--stream", "wordnet-cil", "--methods", "share", "--align", "--out", str(tmp_path / "r"), check=False)
-    assert res.returncode != 0 and "not offered" in res.stdout + res.stderr
 
 
 def test_align_recompute_refreshes_old_statistics_with_the_data(tiny_model_dir, fast_cfg):

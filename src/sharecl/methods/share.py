@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sharecl.adapters.share import ShareLinear
-from sharecl.backbone import Encoder
+from sharecl.backbone import Encoder, TaskHeads
 from sharecl.coeff_log import CoefficientLog
 from sharecl.data.tasks import Task, check_task_name
 from sharecl.inject import default_targets, set_submodule, wrap_targets
@@ -52,8 +52,10 @@ class ShareConfig:
         merge_finetune_steps: steps fine-tuning the new task's coefficients on the merged basis.
         lr: learning rate for the coefficients and temporary directions (None = TrainConfig.lr).
         cil_score: class-incremental task-identification score (see :meth:`ShareMethod.cil_logits`):
-            "prototype" (default), "energy", "max-prob", "max-logit" or "mahalanobis" (which also
-            keeps each task's class means and covariances: ``C · hidden · (hidden + 1)`` numbers).
+            "prototype" (default), "energy", "max-prob", "max-logit", "mahalanobis" (which also
+            keeps each task's class means and covariances: ``C · hidden · (hidden + 1)`` numbers)
+            or "aligned" (set by ``--align``: a task-identification head on the base model's
+            features, aligned on class statistics of those features; same numbers plus the head).
         center: build the basis from mean-centred stacks, as the authors' code does (for
             comparison only: the uncentred basis is the best rank-k fit; METHODS.md §1).
     """
@@ -129,7 +131,7 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
     name = "share"
     config_class = ShareConfig
     scenarios = ("til", "cil")
-    aligns = False  # every task's own features (cil_features)
+    aligns = True  # on the base model's features, for task identification (ShareClassIncremental.align_classifier)
     storable = True
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: ShareConfig | None = None, **overrides):
@@ -143,6 +145,7 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
         self.drift: list[dict] = []
         self.kinds: dict[str, str] = {}
         self.prototypes: dict[str, torch.Tensor] = {}  # task → class-mean features (C, hidden) under its own ΔW
+        self.taskid_heads = TaskHeads(encoder.hidden_size, encoder.device)  # --align: task identification on base features
         self._last_trainable = 0
 
     # ----------------------------------------------------------------- routing
@@ -159,6 +162,9 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
 
     # ---------------------------------------------------------------- training
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
+        if cfg.align and self.config.cil_score == "mahalanobis":
+            raise ValueError("--align and cil_score='mahalanobis' both keep class statistics, on different features; "
+                             "choose one (--align sets cil_score='aligned')")
         gen = self.generator(3)
         head = self._add_task(task)  # first: a duplicate name must fail before any layer changes
         states = [layer.begin_task(seed_rank=self.config.r, phi=self.config.phi, init=self.config.init, generator=gen)
@@ -298,8 +304,8 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
         return float(sum((layer.k[0] + layer.k[1]) * layer.p for layer in self.layers.values()))
 
     def head_numbers_per_task(self) -> float:
-        protos = sum(v.numel() for v in self.prototypes.values()) / max(len(self.task_names), 1)
-        return super().head_numbers_per_task() + protos
+        extra = sum(v.numel() for v in self.prototypes.values()) + sum(v.numel() for v in self.taskid_tensors().values())
+        return super().head_numbers_per_task() + extra / max(len(self.task_names), 1)
 
     def report(self) -> dict:
         return {"merges": self.drift}
@@ -315,7 +321,7 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
         the coefficient logs first (:meth:`compact_log`) when they hold merges."""
         if self.log_steps():
             self.compact_log()
-        out = self.head_tensors()
+        out = {**self.head_tensors(), **self.taskid_tensors()}
         out.update({f"prototypes.{t}": v.contiguous() for t, v in self.prototypes.items()})
         for name, layer in self.layers.items():
             out[f"layers.{name}.U"], out[f"layers.{name}.V"] = layer.U.detach(), layer.V.detach()
@@ -344,12 +350,14 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
 
     def log_tensors(self, start: int) -> tuple[dict[str, torch.Tensor], list[str]]:
         """What a store appends for the merges ``start …`` of the logs: the current bases, each
-        merge's changes of basis (float64) and new coefficients, and the new tasks' heads and
-        prototypes. Returns ``(tensors, new task names)``; keys never clash with a checkpoint's
-        coefficients, so a store's files are read back as one dict (:meth:`load_state`)."""
+        merge's changes of basis (float64) and new coefficients, the new tasks' heads, class
+        statistics and prototypes, and every task-identification head (``--align``). Returns
+        ``(tensors, new task names)``; keys never clash with a checkpoint's coefficients, so
+        a store's files are read back as one dict (:meth:`load_state`)."""
         steps = self.log_steps()
         new = self.task_names[len(self.task_names) - (steps - start):]
         out = {k: v for k, v in self.head_tensors().items() if k.split(".")[1] in new}
+        out.update(self.taskid_tensors())  # every task's: each alignment re-trains them all
         out.update({f"prototypes.{t}": self.prototypes[t].contiguous() for t in new if t in self.prototypes})
         for name, layer in self.layers.items():
             out[f"layers.{name}.U"], out[f"layers.{name}.V"] = layer.U.detach(), layer.V.detach()
@@ -374,6 +382,7 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
                 g += 1
             layer.load_logs(tensors[f"layers.{name}.U"], tensors[f"layers.{name}.V"], *logs)
         self.load_tasks_and_heads(tensors, tasks)
+        self.load_taskid(tensors, tasks)
         self.prototypes = {t["name"]: tensors[f"prototypes.{t['name']}"] for t in tasks if f"prototypes.{t['name']}" in tensors}
         self.kinds = {t["name"]: meta.get("kinds", {}).get(t["name"], t.get("kind", "data")) for t in tasks}
         self.drift = list(meta.get("merges", []))

@@ -3,9 +3,10 @@ in class-incremental inference (METHODS.md §1 "Inference"; the rules are [ours]
 
 Every input runs under every task's coefficients in one mixed-task batch; each task's head scores
 its own classes and a per-task score decides which task answers: class prototypes (the default),
-energy, max-prob, max-logit, or the Gaussian (Mahalanobis) likelihood of the input's features
-under the task's class statistics. This module holds those rules and the statistics they keep;
-:class:`ShareClassIncremental` is mixed into ``ShareMethod``.
+energy, max-prob, max-logit, the Gaussian (Mahalanobis) likelihood of the input's features
+under the task's class statistics, or (``--align``) a task-identification classifier on the base
+model's features, aligned on every seen class's stored Gaussian. This module holds those rules and
+the statistics they keep; :class:`ShareClassIncremental` is mixed into ``ShareMethod``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sharecl.data.tasks import Task
 __all__ = ["CIL_SCORES", "MAHALANOBIS_SHRINK", "ShareClassIncremental"]
 
 #: Class-incremental scores for Share's task identification.
-CIL_SCORES = ("prototype", "energy", "max-prob", "max-logit", "mahalanobis")
+CIL_SCORES = ("prototype", "energy", "max-prob", "max-logit", "mahalanobis", "aligned")
 
 #: Shrinkage of the pooled class covariance towards ``trace/hidden · I`` in the Mahalanobis score [ours].
 MAHALANOBIS_SHRINK = 0.1
@@ -26,7 +27,7 @@ MAHALANOBIS_SHRINK = 0.1
 
 class ShareClassIncremental:
     """Class-incremental scoring for Share (a mixin: needs ``ShareMethod``'s ``task``, ``router``,
-    ``heads``, ``prototypes``, ``class_stats``, ``config``, ``_features`` and ``batched``)."""
+    ``heads``, ``taskid_heads``, ``prototypes``, ``class_stats``, ``config``, ``_features`` and ``batched``)."""
 
     @torch.no_grad()
     def task_class_statistics(self, task: Task, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,15 +64,68 @@ class ShareClassIncremental:
         sums, counts = dist.all_reduce_sum(sums), dist.all_reduce_sum(counts)
         return (sums / counts.clamp_min(1.0)[:, None]).float()
 
+    @torch.no_grad()
     def cil_features(self, inputs: list) -> torch.Tensor:
-        """Not available: Share's class-incremental scores read every task's own features
-        (:meth:`cil_logits`), so one Gaussian per class does not calibrate its heads.
+        """The **base model's** pooled features ``(N, hidden)`` float32 (no task's coefficients).
+
+        Share never changes the pretrained weights ``W0`` (every task lives in its coefficients),
+        so these features, and the class statistics taken on them, never go stale: the one
+        feature space in which Share's classes can be aligned across tasks [ours]."""
+        with self.router.nowhere():
+            return self._features(inputs)
+
+    def align_classifier(self, task: Task, cfg) -> dict:
+        """``--align`` for Share [ours]: keep ``task``'s class statistics on the base model's
+        features (:meth:`cil_features`), add a task-identification head for it (``C`` classes on
+        ``hidden`` base features, PyTorch's default init), then re-train every task's
+        identification head on features sampled from every seen class's Gaussian
+        (:func:`sharecl.align.align_heads`, SLCA §3.3). Sets ``config.cil_score = "aligned"``:
+        class-incremental inference then scores class ``j`` of task ``t`` by
+        ``log p(t | x) + log p(j | x, t)``, the first from the aligned heads on base features, the
+        second from task ``t``'s own head under its coefficients (:meth:`cil_logits`). Task heads
+        are untouched, so task-incremental predictions do not change. ``cfg.align_recompute`` is
+        moot (base features never move).
+
+        Returns:
+            ``{"loss_before", "loss_after", "classes"}`` of the alignment (nats).
 
         Raises:
-            ValueError: always.
+            ValueError: with ``cil_score="mahalanobis"`` (its statistics are under each task's
+                coefficients; the two cannot share ``class_stats``), a class with < 2 examples, or
+                an old task learned without ``--align``.
         """
-        raise ValueError("classifier alignment (--align) needs one feature space for all tasks; Share scores each task "
-                         "under its own coefficients (cil_score rules), so it is not offered for share / share-full")
+        from sharecl.align import align_heads, class_statistics
+
+        if self.config.cil_score == "mahalanobis":
+            raise ValueError("--align and cil_score='mahalanobis' both keep class statistics, on different features; "
+                             "choose one (--align sets cil_score='aligned')")
+        feats = self.batched(self.cil_features, task.train_inputs, cfg.eval_batch_size)
+        self.class_stats[task.name] = class_statistics(feats, torch.tensor(task.train_labels), task.num_classes)
+        if task.name not in self.taskid_heads:
+            self.taskid_heads.add(task.name, task.num_classes, self.generator(19))
+        names = [t for t in self.task_names if t in self.heads]
+        missing = [t for t in names if t not in self.class_stats or t not in self.taskid_heads]
+        if missing:
+            raise ValueError(f"tasks {missing} were learned without --align (no base-feature class statistics); "
+                             "Share's aligned task identification needs every task's")
+        info = align_heads([self.taskid_heads.heads[t] for t in names], [self.class_stats[t] for t in names],
+                           steps=cfg.align_steps, per_class=cfg.align_samples, lr=cfg.align_lr, generator=self.generator(17))
+        self.config.cil_score = "aligned"
+        return {**info, "classes": sum(len(self.task_classes[t]) for t in names)}
+
+    def taskid_tensors(self) -> dict[str, torch.Tensor]:
+        """``taskid.<task>.weight`` / ``.bias`` of every task-identification head (all of them:
+        every alignment re-trains every one)."""
+        return {f"taskid.{t}.{k}": v.detach().contiguous() for t in self.task_names if t in self.taskid_heads
+                for k, v in self.taskid_heads.heads[t].state_dict().items()}
+
+    def load_taskid(self, tensors: dict[str, torch.Tensor], tasks: list[dict]) -> None:
+        """Inverse of :meth:`taskid_tensors`."""
+        for t in tasks:
+            if f"taskid.{t['name']}.weight" in tensors:
+                w = tensors[f"taskid.{t['name']}.weight"]
+                head = self.taskid_heads.add(t["name"], w.shape[0])
+                head.load_state_dict({"weight": w, "bias": tensors[f"taskid.{t['name']}.bias"]})
 
     @torch.no_grad()
     def cil_logits(self, inputs: list, score: str | None = None) -> torch.Tensor:
@@ -98,6 +152,10 @@ class ShareClassIncremental:
           including ``−½ log det Σ_t`` so tasks compare — wins; the task's head ranks its classes.
           Needs the statistics :meth:`task_class_statistics` keeps when ``cil_score`` is
           ``"mahalanobis"`` at training time (issue 16; Lee et al. 2018's Mahalanobis score).
+        - ``"aligned"`` (set by ``--align``, :meth:`align_classifier`): ``log p(t | x)`` from the
+          task-identification heads on the base model's features (softmax over every seen class,
+          summed over the task's classes) plus the task head's log-softmax under its coefficients:
+          a joint log-probability. One more forward pass (the base model).
 
         ``benchmarks/bench_cil_rules.py`` (3 seeds each; the streams have no validation split, so
         the default was chosen on test splits): on ``wordnet-cil`` prototype and energy tie, on
@@ -119,7 +177,19 @@ class ShareClassIncremental:
         if score == "prototype" and missing:
             raise ValueError(f"task(s) {missing} have no class prototypes (learned by an older sharecl); "
                              f"use the 'energy' score for this store")
+        if score == "aligned":
+            missing = [t for t in self.task_names if t not in self.taskid_heads]
+            if missing:
+                raise ValueError(f"task(s) {missing} have no task-identification head: they were learned without --align; "
+                                 "use 'prototype'")
+            logq = torch.log_softmax(torch.cat([self.taskid_heads(self.cil_features(list(inputs)), t)
+                                                for t in self.task_names], -1), -1)
+            sizes = [len(self.task_classes[t]) for t in self.task_names]
+            log_task = torch.stack([x.logsumexp(-1) for x in logq.split(sizes, -1)], -1)  # (N, T)
         if score == "mahalanobis":
+            if len(self.taskid_heads.heads):
+                raise ValueError("this model's class statistics are on the base model's features (learned with --align); "
+                                 "use 'aligned' or 'prototype'")
             missing = [t for t in self.task_names if t not in self.class_stats]
             if missing:
                 raise ValueError(f"task(s) {missing} have no class statistics: they were learned without "
@@ -139,6 +209,8 @@ class ShareClassIncremental:
                 proto = nn.functional.normalize(self.prototypes[t].to(logits), dim=-1)
                 sim = nn.functional.normalize(z[i * N:(i + 1) * N], dim=-1) @ proto.T
                 out.append(sim.max(-1, keepdim=True).values + logp - logp.max(-1, keepdim=True).values)
+            elif score == "aligned":
+                out.append(log_task[:, i:i + 1].to(logp) + logp)
             elif score == "mahalanobis":
                 ll = max_class_log_likelihood(z[i * N:(i + 1) * N], gauss[t])[:, None].to(logits)
                 out.append(ll + logp - logp.max(-1, keepdim=True).values)
