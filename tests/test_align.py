@@ -71,14 +71,50 @@ def test_alignment_from_statistics_reaches_a_joint_head_on_separable_gaussians()
     assert aligned >= joint_acc - 0.03, (separate, aligned, joint_acc)
 
 
+def test_low_rank_statistics_keep_the_top_directions_and_every_variance():
+    from sharecl.align import full_covariances, low_rank_statistics
+
+    g = torch.Generator().manual_seed(5)
+    h, r = 10, 3
+    factor = torch.randn(2, h, r, generator=g) * 2
+    noise = torch.rand(2, h, generator=g) * 0.1 + 0.05
+    covs = factor @ factor.transpose(1, 2) + torch.diag_embed(noise)  # rank-3 signal plus a small diagonal
+    means = torch.randn(2, h, generator=g)
+    m, f, d = low_rank_statistics(means, covs, r)
+    assert f.shape == (2, h, r) and d.shape == (2, h) and torch.equal(m, means)
+    _, approx = full_covariances((m, f, d))
+    assert torch.allclose(approx.diagonal(dim1=-2, dim2=-1), covs.diagonal(dim1=-2, dim2=-1), atol=1e-5)  # variances kept
+    assert (approx - covs).norm() / covs.norm() < 0.05  # off the diagonal only the small noise is missed
+    _, exact = full_covariances(low_rank_statistics(means, covs, h))
+    assert torch.allclose(exact, covs, atol=1e-4)  # all directions: the covariance itself
+    assert (low_rank_statistics(means, covs, 1)[2] >= 0).all()
+    with pytest.raises(ValueError, match="rank must be in"):
+        low_rank_statistics(means, covs, 0)
+
+
+def test_alignment_from_low_rank_statistics_still_reaches_a_joint_head():
+    from sharecl.align import low_rank_statistics
+
+    torch.manual_seed(0)
+    train, test_x, test_y, _, _ = _toy()
+    heads = [nn.Linear(12, 2) for _ in train]
+    for hd, (x, y) in zip(heads, train):
+        _fit(hd, x, y)
+    joint = nn.Linear(12, 6)
+    _fit(joint, torch.cat([x for x, _ in train]), torch.cat([y + 2 * t for t, (_, y) in enumerate(train)]))
+    stats = [low_rank_statistics(*class_statistics(x, y, 2), rank=4) for x, y in train]
+    align_heads(heads, stats, steps=300, per_class=64, lr=0.05, generator=torch.Generator().manual_seed(3))
+    assert _cil_acc(heads, test_x, test_y) >= _cil_acc([joint], test_x, test_y) - 0.03
+
+
 def test_align_heads_rejects_mismatched_statistics():
     stats = [(torch.zeros(3, 4), torch.eye(4).repeat(3, 1, 1))]
     with pytest.raises(ValueError, match="one row per class"):
         align_heads([nn.Linear(4, 2)], stats, steps=1, per_class=2, lr=0.1, generator=torch.Generator())
 
 
-@pytest.mark.parametrize("name", ["inflora", "dual-lora"])
-def test_methods_align_and_stores_keep_the_statistics(name, tiny_model_dir, fast_cfg, tmp_path):
+@pytest.mark.parametrize("name,rank", [("inflora", None), ("dual-lora", None), ("sd-lora", 4)])
+def test_methods_align_and_stores_keep_the_statistics(name, rank, tiny_model_dir, fast_cfg, tmp_path):
     from dataclasses import replace
 
     from conftest import make_task
@@ -86,7 +122,7 @@ def test_methods_align_and_stores_keep_the_statistics(name, tiny_model_dir, fast
     from sharecl.methods import build_method
     from sharecl.store import load_store, save_store
 
-    cfg = replace(fast_cfg, align=True, align_steps=5, align_samples=4)
+    cfg = replace(fast_cfg, align=True, align_steps=5, align_samples=4, align_rank=rank)
     tasks = [make_task("a"), make_task("b", seed=1)]
     xs = [x for t in tasks for x in t.test_inputs]
     method = build_method(name, load_encoder(tiny_model_dir, max_length=16), seed=0, r=4)
@@ -98,8 +134,9 @@ def test_methods_align_and_stores_keep_the_statistics(name, tiny_model_dir, fast
         if i == 1:
             assert not torch.equal(method.heads.heads["a"].weight, before_heads)  # the old head was re-trained
         before_heads = method.heads.heads["a"].weight.detach().clone()
-        means, covs = method.class_stats[task.name]
-        assert means.shape == (3, 32) and covs.shape == (3, 32, 32)
+        stats = method.class_stats[task.name]
+        assert stats[0].shape == (3, 32)
+        assert [x.shape for x in stats[1:]] == ([(3, 32, 32)] if rank is None else [(3, 32, rank), (3, 32)])
         with torch.no_grad():
             want = method.cil_logits(xs)
         save_store(method, tmp_path / "s")
@@ -107,9 +144,10 @@ def test_methods_align_and_stores_keep_the_statistics(name, tiny_model_dir, fast
         with torch.no_grad():
             assert torch.equal(method.cil_logits(xs), want)
         assert set(method.class_stats) == {t.name for t in tasks[: i + 1]}
-        assert torch.equal(method.class_stats[task.name][1], covs)
-    # statistics count as head bytes: mean + covariance per class
-    assert method.head_numbers_per_task() >= 3 * 32 + 3 * 32 * 32
+        assert all(torch.equal(a, b) for a, b in zip(method.class_stats[task.name], stats, strict=True))
+    # statistics count as head bytes: per class a mean and a covariance (full, or rank·32 + 32)
+    head = 3 * 33
+    assert method.head_numbers_per_task() == head + 3 * 32 + (3 * 32 * 32 if rank is None else 3 * (32 * rank + 32))
 
 
 def test_share_aligns_task_identification_on_the_base_models_features(tiny_model_dir, fast_cfg, tmp_path):
@@ -170,6 +208,9 @@ def test_align_on_a_task_incremental_stream_is_refused(tmp_path):
 
     res = sharecl("run", "--stream", "text5", "--methods", "inflora", "--align", "--out", str(tmp_path / "r"), check=False)
     assert res.returncode != 0 and "task-incremental" in res.stdout + res.stderr
+    res = sharecl("compare", "--stream", "wordnet-cil", "--methods", "inflora", "--align-rank", "4", "--out", str(tmp_path / "r"),
+                  check=False)
+    assert res.returncode != 0 and "pass --align too" in res.stdout + res.stderr
 
 
 def test_align_recompute_refreshes_old_statistics_with_the_data(tiny_model_dir, fast_cfg):

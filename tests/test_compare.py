@@ -54,6 +54,22 @@ def test_compare_two_seeds_writes_reports_and_resumes(tiny_stream, tiny_model_di
                 method_configs={"share": {"r": 4, "k": 5, "p": 2}}, progress=False, log=log)
 
 
+def test_compare_with_alignment_runs_share_and_resumes(tiny_stream, tiny_model_dir, fast_cfg, tmp_path):
+    from dataclasses import replace
+
+    calls = []
+    cfg = replace(fast_cfg, align=True, align_steps=3, align_samples=4)
+    cfgs = {"share": {"r": 4, "k": 4, "p": 2}}
+    first, _ = compare(tiny_stream, ["share", "head-only"], [0], cfg, tmp_path, model_path=tiny_model_dir,
+                       method_configs=cfgs, progress=False, log=calls.append)
+    assert set(first) == {"share", "head-only"}  # Share aligns (its base-feature task identification)
+    res = json.loads((tmp_path / "seed-0" / "share" / "results.json").read_text())
+    assert res["config"]["cil_score"] == "aligned" and res["train_config"]["align"]
+    again, _ = compare(tiny_stream, ["share"], [0], cfg, tmp_path, model_path=tiny_model_dir,
+                       method_configs=cfgs, progress=False, log=calls.append)
+    assert any("reusing" in c for c in calls) and again["share"] == first["share"]
+
+
 def test_compare_rejects_unknown_methods_and_empty_lists(tiny_stream, fast_cfg, tmp_path):
     with pytest.raises(KeyError, match="unknown method"):
         compare(tiny_stream, ["shar"], [0], fast_cfg, tmp_path)

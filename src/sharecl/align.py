@@ -9,7 +9,10 @@ reads one feature space for all tasks (``--align``; ``ContinualMethod.align_clas
 
 [ours] The covariance gets a ridge of ``ridge · trace(Σ)/hidden`` before its Cholesky factor
 (a class has fewer training examples than feature dimensions, so Σ is singular); the heads are
-trained with AdamW on cross-entropy over every seen class, a fresh sample each step.
+trained with AdamW on cross-entropy over every seen class, a fresh sample each step. A full
+covariance costs ``hidden²`` numbers per class; :func:`low_rank_statistics` keeps its top-R
+eigenvectors plus the diagonal instead (``Σ ≈ F Fᵀ + diag(d)``, exact on the diagonal: the
+factor-analysis form), and :func:`full_covariances` expands either form where Σ is needed.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["class_statistics", "sample_features", "align_heads", "pooled_gaussian", "max_class_log_likelihood"]
+__all__ = ["class_statistics", "low_rank_statistics", "full_covariances", "sample_features", "align_heads", "pooled_gaussian",
+           "max_class_log_likelihood"]
 
 
 @torch.no_grad()
@@ -44,6 +48,43 @@ def class_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     covs = torch.stack([torch.cov(x[y == c].T, correction=1).reshape(x.shape[1], x.shape[1]) for c in range(num_classes)])
     covs = (covs + covs.transpose(1, 2)) / 2
     return means.float(), covs.float()
+
+
+@torch.no_grad()
+def low_rank_statistics(means: torch.Tensor, covs: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each class covariance as its top-``rank`` eigen-directions plus a diagonal [ours]:
+    ``Σ_c ≈ F_c F_cᵀ + diag(d_c)`` with ``F_c = V_r diag(√λ_r)`` (the best rank-r part, Eckart–Young)
+    and ``d_c = diag(Σ_c) − diag(F_c F_cᵀ) ≥ 0`` (the variance it misses, so every feature keeps its
+    variance exactly). ``rank·hidden + 2·hidden`` numbers per class instead of ``hidden² + hidden``.
+
+    Args:
+        means: ``(C, hidden)``; covs: ``(C, hidden, hidden)`` from :func:`class_statistics`.
+        rank: directions kept, ``1 ≤ rank ≤ hidden``.
+
+    Returns:
+        ``(means (C, h), factors (C, h, rank), diags (C, h))`` float32.
+
+    Raises:
+        ValueError: for a rank outside ``[1, hidden]``.
+    """
+    h = covs.shape[-1]
+    if not 1 <= rank <= h:
+        raise ValueError(f"covariance rank must be in [1, {h}] (the feature size), got {rank}")
+    evals, evecs = torch.linalg.eigh(covs.to(torch.float64))  # ascending
+    top = evals[:, -rank:].clamp_min(0.0)
+    factors = evecs[:, :, -rank:] * top.sqrt()[:, None, :]
+    diags = (covs.to(torch.float64).diagonal(dim1=-2, dim2=-1) - factors.pow(2).sum(-1)).clamp_min(0.0)
+    return means.float(), factors.float(), diags.float()
+
+
+def full_covariances(stats: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(means, covs)`` from either form of class statistics: ``(means, covs)`` as kept by
+    :func:`class_statistics`, or ``(means, factors, diags)`` from :func:`low_rank_statistics`
+    (expanded to ``F Fᵀ + diag(d)``, float32 ``(C, h, h)``)."""
+    if len(stats) == 2:
+        return stats[0], stats[1]
+    means, factors, diags = stats
+    return means, factors @ factors.transpose(1, 2) + torch.diag_embed(diags)
 
 
 def _cholesky(covs: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -76,7 +117,7 @@ def align_heads(heads: list[nn.Linear], stats: list[tuple[torch.Tensor, torch.Te
         heads: one linear head per task, in task order; class ``j`` of task ``t`` is global class
             ``sum(classes of earlier tasks) + j``.
         stats: per task ``(means (C_t, hidden), covs (C_t, hidden, hidden))`` from
-            :func:`class_statistics`, in the same order.
+            :func:`class_statistics` (or the low-rank form of :func:`low_rank_statistics`), in the same order.
         steps: AdamW steps; each draws ``per_class`` fresh features per class.
         lr: AdamW learning rate.
 
@@ -86,8 +127,9 @@ def align_heads(heads: list[nn.Linear], stats: list[tuple[torch.Tensor, torch.Te
     Raises:
         ValueError: if heads and statistics disagree in number or size.
     """
-    if len(heads) != len(stats) or any(h.out_features != m.shape[0] for h, (m, _) in zip(heads, stats)):
+    if len(heads) != len(stats) or any(h.out_features != st[0].shape[0] for h, st in zip(heads, stats)):
         raise ValueError("align_heads needs one (means, covs) pair per head, with one row per class of that head")
+    stats = [full_covariances(st) for st in stats]
     means = torch.cat([m for m, _ in stats])
     chol = torch.cat([_cholesky(c, ridge) for _, c in stats])
     device = heads[0].weight.device

@@ -20,6 +20,7 @@ from sharecl import cli_store
 from sharecl.cli_checks import user_errors
 from sharecl.cli_common import (
     AlignOpt,
+    AlignRankOpt,
     AugmentOpt,
     ClipOpt,
     DeviceOpt,
@@ -32,6 +33,7 @@ from sharecl.cli_common import (
     POpt,
     PrecisionOpt,
     WarmupOpt,
+    check_align_rank,
     console,
     default_lr,
     setup_torch,
@@ -71,6 +73,7 @@ def run(
     k: KOpt = 10, p: POpt = 2, energy: EOpt = None, phi: PhiOpt = 2, init: InitOpt = "zero", merge_finetune_steps: FtOpt = 0,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r (baselines, and Share's first-task seed).")] = 8,
     augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None, align: AlignOpt = False,
+    align_rank: AlignRankOpt = None,
     optimizer: OptimizerOpt = "adamw",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -95,11 +98,12 @@ def run(
     lr = lr if lr is not None else default_lr(s.modality)
     if align and s.scenario != "cil":
         raise ValueError(f"--align re-trains heads to compete across tasks; stream {s.name!r} is task-incremental ({s.scenario})")
+    check_align_rank(align, align_rank)
     if align and [m for m in names if not METHODS[m].aligns]:
         raise ValueError(f"--align is not offered for {[m for m in names if not METHODS[m].aligns]} (each task is scored under its "
-                         "own features; for Share use --set share.cil_score=mahalanobis with `sharecl compare`); drop them from --methods")
+                         "own features); drop them from --methods")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed, augment=augment,
-                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align,
+                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align, align_rank=align_rank,
                       optimizer=optimizer)
     configs = {m: {"r": rank} for m in names}
     for name in ("share", "share-full"):  # Share-full takes Share's options (and --set share-full.old_task_steps=N)
@@ -134,6 +138,7 @@ def compare(
     image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option METHOD.KEY=VALUE (repeatable), e.g. sd-lora.lr=0.001.")] = None,
     augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None, align: AlignOpt = False,
+    align_rank: AlignRankOpt = None,
     optimizer: OptimizerOpt = "adamw",
     align_recompute: Annotated[bool, typer.Option(help="Measurement only (keeps every task's data): with --align, recompute "
                                                        "old classes' statistics with the current model before each alignment.")] = False,
@@ -167,8 +172,9 @@ def compare(
         lr = default_lr(modality)
     if align_recompute and not align:
         raise ValueError("--align-recompute changes what --align keeps; pass --align too")
+    check_align_rank(align, align_rank)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, augment=augment,
-                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align,
+                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align, align_rank=align_rank,
                       optimizer=optimizer, align_recompute=align_recompute)
     configs = {m: ({} if m in ("head-only", "zero-shot") else {"r": rank}) for m in names}
     for name in ("share", "share-full"):

@@ -64,4 +64,14 @@ AugmentOpt = Annotated[bool, typer.Option(help="Images: train on random resized 
 OptimizerOpt = Annotated[str, typer.Option(help="adamw (every method alike) or sgd (momentum 0.9; SD-LoRA's official code).")]
 AlignOpt = Annotated[bool, typer.Option(help="Class-incremental streams: keep each class's feature mean and covariance and, after "
                                              "every task, re-train all heads on features sampled from them (SLCA's classifier "
-                                             "alignment; not for share).")]
+                                             "alignment; Share aligns task-identification heads on the base model's features instead).")]
+AlignRankOpt = Annotated[Optional[int], typer.Option(help="With --align: keep each class covariance as its top-R eigenvectors plus "
+                                                          "a diagonal (R·hidden + 2·hidden numbers, not hidden²); default: full.")]
+
+
+def check_align_rank(align: bool, rank: Optional[int]) -> None:
+    """``--align-rank`` needs ``--align`` and a positive rank (checked before any training)."""
+    if rank is not None and not align:
+        raise ValueError("--align-rank sets how --align keeps class covariances; pass --align too")
+    if rank is not None and rank < 1:
+        raise ValueError(f"--align-rank must be a positive number of directions, got {rank}")

@@ -160,7 +160,7 @@ def _plots(summary: dict, out: Path, stream: str, kind: str) -> None:
 def _check_same_settings(path: Path, old: dict, cfg: TrainConfig, method: str, method_config: dict) -> None:
     """Refuse to reuse a ``results.json`` made with another training budget or method option
     (given now, or a default that has changed since). Share's ``cil_score`` only matters for a
-    class-incremental stream."""
+    class-incremental stream, where ``--align`` makes it ``"aligned"``."""
     defaults = asdict(TrainConfig())
     done = old.get("train_config", {})
     diff = [f"{k}={done.get(k, defaults[k])!r} (now {v!r})" for k, v in asdict(cfg).items() if done.get(k, defaults[k]) != v]
@@ -168,6 +168,8 @@ def _check_same_settings(path: Path, old: dict, cfg: TrainConfig, method: str, m
     want = METHODS[method].default_config(**method_config)
     if old.get("scenario") != "cil":
         want.pop("cil_score", None)
+    elif cfg.align and "cil_score" in want:
+        want["cil_score"] = "aligned"  # --align sets Share's score (ShareClassIncremental.align_classifier)
     diff += [f"{method}.{k}={oc[k]!r} (now {v!r})" for k, v in want.items() if v is not None and k in oc and oc[k] != v]
     if diff:
         raise ValueError(f"{path} was made with other settings: {', '.join(diff)}; pass another --out, or --no-resume "

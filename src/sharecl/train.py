@@ -60,6 +60,8 @@ class TrainConfig:
             Gaussians (SLCA's classifier alignment, :mod:`sharecl.align`).
         align_steps, align_samples, align_lr: that re-training's AdamW steps, features drawn
             per class per step, and learning rate.
+        align_rank: keep each class covariance as its top-``align_rank`` eigen-directions plus a
+            diagonal (:func:`sharecl.align.low_rank_statistics`); None: the full covariance.
         align_recompute: measurement only, not continual learning: recompute every seen task's
             class statistics from its training data before each alignment (the method keeps the
             data), instead of keeping them as computed when the task was learned.
@@ -81,6 +83,7 @@ class TrainConfig:
     align_steps: int = 200
     align_samples: int = 32
     align_lr: float = 1e-3
+    align_rank: int | None = None
     align_recompute: bool = False
 
     def resolved(self, modality: str) -> TrainConfig:

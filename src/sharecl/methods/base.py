@@ -82,7 +82,7 @@ class ContinualMethod(ABC):
         self.num_tasks: int | None = None
         self.layers: dict[str, nn.Module] = {}
         self.router = Router()  # handed to every layer the method wraps (sharecl.routing)
-        self.class_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # task → (means, covs), with --align
+        self.class_stats: dict[str, tuple[torch.Tensor, ...]] = {}  # task → (means, covs) or (means, factors, diags), --align
         self._align_data: dict[str, Task] = {}  # only with TrainConfig.align_recompute (a measurement; keeps data)
 
     @property
@@ -209,6 +209,16 @@ class ContinualMethod(ABC):
         raise ``ValueError`` (classifier alignment needs one space)."""
         return self._features(inputs)
 
+    def feature_statistics(self, task: Task, cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
+        """Class statistics of :meth:`cil_features` over ``task``'s training inputs: ``(means,
+        covs)`` (:func:`sharecl.align.class_statistics`) or, with ``cfg.align_rank``, ``(means,
+        factors, diags)`` (:func:`sharecl.align.low_rank_statistics`)."""
+        from sharecl.align import class_statistics, low_rank_statistics
+
+        feats = self.batched(self.cil_features, task.train_inputs, cfg.eval_batch_size)
+        stats = class_statistics(feats, torch.tensor(task.train_labels), task.num_classes)
+        return low_rank_statistics(*stats, cfg.align_rank) if cfg.align_rank else stats
+
     def align_classifier(self, task: Task, cfg: TrainConfig) -> dict:
         """Keep ``task``'s class statistics (mean and covariance of :meth:`cil_features` over its
         training inputs), then re-train every head on features sampled from every seen class's
@@ -221,13 +231,12 @@ class ContinualMethod(ABC):
         Raises:
             ValueError: for a method without one feature space, or a class with < 2 examples.
         """
-        from sharecl.align import align_heads, class_statistics
+        from sharecl.align import align_heads
 
         if cfg.align_recompute:  # measurement only: keeps every task's data (see TrainConfig)
             self._align_data[task.name] = task
         for t in self._align_data.values() if cfg.align_recompute else [task]:
-            feats = self.batched(self.cil_features, t.train_inputs, cfg.eval_batch_size)
-            self.class_stats[t.name] = class_statistics(feats, torch.tensor(t.train_labels), t.num_classes)
+            self.class_stats[t.name] = self.feature_statistics(t, cfg)
         names = [t for t in self.task_names if t in self.heads]
         missing = [t for t in names if t not in self.class_stats]
         if missing:
@@ -398,14 +407,16 @@ class ContinualMethod(ABC):
     # -- store hooks (storable methods) ----------------------------------------
     def head_tensors(self) -> dict[str, torch.Tensor]:
         """``heads.<task>.weight`` / ``.bias`` for every task with a head, and
-        ``classstats.<task>.mean`` / ``.cov`` for every task with class statistics."""
+        ``classstats.<task>.mean`` / ``.cov`` (or ``.cov_factor`` / ``.cov_diag``, low-rank) for
+        every task with class statistics."""
         out = {}
         for tname in self.task_names:
             if tname in self.heads:
                 for key, val in self.heads.heads[tname].state_dict().items():
                     out[f"heads.{tname}.{key}"] = val.detach().contiguous()
             if tname in self.class_stats:
-                out[f"classstats.{tname}.mean"], out[f"classstats.{tname}.cov"] = (x.contiguous() for x in self.class_stats[tname])
+                keys = ("mean", "cov") if len(self.class_stats[tname]) == 2 else ("mean", "cov_factor", "cov_diag")
+                out.update({f"classstats.{tname}.{k}": x.contiguous() for k, x in zip(keys, self.class_stats[tname])})
         return out
 
     def load_tasks_and_heads(self, tensors: dict[str, torch.Tensor], tasks: list[dict]) -> None:
@@ -419,7 +430,8 @@ class ContinualMethod(ABC):
                 head = self.heads.add(t["name"], w.shape[0])
                 head.load_state_dict({"weight": w, "bias": tensors[f"heads.{t['name']}.bias"]})
             if f"classstats.{t['name']}.mean" in tensors:
-                self.class_stats[t["name"]] = (tensors[f"classstats.{t['name']}.mean"], tensors[f"classstats.{t['name']}.cov"])
+                keys = ("mean", "cov") if f"classstats.{t['name']}.cov" in tensors else ("mean", "cov_factor", "cov_diag")
+                self.class_stats[t["name"]] = tuple(tensors[f"classstats.{t['name']}.{k}"] for k in keys)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor a store needs (adapters, memories, heads). Storable methods override."""

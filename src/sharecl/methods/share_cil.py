@@ -94,13 +94,12 @@ class ShareClassIncremental:
                 coefficients; the two cannot share ``class_stats``), a class with < 2 examples, or
                 an old task learned without ``--align``.
         """
-        from sharecl.align import align_heads, class_statistics
+        from sharecl.align import align_heads
 
         if self.config.cil_score == "mahalanobis":
             raise ValueError("--align and cil_score='mahalanobis' both keep class statistics, on different features; "
                              "choose one (--align sets cil_score='aligned')")
-        feats = self.batched(self.cil_features, task.train_inputs, cfg.eval_batch_size)
-        self.class_stats[task.name] = class_statistics(feats, torch.tensor(task.train_labels), task.num_classes)
+        self.class_stats[task.name] = self.feature_statistics(task, cfg)
         if task.name not in self.taskid_heads:
             self.taskid_heads.add(task.name, task.num_classes, self.generator(19))
         names = [t for t in self.task_names if t in self.heads]
