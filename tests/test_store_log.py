@@ -6,6 +6,8 @@ changes of basis); appended versions reload bit-exactly; the bytes of an append 
 with the number of tasks; the log is folded into a checkpoint before it outgrows it; a store in
 the old single-file format still loads."""
 
+import contextlib
+from unittest import mock
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 
 from conftest import make_task
 from sharecl.adapters.share import ShareLinear
+from sharecl.coeff_log import CoefficientLog
 from sharecl.store import load_store, read_manifest, save_store, store_tasks
 from sharecl.subspace import merge_subspace
 
@@ -23,7 +26,8 @@ def test_log_replay_equals_the_merges_own_reprojection():
     every old task directly, carried forward in float64."""
     g = torch.Generator().manual_seed(0)
     layer = ShareLinear(nn.Linear(24, 20), scaling=1.0, p=2)
-    fast = ShareLinear(nn.Linear(24, 20), scaling=1.0, p=2)  # as ShareMethod merges: kept Grams, no re-projection
+    fast = ShareLinear(nn.Linear(24, 20), scaling=1.0, p=2)  # kept Grams, no re-projection
+    lazy = ShareLinear(nn.Linear(24, 20), scaling=1.0, p=2)  # as ShareMethod merges: the same, reading the logs
     eager_B = eager_A = None
     for t in range(30):
         B, A = torch.randn(20, 3, generator=g), torch.randn(3, 24, generator=g)
@@ -34,13 +38,23 @@ def test_log_replay_equals_the_merges_own_reprojection():
                                fast.coeff_A if t else None, B, A, p=2, k=6, grams=fast.merge_grams() if t else None,
                                reproject=False)
         fast.apply_merge(quick)
+        # with many tasks (the Gram path) the merge reads old tasks only through the log: never materialises them
+        with mock.patch.object(CoefficientLog, "materialize", side_effect=AssertionError("materialised")) if t >= 10 \
+                else contextlib.nullcontext():
+            logged = merge_subspace(lazy.U if t else None, lazy.V if t else None, lazy.log_B if t else None,
+                                    lazy.log_A if t else None, B, A, p=2, k=6, grams=lazy.merge_grams() if t else None,
+                                    reproject=False)
+            lazy.apply_merge(logged)
+        assert torch.allclose(logged.drift, res.drift, atol=1e-5) and torch.allclose(logged.U @ logged.U.T, res.U @ res.U.T, atol=1e-5)
         assert quick.coeff_B.shape[0] == 1 and torch.allclose(quick.drift, res.drift, atol=1e-5), t
         assert torch.allclose(quick.U @ quick.U.T, res.U @ res.U.T, atol=1e-5)
         if t == 17:
             layer.log_B.compact(), layer.log_A.compact()  # a checkpoint midway
     assert res.drift[:-1].max() > 1e-3  # the merges truncate: old tasks really move
     assert len(layer.log_B.steps) == 12 and layer.log_B.base.shape[0] == 18
-    for got, want in ((layer.coeff_B, eager_B), (layer.coeff_A, eager_A), (fast.coeff_B, eager_B), (fast.coeff_A, eager_A)):
+    assert lazy.num_tasks == 30 and lazy._stale
+    for got, want in ((layer.coeff_B, eager_B), (layer.coeff_A, eager_A), (fast.coeff_B, eager_B), (fast.coeff_A, eager_A),
+                      (lazy.coeff_B, eager_B), (lazy.coeff_A, eager_A)):
         err = (got.double() - want).norm(dim=(1, 2)) / want.norm(dim=(1, 2))
         assert err.max() < 1e-4, err.max()  # float32 round-off (and the sign of each basis column)
 

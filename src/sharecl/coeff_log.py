@@ -90,6 +90,33 @@ class CoefficientLog:
             out[:T0] = P.to(dtype) @ self.base.to(dtype)
         return out
 
+    @torch.no_grad()
+    def left_multiply(self, M: torch.Tensor) -> torch.Tensor:
+        """``M @ C_i`` for every task ``i``, ``(T, q, p)`` float64, for ``M`` ``(q, k)`` (``k`` the
+        current basis size), without materialising the coefficients: backwards through the log
+        starting from ``M`` instead of the identity, so the checkpoint's ``T0`` tasks cost one
+        product of depth ``k`` with ``q`` rows (a Share merge reads every old task only through the
+        ``(q, k)`` map onto what the new basis drops, ``q ≤ r``)."""
+        P = M.to(_F)
+        out = torch.empty(self.num_tasks, P.shape[0], self.p, dtype=_F, device=self.base.device)
+        T0 = self.base.shape[0]
+        for j in range(len(self.steps) - 1, -1, -1):
+            change, new = self.steps[j]
+            out[T0 + j] = P @ new.to(_F)
+            P = P @ change
+        if T0:  # one GEMM over every checkpointed task: (T0·p, k) @ (k, q)
+            out[:T0] = (self._base_rows() @ P.T).reshape(T0, self.p, -1).transpose(1, 2)
+        return out
+
+    def _base_rows(self) -> torch.Tensor:
+        """The checkpoint as float64 rows ``(T0·p, k0)`` (row ``t·p + j`` = column j of task t),
+        kept until the checkpoint changes: every merge reads it."""
+        cached = getattr(self, "_rows", None)
+        if cached is None or cached[0] is not self.base:
+            T0, k0, p = self.base.shape
+            cached = self._rows = (self.base, self.base.to(_F).transpose(1, 2).reshape(T0 * p, k0).contiguous())
+        return cached[1]
+
     def compact(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Fold the log into the base (``base ← materialize()``, ``steps ← []``); returns the base."""
         self.base = self.materialize(dtype)

@@ -286,8 +286,10 @@ def merge_subspace(
     Args:
         U: ``(d_out, k_B)`` orthonormal, or None when the subspace is empty.
         V: ``(d_in, k_A)`` orthonormal, or None.
-        coeff_B: ``(T_old, k_B, p)`` or None.
-        coeff_A: ``(T_old, k_A, p)`` or None.
+        coeff_B: ``(T_old, k_B, p)``, or a :class:`~sharecl.coeff_log.CoefficientLog` holding them
+            (read through the map onto the dropped directions only, never materialised, on the
+            Gram path with ``grams`` given and ``reproject=False``), or None.
+        coeff_A: ``(T_old, k_A, p)``, a coefficient log, or None.
         new_B: ``(d_out, r)`` the new task's up-projection (any r ≥ 1).
         new_A: ``(r, d_in)`` the new task's down-projection.
         p: pseudo-rank kept per task; the new task's coefficients keep its best rank-p part.
@@ -316,7 +318,7 @@ def merge_subspace(
         V = na.new_zeros(d_in, 0)
         coeff_B = nb.new_zeros(0, 0, p)
         coeff_A = na.new_zeros(0, 0, p)
-    U, V, cB, cA = U.to(_F), V.to(_F), coeff_B.to(_F), coeff_A.to(_F)
+    U, V, cB, cA = U.to(_F), V.to(_F), coeff_B, coeff_A  # coefficients: read where needed (_full / _left)
     kb, ka = U.shape[1], V.shape[1]
 
     qb, rb = torch.linalg.qr(torch.cat([U, nb], 1))  # (d_out, kb + r)
@@ -350,9 +352,11 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
     inside ``W`` and outside it (what the truncation drops), the new ``gram`` (k', k') and the
     kept energy.
     """
-    T, m = C.shape[0], L.shape[0]
+    T, m = _count(C), L.shape[0]
     new, tail = full[:, :p], full[:, p:]
     shape = (m, T * p + full.shape[1])
+    if gram is None or task_grams is None or center or reproject or dense or T * p + p <= 2 * m:
+        C = _full(C)  # every task's coefficients, float64; otherwise they are read once, through _left
     if gram is None or task_grams is None:
         gram, task_grams = MergeGrams.side(C)
     stack_gram = L @ gram @ L.T + new @ new.T  # of the stored stack [L C_1 … L C_T, new]
@@ -387,7 +391,7 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
         g_coeff_old = _gram(coeff[:-1])
     else:
         coeff = c_new[None]
-        resid = (Wc.T @ L) @ C  # only the dropped part: (T, m − k', p)
+        resid = _left(C, Wc.T @ L)  # only the dropped part: (T, m − k', p)
         g_resid_old = _gram(resid)
         g_coeff_old = task_grams - g_resid_old  # ‖C_i‖-Gram splits exactly into the parts inside and outside W
     return {"W": W, "R": R, "coeff": coeff, "kept": kept,
@@ -405,6 +409,22 @@ def _result(qb, qa, sides, full_b, full_a, p) -> MergeResult:
     grams = MergeGrams(b["gram"], a["gram"], b["g_coeff"], a["g_coeff"])
     return MergeResult(qb @ b["W"], qa @ a["W"], b["coeff"], a["coeff"], drift, b["kept"], a["kept"], cut,
                        change_B=b["R"], change_A=a["R"], grams=grams)
+
+
+def _count(coeff) -> int:
+    """Tasks in ``coeff``: a ``(T, k, p)`` tensor or a :class:`~sharecl.coeff_log.CoefficientLog`."""
+    return coeff.num_tasks if hasattr(coeff, "left_multiply") else coeff.shape[0]
+
+
+def _full(coeff) -> torch.Tensor:
+    """Every task's coefficients ``(T, k, p)`` float64, from a tensor or a coefficient log (as the
+    layer holds them: materialised in the log's dtype, then widened)."""
+    return (coeff.materialize() if hasattr(coeff, "left_multiply") else coeff).to(_F)
+
+
+def _left(coeff, M: torch.Tensor) -> torch.Tensor:
+    """``M @ C_i`` for every task ``(T, q, p)`` float64; a coefficient log never materialises ``C``."""
+    return coeff.left_multiply(M) if hasattr(coeff, "left_multiply") else M @ coeff.to(_F)
 
 
 def _wide(coeff: torch.Tensor) -> torch.Tensor:

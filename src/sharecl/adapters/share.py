@@ -72,7 +72,10 @@ class ShareLinear(nn.Module):
     Buffers (float32, saved in ``state_dict``): ``U`` ``(d_out, k_B)``, ``V`` ``(d_in, k_A)``,
     ``coeff_B`` ``(T, k_B, p)``, ``coeff_A`` ``(T, k_A, p)``. The coefficients are materialised
     from ``log_B`` / ``log_A`` (:class:`~sharecl.coeff_log.CoefficientLog`: a checkpoint plus the
-    merges since), which is what a store appends to.
+    merges since), which is what a store appends to, on first use after a merge or a load (reading
+    ``coeff_B`` / ``coeff_A``, a forward, ``state_dict`` or ``.to``): a merge itself reads old tasks
+    only through the log (:func:`~sharecl.subspace.merge_subspace`), so its cost does not include
+    the ``O(T·k²·p)`` re-expression of every task.
 
     What a forward computes: ``train_state`` while a task trains (from ``begin_task`` to the
     merge); else the router's current route: ``row_tasks`` ``(N,)`` int64 for a batch mixing
@@ -101,6 +104,29 @@ class ShareLinear(nn.Module):
         self.train_state: ShareTrainState | None = None
         self._mix_cache: torch.Tensor | None = None
         self._finetune_index: int | None = None
+        self._stale = False  # coeff_B / coeff_A lag behind the logs until first use (_materialize)
+
+    def __getattr__(self, name: str):
+        if name in ("coeff_B", "coeff_A") and self.__dict__.get("_stale"):
+            self._materialize()
+        return super().__getattr__(name)
+
+    def _materialize(self) -> None:
+        self._stale = False
+        dt = self.base.weight.dtype
+        self.coeff_B = self.log_B.materialize(dt)
+        self.coeff_A = self.log_A.materialize(dt)
+        self._mix_cache = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._stale:
+            self._materialize()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _apply(self, fn, recurse=True):
+        if self._stale:
+            self._materialize()
+        return super()._apply(fn, recurse)
 
     # ----------------------------------------------------------------- shapes
     @property
@@ -113,7 +139,7 @@ class ShareLinear(nn.Module):
 
     @property
     def num_tasks(self) -> int:
-        return self.coeff_B.shape[0]
+        return self.log_B.num_tasks
 
     @property
     def k(self) -> tuple[int, int]:
@@ -211,10 +237,9 @@ class ShareLinear(nn.Module):
         return self._grams
 
     def refresh(self) -> None:
-        """Materialise ``coeff_B`` / ``coeff_A`` from the logs (after a merge or a load)."""
-        dt = self.base.weight.dtype
-        self.coeff_B = self.log_B.materialize(dt)
-        self.coeff_A = self.log_A.materialize(dt)
+        """Mark ``coeff_B`` / ``coeff_A`` for re-materialisation from the logs on first use (after
+        a merge or a load)."""
+        self._stale = True
         self._mix_cache = None
 
     def set_coefficients(self, index: int, coeff_B: torch.Tensor, coeff_A: torch.Tensor) -> None:

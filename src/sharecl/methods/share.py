@@ -183,7 +183,7 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
             B, A = factors[name]
             has = layer.num_tasks > 0
             res = merge_subspace(layer.U if has else None, layer.V if has else None,
-                                 layer.coeff_B if has else None, layer.coeff_A if has else None,
+                                 layer.log_B if has else None, layer.log_A if has else None,
                                  B, A, p=cfg.p, k=cfg.k, energy=cfg.energy, k_max=cfg.k_max,
                                  grams=layer.merge_grams() if has else None, reproject=False, center=cfg.center)
             layer.apply_merge(res)
