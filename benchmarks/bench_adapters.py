@@ -258,7 +258,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sharecl" / "bench-adapters")
     ap.add_argument("--head", choices=["trained", "frozen"], default="trained",
                     help="frozen: each head keeps its random init and only the LoRA trains, so a task lives in its adapter")
-    ap.add_argument("--out", default=None, help="default: adapters, or adapters-frozen-head")
+    ap.add_argument("--out", default=None, help="default: adapters, adapters-frozen-head, or adapters-timing")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="Only the add-time rows, on --tasks random adapters of MiniLM's shapes (no training, no scores).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from safetensors.torch import load_file
@@ -267,6 +269,8 @@ def main() -> None:
     from sharecl.data.streams import get_stream
     from sharecl.interop.peft import read_lora_adapter
 
+    if args.timing_only:
+        return timing_only(args)
     tasks = get_stream("text-pairs", seed=args.seed, num_tasks=args.tasks).tasks
     args.out = args.out or ("adapters" if args.head == "trained" else "adapters-frozen-head")
     workdir = args.workdir / f"seed-{args.seed}-steps-{args.steps}-lr-{args.lr:g}{'-frozen-head' if args.head == 'frozen' else ''}"
@@ -360,6 +364,37 @@ def main() -> None:
                             "routed_check": routed_check})
     plot(curves, bare, RESULTS / f"{args.out}.png")
     print(f"wrote {path}")
+
+
+def timing_only(args) -> None:
+    """``--timing-only``: seconds to add the n-th adapter, Share vs lorashare vs vlora at equal
+    bytes, on random rank-8 adapters of MiniLM's query/value shapes (cost depends on shapes only)."""
+    from types import SimpleNamespace
+
+    share = ShareFold(args.k, args.p)
+    shapes = {n: (layer.out_features, layer.in_features) for n, layer in share.m.layers.items()}
+    g = torch.Generator().manual_seed(args.seed)
+    tasks = [SimpleNamespace(name=f"t{i}") for i in range(args.tasks)]
+    loras = {t.name: SimpleNamespace(factors={n: (torch.randn(o, R, generator=g) * 0.02, torch.randn(R, i, generator=g) * 0.02)
+                                              for n, (o, i) in shapes.items()}, scaling=SCALE, rank=R) for t in tasks}
+    N = len(tasks)
+    share_total = share.m.config.k * sum(o + i for o, i in shapes.values()) + N * len(shapes) * 2 * args.k * args.p
+    k_ls, k_vl = equal_bytes(share_total, list(shapes.values()), N)
+    first = {}
+    for n, t in enumerate(tasks, 1):
+        t0 = time.perf_counter()
+        share.add(t.name, loras[t.name], None)
+        first[n] = time.perf_counter() - t0
+    ns = [int(x) for x in args.timing.split(",") if x]
+    timing = timing_runs(share, loras, None, tasks, ns, k_ls, k_vl, args.seed)
+    timing["Share"].update({n: first[n] for n in ns if n <= N})
+    rows = [{"method": m, **{f"add_s@{n}": v.get(n) for n in ns}} for m, v in timing.items()]
+    rows.append({"method": "lorashare ÷ Share", **{f"add_s@{n}": timing["lorashare 0.1.3"][n] / timing["Share"][n] for n in ns}})
+    print(f"\nSeconds to add the n-th adapter (random r={R} adapters, MiniLM query/value, k={args.k}, p={args.p}; "
+          f"equal bytes at n={N}: k_lorashare={k_ls}, k_vlora={k_vl}; {args.threads} thread(s))\n")
+    print(table(rows, list(rows[0])))
+    config = {**vars(args), "workdir": str(args.workdir), "k_lorashare": k_ls, "k_vlora": k_vl}
+    print(f"wrote {write(args.out or 'adapters-timing', {'config': config, 'rows': rows})}")
 
 
 def timing_runs(share: ShareFold, loras, sds, tasks, ns: list[int], k_ls: int, k_vl: int, seed: int) -> dict:

@@ -38,6 +38,7 @@ class CoefficientLog:
             raise ValueError(f"base coefficients must be (T, k, p), got {tuple(base.shape)}")
         self.base = base
         self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._new64: list[torch.Tensor] = []  # each step's new coefficients in float64 (what left_multiply reads)
         self.epoch = 0  # how many times the log was folded: a store appends only onto the same checkpoint
 
     @property
@@ -59,6 +60,7 @@ class CoefficientLog:
             raise ValueError(f"merge step does not chain: change {tuple(change.shape)}, new {tuple(new.shape)}, "
                              f"current basis size {k_now}, p = {self.p}")
         self.steps.append((change.to(_F), new.detach().to(self.base.dtype)))
+        self._new64.append(self.steps[-1][1].to(_F))
 
     def set_last(self, new: torch.Tensor) -> None:
         """Replace the newest task's coefficients (fine-tuning after its merge); ``new`` ``(k, p)``."""
@@ -68,6 +70,7 @@ class CoefficientLog:
         if new.shape != old.shape:
             raise ValueError(f"coefficients {tuple(new.shape)} do not replace {tuple(old.shape)}")
         self.steps[-1] = (change, new.detach().to(old.dtype))
+        self._new64[-1] = self.steps[-1][1].to(_F)
 
     @torch.no_grad()
     def materialize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -100,13 +103,26 @@ class CoefficientLog:
         P = M.to(_F)
         out = torch.empty(self.num_tasks, P.shape[0], self.p, dtype=_F, device=self.base.device)
         T0 = self.base.shape[0]
+        maps = []  # maps[j] = M R_N ⋯ R_{j+1}: what reads step j's new coefficients
         for j in range(len(self.steps) - 1, -1, -1):
-            change, new = self.steps[j]
-            out[T0 + j] = P @ new.to(_F)
-            P = P @ change
+            maps.append(P)
+            P = P @ self.steps[j][0]
+        maps.reverse()
+        if maps and all(x.shape == maps[0].shape for x in maps):  # one batched product (the basis size settled)
+            out[T0:] = torch.stack(maps) @ self._stacked_new()
+        else:
+            for j, x in enumerate(maps):
+                out[T0 + j] = x @ self._new64[j]
         if T0:  # one GEMM over every checkpointed task: (T0·p, k) @ (k, q)
             out[:T0] = (self._base_rows() @ P.T).reshape(T0, self.p, -1).transpose(1, 2)
         return out
+
+    def _stacked_new(self) -> torch.Tensor:
+        """Every step's new coefficients, float64 ``(S, k, p)`` (steps of one basis size), cached."""
+        cached = getattr(self, "_stack", None)
+        if cached is None or cached[0] != len(self._new64) or cached[1] is not self._new64[-1]:
+            cached = self._stack = (len(self._new64), self._new64[-1], torch.stack(self._new64))
+        return cached[2]
 
     def _base_rows(self) -> torch.Tensor:
         """The checkpoint as float64 rows ``(T0·p, k0)`` (row ``t·p + j`` = column j of task t),
@@ -120,6 +136,6 @@ class CoefficientLog:
     def compact(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Fold the log into the base (``base ← materialize()``, ``steps ← []``); returns the base."""
         self.base = self.materialize(dtype)
-        self.steps = []
+        self.steps, self._new64 = [], []
         self.epoch += 1
         return self.base
