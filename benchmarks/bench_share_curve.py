@@ -1,11 +1,12 @@
-"""Share's accuracy against bytes per task on text5, over basis size k and pseudo-rank p.
+"""Share's accuracy against bytes per task on a stream (text5 by default), over basis size k and pseudo-rank p.
 
-Each setting runs the full text5 stream (same steps, seed and data as `sharecl run`) and
+Each setting runs the full stream (same steps, seed and data as `sharecl run`) and
 records final average accuracy, forgetting, BWT, adapter bytes per task and the largest
 drift any old task suffered at a merge. Writes results/share_curve.json and a plot
-results/share_curve.png (accuracy vs. bytes per task, LoRA-per-task bytes marked).
+results/share_curve.png (accuracy vs. bytes per task, LoRA-per-task bytes marked), or
+share_curve-<stream>.json / .png; the JSON is rewritten after every setting.
 
-    python benchmarks/bench_share_curve.py [--settings 2x2,4x2,10x2,5x1,16x4,32x8] [--steps 80]
+    python benchmarks/bench_share_curve.py [--settings 2x2,4x2,10x2,5x1,16x4,32x8] [--steps 80] [--stream text20]
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ def main():
     ap.add_argument("--settings", default="2x2,4x2,10x2,5x1,16x4,32x8", help="comma-separated KxP")
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stream", default="text5", help="a text stream on MiniLM (text5, text20, ...)")
+    ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
-    stream = get_stream("text5", seed=a.seed)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    name = "share_curve" if a.stream == "text5" else f"share_curve-{a.stream}"
+    stream = get_stream(a.stream, seed=a.seed)
     cfg = TrainConfig(steps=a.steps, seed=a.seed)
     rows = []
     for setting in a.settings.split(","):
@@ -46,12 +52,14 @@ def main():
                      "final_k": res["merges"][-1]["k"][0], "accuracy_matrix": res["accuracy_matrix"]})
         print(f"k={k} p={p}: final {rows[-1]['final_acc']:.2f}%, forgetting {rows[-1]['forgetting']:.2f}, "
               f"{res['bytes_per_task']:.0f} B/task ({rows[-1]['pct_of_lora']:.2f}% of LoRA)", flush=True)
+        path = write(name, {"stream": a.stream, "tasks": len(stream), "steps": a.steps, "seed": a.seed,
+                            "lora_bytes_per_task": LORA_BYTES_PER_TASK, "rows": rows})
     print(table(rows, ["k", "p", "final_acc", "forgetting", "bwt", "bytes_per_task", "pct_of_lora", "max_drift_pct"]))
-    print(write("share_curve", {"steps": a.steps, "seed": a.seed, "lora_bytes_per_task": LORA_BYTES_PER_TASK, "rows": rows}))
-    plot(rows)
+    print(path)
+    plot(rows, a.stream, RESULTS / f"{name}.png")
 
 
-def plot(rows):
+def plot(rows, stream: str, path: Path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,11 +73,11 @@ def plot(rows):
     ax.axvline(LORA_BYTES_PER_TASK / 100, color="C3", ls="--", lw=1, label="1% of a LoRA's bytes")
     ax.set_xscale("log")
     ax.set_xlabel("adapter bytes stored per task (log)")
-    ax.set_ylabel("final average accuracy on text5 (%)")
+    ax.set_ylabel(f"final average accuracy on {stream} (%)")
     ax.set_title("Share: accuracy vs. bytes per task")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(RESULTS / "share_curve.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
