@@ -112,11 +112,11 @@ class ShareLinear(nn.Module):
         return super().__getattr__(name)
 
     def _materialize(self) -> None:
-        self._stale = False
         dt = self.base.weight.dtype
-        self.coeff_B = self.log_B.materialize(dt)
-        self.coeff_A = self.log_A.materialize(dt)
+        coeff_B, coeff_A = self.log_B.materialize(dt), self.log_A.materialize(dt)
+        self._buffers["coeff_B"], self._buffers["coeff_A"] = coeff_B, coeff_A  # (Module.__setattr__ would read them)
         self._mix_cache = None
+        self._stale = False  # last: a concurrent reader that still sees True materialises for itself
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self._stale:
@@ -262,7 +262,7 @@ class ShareLinear(nn.Module):
         dt = self.base.weight.dtype
         self.U, self.V = U.to(dt).contiguous(), V.to(dt).contiguous()
         self.log_B, self.log_A = log_B, log_A
-        self.refresh()
+        self._materialize()  # eagerly: a loaded model (serve) is read at once, maybe from several threads
         self._grams = None
 
     # -------------------------------------------------------------- inference
