@@ -194,6 +194,8 @@ def test_share_aligns_task_identification_on_the_base_models_features(tiny_model
         with torch.no_grad():
             assert torch.equal(m.cil_logits(xs), joint)
     assert m.head_numbers_per_task() >= 3 * 32 * 33 + 3 * 33  # statistics and identification head count as head bytes
+    m.learn(make_task("d", seed=3), fast_cfg, progress=False)  # an aligned model aligns every new task (store `learn`)
+    assert "d" in m.taskid_heads and "d" in m.class_stats and m.cil_logits(xs).shape == (len(xs), 12)
     with pytest.raises(ValueError, match="choose one"):
         ShareMethod(load_encoder(tiny_model_dir, max_length=16), seed=0, r=4, k=4, cil_score="mahalanobis").learn(
             tasks[0], aligned_cfg, progress=False)
