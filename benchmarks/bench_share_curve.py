@@ -4,14 +4,17 @@ Each setting runs the full stream (same steps, seed and data as `sharecl run`) a
 records final average accuracy, forgetting, BWT, adapter bytes per task and the largest
 drift any old task suffered at a merge. Writes results/share_curve.json and a plot
 results/share_curve.png (accuracy vs. bytes per task, LoRA-per-task bytes marked), or
-share_curve-<stream>.json / .png; the JSON is rewritten after every setting.
+share_curve-<stream>.json / .png; the JSON is rewritten after every setting. With --keep, rows
+already in that JSON for the same stream, steps and seed are kept and their settings not rerun
+(so a long grid can be run in parts, or resumed after a kill).
 
-    python benchmarks/bench_share_curve.py [--settings 2x2,4x2,10x2,5x1,16x4,32x8] [--steps 80] [--stream text20]
+    python benchmarks/bench_share_curve.py [--settings 2x2,4x2,10x2,5x1,16x4,32x8] [--steps 80] [--stream text20] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -32,15 +35,20 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stream", default="text5", help="a text stream on MiniLM (text5, text20, ...)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep rows already written for this stream, steps and seed")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     name = "share_curve" if a.stream == "text5" else f"share_curve-{a.stream}"
     stream = get_stream(a.stream, seed=a.seed)
     cfg = TrainConfig(steps=a.steps, seed=a.seed)
-    rows = []
+    rows = kept_rows(RESULTS / f"{name}.json", a) if a.keep else []
+    done = {(r["k"], r["p"]) for r in rows}
     for setting in a.settings.split(","):
         k, p = (int(v) for v in setting.split("x"))
+        if (k, p) in done:
+            print(f"k={k} p={p}: kept from the existing JSON", flush=True)
+            continue
         with tempfile.TemporaryDirectory() as d:
             res = run_method("share", stream, cfg, Path(d), method_config={"k": k, "p": p}, progress=False,
                              log=lambda *x: None)
@@ -52,11 +60,23 @@ def main():
                      "final_k": res["merges"][-1]["k"][0], "accuracy_matrix": res["accuracy_matrix"]})
         print(f"k={k} p={p}: final {rows[-1]['final_acc']:.2f}%, forgetting {rows[-1]['forgetting']:.2f}, "
               f"{res['bytes_per_task']:.0f} B/task ({rows[-1]['pct_of_lora']:.2f}% of LoRA)", flush=True)
-        path = write(name, {"stream": a.stream, "tasks": len(stream), "steps": a.steps, "seed": a.seed,
-                            "lora_bytes_per_task": LORA_BYTES_PER_TASK, "rows": rows})
+        write(name, {"stream": a.stream, "tasks": len(stream), "steps": a.steps, "seed": a.seed,
+                    "lora_bytes_per_task": LORA_BYTES_PER_TASK, "rows": rows})
     print(table(rows, ["k", "p", "final_acc", "forgetting", "bwt", "bytes_per_task", "pct_of_lora", "max_drift_pct"]))
-    print(path)
+    print(RESULTS / f"{name}.json")
     plot(rows, a.stream, RESULTS / f"{name}.png")
+
+
+def kept_rows(path: Path, a) -> list[dict]:
+    """Rows of an earlier run of the same stream, steps and seed (none if the file is absent or differs)."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    if (old.get("stream"), old.get("steps"), old.get("seed")) != (a.stream, a.steps, a.seed):
+        print(f"{path.name} holds another run ({old.get('stream')}, {old.get('steps')} steps, seed {old.get('seed')}); "
+              "not keeping its rows", flush=True)
+        return []
+    return list(old["rows"])
 
 
 def plot(rows, stream: str, path: Path):
