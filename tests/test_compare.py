@@ -135,9 +135,16 @@ def test_tune_lr_chooses_on_the_validation_split_and_runs_every_seed_with_the_ch
     compare("tiny-val", ["sd-lora"], [0], fast_cfg, tmp_path / "sd", model_path=tiny_model_dir, progress=False,
             log=lambda *_: None, tune_lrs=[1e-2], method_configs={"sd-lora": {"r": 4}})
     sd = json.loads((tmp_path / "sd" / "compare.json").read_text())["tuned_lr"]["sd-lora"]
-    assert set(sd["validation_final_accuracy"]) == {"0.01", "0.01 sgd"}  # AdamW and its official SGD
+    assert set(sd["validation_final_accuracy"]) == {"0.01", "0.1 sgd"}  # AdamW, and its official SGD at 10x the grid
     run = json.loads((tmp_path / "sd" / "seed-0" / "sd-lora" / "results.json").read_text())
     assert run["train_config"]["optimizer"] == sd["optimizer"]
+    compare("tiny-val", ["sd-lora"], [0], fast_cfg, tmp_path / "sd2", model_path=tiny_model_dir, progress=False,
+            log=lambda *_: None, tune_lrs=[1e-2], tune_sgd_lrs=[0.05], method_configs={"sd-lora": {"r": 4}})
+    sd = json.loads((tmp_path / "sd2" / "compare.json").read_text())["tuned_lr"]["sd-lora"]
+    assert set(sd["validation_final_accuracy"]) == {"0.01", "0.05 sgd"}  # SGD at the rates given
+    with pytest.raises(ValueError, match="--tune-sgd-lr needs positive"):
+        compare("tiny-val", ["sd-lora"], [0], fast_cfg, tmp_path / "sd", model_path=tiny_model_dir, progress=False,
+                log=lambda *_: None, tune_lrs=[1e-2], tune_sgd_lrs=[-1.0])
     with pytest.raises(ValueError, match="no validation split"):
         compare("tiny-noval", ["head-only"], [0], fast_cfg, tmp_path / "x", model_path=tiny_model_dir, progress=False,
                 log=lambda *_: None, tune_lrs=[1e-2])

@@ -144,6 +144,8 @@ def compare(
                                                        "old classes' statistics with the current model before each alignment.")] = False,
     tune_lr: Annotated[Optional[str], typer.Option(help="Comma-separated learning rates: each method first runs them on the "
                                                         "validation split of the first seed and keeps its best.")] = None,
+    tune_sgd_lr: Annotated[Optional[str], typer.Option(help="With --tune-lr: the rates tried with SGD for a method whose official "
+                                                            "code uses it (SD-LoRA); default: the --tune-lr grid x 10.")] = None,
     resume: Annotated[bool, typer.Option(help="Reuse results.json files already in OUT.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -185,10 +187,13 @@ def compare(
         configs[method][key] = value
     try:
         grid = [float(x) for x in tune_lr.split(",") if x.strip()] if tune_lr else None
+        sgd_grid = [float(x) for x in tune_sgd_lr.split(",") if x.strip()] if tune_sgd_lr else None
     except ValueError:
-        raise ValueError(f"--tune-lr must be comma-separated numbers, got {tune_lr!r}") from None
+        raise ValueError(f"--tune-lr and --tune-sgd-lr must be comma-separated numbers, got {tune_lr!r}, {tune_sgd_lr!r}") from None
+    if sgd_grid is not None and grid is None:
+        raise ValueError("--tune-sgd-lr only adds SGD rates to a --tune-lr search; pass --tune-lr too")
     summary, md = run_compare(stream, names, seed_list, cfg, out, model_path=model, method_configs=configs,
-                              stream_options=caps, tune_lrs=grid,
+                              stream_options=caps, tune_lrs=grid, tune_sgd_lrs=sgd_grid,
                               resume=resume, progress=progress, log=console.print, device=dev, precision=precision)
     console.print(md, highlight=False, markup=False)
     console.print(f"written: {out}/compare.md, compare.json, accuracy_curve.png, bytes.png, seed-*/<method>/results.json")

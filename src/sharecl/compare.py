@@ -179,7 +179,8 @@ def _check_same_settings(path: Path, old: dict, cfg: TrainConfig, method: str, m
 def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig, out_dir: str | Path, *,
             model_path: str | None = None, method_configs: dict[str, dict] | None = None, stream_options: dict | None = None,
             resume: bool = True, progress: bool = True, log=print, device: str | None = "cpu",
-            precision: str = "fp32", tune_lrs: list[float] | None = None) -> tuple[dict, str]:
+            precision: str = "fp32", tune_lrs: list[float] | None = None,
+            tune_sgd_lrs: list[float] | None = None) -> tuple[dict, str]:
     """Run ``methods`` on ``stream`` for every seed; returns ``(summary, markdown)``.
 
     With ``tune_lrs`` every trained method first runs each learning rate of the grid (adapters
@@ -187,8 +188,10 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
     (:func:`~sharecl.data.tasks.validation_stream`; runs under ``OUT/tune/lr-<lr>/``), keeps the
     one with the best final average accuracy (class-incremental on a CIL stream; ties → the
     earlier in the grid), and runs every seed with it; a method whose official code trains with
-    another optimiser (SD-LoRA: SGD) runs the grid with both and keeps the best pair; the grid's scores and the choice are in
-    ``compare.json`` under ``tuned_lr``. Otherwise every method runs at ``cfg.lr``.
+    another optimiser (SD-LoRA: SGD with momentum 0.9) also runs ``tune_sgd_lrs`` with it (default:
+    the grid × 10, since SGD's useful rates sit about an order of magnitude above AdamW's) and keeps
+    the best pair; the grid's scores and the choice are in ``compare.json`` under ``tuned_lr``.
+    Otherwise every method runs at ``cfg.lr``.
 
     Methods that do not support the stream's scenario are skipped with the reason recorded.
     Under ``torchrun`` rank 0 decides what to resume and writes the report; the other ranks
@@ -211,7 +214,8 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
     scenario = "til"
     tuned = {}
     if tune_lrs:
-        tuned = tune_learning_rates(stream, methods, seeds[0], cfg, tune_lrs, out / "tune", model_path=model_path,
+        tuned = tune_learning_rates(stream, methods, seeds[0], cfg, tune_lrs, out / "tune", sgd_grid=tune_sgd_lrs,
+                                    model_path=model_path,
                                     method_configs=method_configs, stream_options=stream_options, resume=resume,
                                     progress=progress, log=log, device=device, precision=precision)
     cfgs = {m: replace(cfg, lr=tuned[m]["lr"], head_lr=tuned[m]["lr"], optimizer=tuned[m]["optimizer"]) if m in tuned else cfg
@@ -265,9 +269,12 @@ def _same_config_groups(methods: list[str], cfgs: dict[str, TrainConfig]) -> lis
 
 
 def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainConfig, grid: list[float], out: Path, *,
-                        model_path=None, method_configs=None, stream_options=None, resume=True, progress=True, log=print,
-                        device="cpu", precision="fp32") -> dict[str, dict]:
+                        sgd_grid: list[float] | None = None, model_path=None, method_configs=None, stream_options=None,
+                        resume=True, progress=True, log=print, device="cpu", precision="fp32") -> dict[str, dict]:
     """Each method's best learning rate of ``grid`` on the validation split of ``seed``'s stream.
+
+    A method with an official optimiser other than ``cfg.optimizer`` (SD-LoRA: SGD) also runs
+    ``sgd_grid`` with that optimiser (default ``[10 * lr for lr in grid]``) and keeps the best pair.
 
     Returns:
         ``{method: {"lr": chosen, "validation_final_accuracy": {lr: score}, "seed": seed}}`` for
@@ -281,6 +288,9 @@ def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainCo
 
     if not grid or any(lr <= 0 for lr in grid):
         raise ValueError(f"--tune-lr needs positive learning rates, got {grid}")
+    if sgd_grid is not None and (not sgd_grid or any(lr <= 0 for lr in sgd_grid)):
+        raise ValueError(f"--tune-sgd-lr needs positive learning rates, got {sgd_grid}")
+    official_grid = sgd_grid if sgd_grid is not None else [10 * lr for lr in grid]
     s = validation_stream(get_stream(stream, seed=seed, **(stream_options or {})))
     kind = "generation" if s.modality == "lm" else "classification"
     chosen = {}
@@ -291,7 +301,7 @@ def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainCo
         scores = {}
         trials = [(lr, cfg.optimizer) for lr in grid]
         if M.official_optimizer and M.official_optimizer != cfg.optimizer:
-            trials += [(lr, M.official_optimizer) for lr in grid]
+            trials += [(lr, M.official_optimizer) for lr in official_grid]
         for lr, optimizer in trials:
             c = replace(cfg, seed=seed, lr=lr, head_lr=lr, optimizer=optimizer)
             d = out / (f"lr-{lr:g}" if optimizer == "adamw" else f"lr-{lr:g}-{optimizer}")
