@@ -3,8 +3,10 @@
 One merge of a new task into a subspace that already holds T tasks, on MiniLM's layer
 shapes (d_out = d_in = 384), for the 12 query/value layers of all-MiniLM-L6-v2. Both
 functions return the same bases and coefficients (tests/test_subspace.py checks it).
-``share_s`` is what :class:`~sharecl.methods.share.ShareMethod` does per merge: the merge with
-the Gram matrices the previous merge left (no re-projection inside it), reading old tasks only
+``share_s`` is what :class:`~sharecl.methods.share.ShareMethod` does per merge in a stream of
+merges (the (T+1)-th after an untimed T-th, so what a previous merge leaves cached is warm, as in
+``sharecl add-adapter`` after ``add-adapter``): the merge with the Gram matrices the previous merge
+left (no re-projection inside it), reading old tasks only
 through the layers' coefficient logs (:mod:`sharecl.coeff_log`), and the logs' new entries: all a
 store needs to append. ``ready_s`` adds the first use after it: every old task's coefficients
 materialised in the new basis for inference (``O(T·k²·p)``, done lazily on first use).
@@ -50,8 +52,13 @@ def time_share_path(args, k, p, reps):
         for _layer in range(LAYERS):
             layer = ShareLinear(nn.Linear(D, D), scaling=1.0, p=p)
             layer.load_logs(U, V, CoefficientLog(cB.clone()), CoefficientLog(cA.clone()))
-            layer.merge_grams()  # what the previous merge leaves behind
+            layer.merge_grams()
             layers.append(layer)
+        g = torch.Generator().manual_seed(1)
+        for layer in layers:  # one untimed merge first: the caches a stream of merges keeps warm (Grams, checkpoint rows)
+            res = merge_subspace(layer.U, layer.V, layer.log_B, layer.log_A, torch.randn(D, p, generator=g),
+                                 torch.randn(p, D, generator=g), p=p, k=k, grams=layer.merge_grams(), reproject=False)
+            layer.apply_merge(res)
         t0 = time.perf_counter()
         for layer in layers:
             res = merge_subspace(layer.U, layer.V, layer.log_B, layer.log_A, B, A, p=p, k=k, grams=layer.merge_grams(),

@@ -235,6 +235,8 @@ def _choose_basis(w, s, s_full, shape, tail, k, energy, k_max, store_dtype):
     directions of ``tail`` outside them. So a seed task of rank r puts all r directions in the
     basis, while a newcomer's unstored tail never pushes out a direction a task keeps: old tasks
     drift only as much as a p-column stack alone would make them.
+
+    Returns ``(W, n_extra)``: ``W`` is ``w``'s leading columns followed by ``n_extra`` from ``tail``.
     """
     kk = choose_rank(s_full, k=k, energy=energy, k_max=k_max, rank=numerical_rank(s_full, shape, store_dtype))
     stored_shape = (shape[0], shape[1] - tail.shape[1])
@@ -245,8 +247,8 @@ def _choose_basis(w, s, s_full, shape, tail, k, energy, k_max, store_dtype):
         tol = max(shape) * torch.finfo(store_dtype).eps * float(s_full[0])
         extra = w2[:, : min(kk - W.shape[1], int((s2 > tol).sum()))]
         extra = torch.linalg.qr(extra - W @ (W.T @ extra))[0]  # orthogonal to W to rounding
-        W = torch.cat([W, extra], 1)
-    return W
+        return torch.cat([W, extra], 1), extra.shape[1]
+    return W, 0
 
 
 def merge_subspace(
@@ -366,7 +368,7 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
         if center:
             stored, both = stored - stored.mean(1, keepdim=True), both - both.mean(1, keepdim=True)
         w, s = _left_singular(stored)
-        s_full = _left_singular(both)[1]
+        s_full = _left_singular(both)[1] if tail.shape[1] or center else s
     else:
         S, S_full = stack_gram, stack_gram + tail @ tail.T
         if center:  # X Xᵀ − N μ μᵀ with μ the mean column: the Gram of the centred stack
@@ -375,12 +377,15 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
             S = S - torch.outer(total, total) / (T * p + p)
             S_full = S_full - torch.outer(both, both) / (T * p + p + tail.shape[1])
         w, s = _from_gram(S)
-        s_full = _from_gram(S_full)[1]
-    W = _choose_basis(w, s, s_full, shape, tail, k, energy, k_max, store_dtype)
+        s_full = torch.linalg.eigvalsh(S_full).flip(0).clamp_min(0).sqrt() if tail.shape[1] else s
+    W, n_extra = _choose_basis(w, s, s_full, shape, tail, k, energy, k_max, store_dtype)
     total = float(torch.trace(stack_gram))
     kept = float(torch.trace(W.T @ stack_gram @ W)) / total if total > 0 else 1.0
     kk = W.shape[1]
-    Wc = torch.linalg.qr(W, mode="complete")[0][:, kk:]  # (m, m − k'): the complement of W
+    if w.shape == (m, m) and not n_extra:  # W = the leading k' columns of a full eigenbasis
+        Wc = w[:, kk:]  # (m, m − k'): its complement, already orthonormal
+    else:
+        Wc = torch.linalg.qr(W, mode="complete")[0][:, kk:]
     R = W.T @ L
     c_new, y_new = W.T @ new, Wc.T @ new
     if reproject:
