@@ -59,6 +59,40 @@ def test_log_replay_equals_the_merges_own_reprojection():
         assert err.max() < 1e-4, err.max()  # float32 round-off (and the sign of each basis column)
 
 
+def test_left_multiply_follows_appends_set_last_and_compaction():
+    """What a merge reads of old tasks, ``M @ C_i``, against ``M`` times the log's materialised
+    coefficients (a backward pass over the whole log) after every kind of change to the log: merges
+    appended one by one (the kept state brought up to date), a growing basis, the newest task
+    replaced (merge fine-tuning), and a fold into a new checkpoint."""
+    g = torch.Generator().manual_seed(3)
+    log = CoefficientLog(torch.randn(4, 3, 2, generator=g, dtype=torch.float64))
+
+    def merge(k_new):
+        k = log.steps[-1][0].shape[0] if log.steps else log.base.shape[1]
+        log.append(torch.linalg.qr(torch.randn(k_new, k, generator=g, dtype=torch.float64))[0] if k_new >= k
+                   else torch.linalg.qr(torch.randn(k, k_new, generator=g, dtype=torch.float64))[0].T,
+                   torch.randn(k_new, 2, generator=g, dtype=torch.float64))
+
+    def check():
+        k = log.steps[-1][0].shape[0] if log.steps else log.base.shape[1]
+        M = torch.randn(2, k, generator=g, dtype=torch.float64)
+        got, want = log.left_multiply(M), M @ log.materialize(torch.float64)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-12), (got - want).abs().max()
+
+    check()
+    for k_new in (5, 5, 6, 6):  # the basis grows, then settles
+        merge(k_new)
+        check()
+    merge(6), merge(4)  # two merges between reads, the second shrinking the basis
+    check()
+    log.set_last(torch.randn(4, 2, generator=g, dtype=torch.float64))
+    check()
+    log.compact()
+    check()
+    merge(4), merge(5)
+    check()
+
+
 @torch.no_grad()
 def _out(method, xs, task):
     """What a task computes: its logits, or its pooled features for an adapter-only task."""

@@ -40,6 +40,7 @@ class CoefficientLog:
         self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._new64: list[torch.Tensor] = []  # each step's new coefficients in float64 (what left_multiply reads)
         self.epoch = 0  # how many times the log was folded: a store appends only onto the same checkpoint
+        self._comp = None  # what _composed keeps between merges
 
     @property
     def p(self) -> int:
@@ -96,33 +97,45 @@ class CoefficientLog:
     @torch.no_grad()
     def left_multiply(self, M: torch.Tensor) -> torch.Tensor:
         """``M @ C_i`` for every task ``i``, ``(T, q, p)`` float64, for ``M`` ``(q, k)`` (``k`` the
-        current basis size), without materialising the coefficients: backwards through the log
-        starting from ``M`` instead of the identity, so the checkpoint's ``T0`` tasks cost one
-        product of depth ``k`` with ``q`` rows (a Share merge reads every old task only through the
-        ``(q, k)`` map onto what the new basis drops, ``q ≤ r``)."""
+        current basis size), without materialising the coefficients in the layer's dtype: two
+        products with the float64 state :meth:`_composed` keeps up to date, one over the log's
+        tasks and one of depth ``k`` over the checkpoint's ``T0`` (a Share merge reads every old
+        task only through the ``(q, k)`` map onto what the new basis drops, ``q ≤ r``)."""
         P = M.to(_F)
+        base_map, now = self._composed()
+        T0, S = self.base.shape[0], len(self.steps)
         out = torch.empty(self.num_tasks, P.shape[0], self.p, dtype=_F, device=self.base.device)
-        T0 = self.base.shape[0]
-        maps = []  # maps[j] = M R_N ⋯ R_{j+1}: what reads step j's new coefficients
-        for j in range(len(self.steps) - 1, -1, -1):
-            maps.append(P)
-            P = P @ self.steps[j][0]
-        maps.reverse()
-        if maps and all(x.shape == maps[0].shape for x in maps):  # one batched product (the basis size settled)
-            out[T0:] = torch.stack(maps) @ self._stacked_new()
-        else:
-            for j, x in enumerate(maps):
-                out[T0 + j] = x @ self._new64[j]
-        if T0:  # one GEMM over every checkpointed task: (T0·p, k) @ (k, q)
-            out[:T0] = (self._base_rows() @ P.T).reshape(T0, self.p, -1).transpose(1, 2)
+        if S:  # the log's tasks: one GEMM (q, k) @ (k, S·p)
+            out[T0:] = (P @ now).reshape(P.shape[0], S, self.p).permute(1, 0, 2)
+        if T0:  # one GEMM over every checkpointed task: (T0·p, k0) @ (k0, q)
+            out[:T0] = (self._base_rows() @ (P @ base_map).T).reshape(T0, self.p, -1).transpose(1, 2)
         return out
 
-    def _stacked_new(self) -> torch.Tensor:
-        """Every step's new coefficients, float64 ``(S, k, p)`` (steps of one basis size), cached."""
-        cached = getattr(self, "_stack", None)
-        if cached is None or cached[0] != len(self._new64) or cached[1] is not self._new64[-1]:
-            cached = self._stack = (len(self._new64), self._new64[-1], torch.stack(self._new64))
-        return cached[2]
+    def _composed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R_N ⋯ R_1 (k, k0), [c_1' … c_S'] (k, S·p))`` in float64: the checkpoint's composed
+        change of basis and every logged task's coefficients in the current basis, side by side.
+
+        Kept between calls and brought up to date by the merges appended since (one
+        ``(k', k) @ (k, S·p)`` product each), so a stream of merges never walks the whole log again;
+        rebuilt by one backward pass when the checkpoint or an already-seen step changed (a
+        compaction, :meth:`set_last`). Only merges read it; :meth:`materialize` stays a pure
+        function of ``base`` and ``steps``."""
+        c, S = self._comp, len(self.steps)
+        if c is None or c[2] is not self.base or c[0] > S or (c[0] and self.steps[c[0] - 1] is not c[1]):
+            k = self.steps[-1][0].shape[0] if S else self.base.shape[1]
+            P, cols = torch.eye(k, dtype=_F, device=self.base.device), []
+            for j in range(S - 1, -1, -1):
+                cols.append(P @ self._new64[j])
+                P = P @ self.steps[j][0]
+            cols.reverse()
+            base_map, now = P, (torch.cat(cols, 1) if cols else P.new_zeros(k, 0))
+        else:
+            base_map, now = c[3], c[4]
+            for j in range(c[0], S):
+                change = self.steps[j][0]
+                base_map, now = change @ base_map, torch.cat([change @ now, self._new64[j]], 1)
+        self._comp = (S, self.steps[-1] if S else None, self.base, base_map, now)
+        return base_map, now
 
     def _base_rows(self) -> torch.Tensor:
         """The checkpoint as float64 rows ``(T0·p, k0)`` (row ``t·p + j`` = column j of task t),
