@@ -226,3 +226,20 @@ def test_changing_an_old_task_makes_the_next_write_a_checkpoint(tiny_share, fast
     reader = load_store(store)
     for t in "abc":
         assert torch.equal(_out(reader, xs, t), _out(tiny_share, xs, t))
+
+
+def test_long_streams_keep_per_task_drift_for_the_last_merge_only(tiny_share, monkeypatch):
+    """Merge records grow as T²/2 per-task entries; past the cap, older merges keep their summary
+    (the worst drift survives) and the newest keeps every task's drift."""
+    import sharecl.methods.share as share_module
+
+    monkeypatch.setattr(share_module, "DRIFT_ENTRIES_MAX", 20)
+    for i in range(9):
+        tiny_share.add_adapter(f"a{i}", _random_adapter(tiny_share, i), scaling=1.0)
+    records = tiny_share.drift
+    assert len(records) == 9 and set(records[-1]["per_task"]) == {f"a{i}" for i in range(8)}
+    held = sum(len(r.get("per_task") or {}) for r in records)
+    assert 8 <= held <= 20 + 8, held
+    summarised = [r for r in records if "per_task" not in r]
+    assert summarised and all("drift_max" in r for r in summarised[1:])  # the first merge had no old task
+

@@ -26,11 +26,12 @@ from sharecl.methods.share_cil import CIL_SCORES, MAHALANOBIS_SHRINK, ShareClass
 from sharecl.subspace import merge_subspace
 from sharecl.train import PeakRSS, TrainConfig, train_steps
 
-__all__ = ["ShareConfig", "ShareMethod", "LOG_STEPS_MAX"]
+__all__ = ["ShareConfig", "ShareMethod", "LOG_STEPS_MAX", "DRIFT_ENTRIES_MAX"]
 
 #: Merges kept in the coefficient logs before they are folded into a checkpoint
 #: (:mod:`sharecl.coeff_log`): bounds the work of materialising coefficients after a merge.
 LOG_STEPS_MAX = 256
+DRIFT_ENTRIES_MAX = 100_000  # per-task drift entries kept in memory before older merges keep only their summary
 
 
 
@@ -125,6 +126,9 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
         drift: per merge, ``{"after_task", "per_task": {name: {"mean", "max"}}, "new_task": {...}}``
             (relative Frobenius change of each old task's ΔW, over layers; for the new task, its
             own rank-r → p truncation ``‖ΔW_t − ΔW_t^(p)‖/‖ΔW_t‖`` and its projection's change).
+            Once the records hold more than :data:`DRIFT_ENTRIES_MAX` per-task entries (they grow
+            as T²/2), every merge but the last keeps only its summary (``drift_mean``,
+            ``drift_max``, ``worst_task``; :func:`sharecl.store.compact_merges`), as stores do.
         kinds: ``{task: "data" | "adapter"}``.
     """
 
@@ -143,6 +147,7 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
         self.layers: dict[str, ShareLinear] = wrap_targets(
             encoder.model, targets, lambda lin: ShareLinear(lin, scaling=cfg.scaling, p=cfg.p, router=self.router))
         self.drift: list[dict] = []
+        self._drift_entries = 0  # per-task entries in self.drift
         self.kinds: dict[str, str] = {}
         self.prototypes: dict[str, torch.Tensor] = {}  # task → class-mean features (C, hidden) under its own ΔW
         self.taskid_heads = TaskHeads(encoder.hidden_size, encoder.device)  # --align: task identification on base features
@@ -201,6 +206,11 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
                   "k": [list(layer.k) for layer in self.layers.values()],
                   "kept_energy_min": min(min(e) for e in energies)}
         self.drift.append(record)
+        self._drift_entries += len(old)
+        if self._drift_entries > DRIFT_ENTRIES_MAX:  # a long stream: O(T) memory per merge, not O(T²) over the stream
+            from sharecl.store import compact_merges
+
+            self.drift, self._drift_entries = compact_merges(self.drift), len(old)
         if self.log_steps() > LOG_STEPS_MAX:
             self.compact_log()
         return record
@@ -394,3 +404,4 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
         self.prototypes = {t["name"]: tensors[f"prototypes.{t['name']}"] for t in tasks if f"prototypes.{t['name']}" in tensors}
         self.kinds = {t["name"]: meta.get("kinds", {}).get(t["name"], t.get("kind", "data")) for t in tasks}
         self.drift = list(meta.get("merges", []))
+        self._drift_entries = sum(len(r.get("per_task") or {}) for r in self.drift)
