@@ -145,6 +145,10 @@ def test_methods_align_and_stores_keep_the_statistics(name, rank, tiny_model_dir
             assert torch.equal(method.cil_logits(xs), want)
         assert set(method.class_stats) == {t.name for t in tasks[: i + 1]}
         assert all(torch.equal(a, b) for a, b in zip(method.class_stats[task.name], stats, strict=True))
+    # a reloaded aligned store aligns the next task whatever learn is given, at its own rank
+    info = method.learn(make_task("c", seed=2), fast_cfg, progress=False)
+    assert info["align"]["classes"] == 9 and method.kept_align_rank() == rank
+    assert [x.shape for x in method.class_stats["c"][1:]] == ([(3, 32, 32)] if rank is None else [(3, 32, rank), (3, 32)])
     # statistics count as head bytes: per class a mean and a covariance (full, or rank·32 + 32)
     head = 3 * 33
     assert method.head_numbers_per_task() == head + 3 * 32 + (3 * 32 * 32 if rank is None else 3 * (32 * rank + 32))

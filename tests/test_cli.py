@@ -128,6 +128,30 @@ def test_inflora_store_from_the_command_line(tmp_path, tiny_model_dir, cli_store
     assert r.returncode == 1 and "cannot be stored" in r.stderr and not (tmp_path / "x").exists()
 
 
+def test_learn_with_align_keeps_aligning_and_a_plain_store_refuses_it(tmp_path, tiny_model_dir, cli_store):
+    import torch
+
+    a = write_csv(tmp_path / "a.csv", make_task("a"))
+    b = write_csv(tmp_path / "b.csv", make_task("b", seed=1))
+    store = tmp_path / "aligned"
+    sharecl("learn", store, "--task", "a", "--data", a, "--model", tiny_model_dir, "--steps", 4, "-r", 4,
+            "--align", "--align-rank", "2", "--no-progress")
+    m = load_store(store)
+    assert m.config.cil_score == "aligned" and set(m.class_stats) == {"a"} and m.kept_align_rank() == 2
+    head_a = m.taskid_heads.heads["a"].weight.clone()
+    sharecl("learn", store, "--task", "b", "--data", b, "--steps", 4, "--no-progress")  # no --align: the store keeps aligning
+    m = load_store(store)
+    assert set(m.class_stats) == {"a", "b"} and m.kept_align_rank() == 2 and m.class_stats["b"][1].shape[-1] == 2
+    assert not torch.equal(m.taskid_heads.heads["a"].weight, head_a)  # task a's identification head re-aligned beside b's
+    plain = tmp_path / "plain"
+    shutil.copytree(cli_store / "store", plain)
+    version = read_manifest(plain)["version"]
+    r = sharecl("learn", plain, "--task", "c", "--data", b, "--align", "--no-progress", check=False)
+    assert r.returncode == 1 and "learned without --align" in r.stderr and read_manifest(plain)["version"] == version
+    r = sharecl("learn", plain, "--task", "c", "--data", b, "--align-rank", "2", "--no-progress", check=False)
+    assert r.returncode == 1 and "pass --align too" in r.stderr
+
+
 def test_parse_set_options():
     from sharecl.cli import _parse_set
 

@@ -16,7 +16,19 @@ import typer
 from rich.table import Table
 
 from sharecl.cli_checks import check_store_options, user_errors
-from sharecl.cli_common import AugmentOpt, ClipOpt, DeviceOpt, EOpt, PrecisionOpt, WarmupOpt, console, default_lr, setup_torch, share_options
+from sharecl.cli_common import (
+    AugmentOpt,
+    ClipOpt,
+    DeviceOpt,
+    EOpt,
+    PrecisionOpt,
+    WarmupOpt,
+    check_align_rank,
+    console,
+    default_lr,
+    setup_torch,
+    share_options,
+)
 
 #: What each store modality holds, for error messages.
 _KIND_WORDS = {"text": "text classification", "image": "image classification", "lm": "generation (prompt/completion)"}
@@ -101,6 +113,11 @@ def learn(
     metric: Annotated[str, typer.Option(help="Generation: how the held-out answers are scored, rouge-l or exact-match.")] = "rouge-l",
     max_new_tokens: Annotated[int, typer.Option(help="Generation: most tokens of a held-out answer.")] = 32,
     augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None,
+    align: Annotated[bool, typer.Option(help="Classification stores, from the first task on: keep each class's feature mean "
+                                             "and covariance and re-align every head after each task (SLCA), so predictions "
+                                             "without a task id compare calibrated heads. A store learned so keeps aligning.")] = False,
+    align_rank: Annotated[Optional[int], typer.Option(help="With --align: keep covariances as their top-R eigenvectors plus a "
+                                                           "diagonal (default: full).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
 ):
@@ -126,6 +143,7 @@ def learn(
     from sharecl.train import TrainConfig
 
     check_task_name(task)
+    check_align_rank(align, align_rank)
     share_opts = {"k": k, "p": p, "energy": energy, "phi": phi, "init": init, "merge_finetune_steps": merge_finetune_steps}
     if method_name is not None and method_name not in STORABLE:
         raise ValueError(f"--method {method_name!r} cannot be stored; choose one of {', '.join(STORABLE)}")
@@ -160,10 +178,11 @@ def learn(
                                 if reads == "text" else "use a text store, or image data for this one"))
         if task in method.task_classes:
             raise ValueError(f"task {task!r} already exists in {store}; choose another name")
+        _check_align(method, align, store, modality)
         lr = lr if lr is not None else default_lr(modality)
         cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed,
                           max_length=method.encoder.max_length, augment=augment, warmup_steps=warmup_steps,
-                          max_grad_norm=max_grad_norm)
+                          max_grad_norm=max_grad_norm, align=align, align_rank=align_rank)
         method.learn(t, cfg, progress=progress)
         score, what = _held_out(method, t)
         dist.barrier()  # every rank finished: a rank lost before this point leaves the store untouched
@@ -173,6 +192,22 @@ def learn(
     size = f"{t.num_classes} classes, " if modality != "lm" else ""
     console.print(f"learned [bold]{task}[/] ({size}{len(t.train_inputs)} train): held-out {what} {100 * score:.1f}% "
                   f"on {len(t.test_inputs)} examples; store version {manifest['version']}")
+
+
+def _check_align(method, align: bool, store: Path, modality: str) -> None:
+    """Refuse ``--align`` before training where it cannot work: generation stores, methods
+    without one feature space, or a store whose tasks were learned without it (alignment needs
+    every task's class statistics, and they cannot be recomputed without the old data)."""
+    if not align:
+        return
+    if modality == "lm":
+        raise ValueError("--align calibrates classification heads; a generation store has none: drop --align")
+    if not method.aligns:
+        raise ValueError(f"--method {method.name} scores each task in its own feature space; --align needs one: drop it")
+    if method.task_names and not method.aligns_every_task():
+        raise ValueError(f"{store} was learned without --align: its tasks have no class statistics, which alignment needs "
+                         "for every task (they cannot be computed without the old data); drop --align, or start a new "
+                         "store with --align from its first task")
 
 
 def _held_out(method, task) -> tuple[float, str]:

@@ -185,8 +185,13 @@ class ContinualMethod(ABC):
     def learn(self, task: Task, cfg: TrainConfig, *, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         """Train one task end to end (begin, train, end). Restores nothing on failure: callers
         that must keep old state (the store) work on a loaded copy. A ``cfg`` without a learning
-        rate gets the modality's default (:meth:`TrainConfig.resolved`)."""
+        rate gets the modality's default (:meth:`TrainConfig.resolved`). A model built with
+        classifier alignment (:meth:`aligns_every_task`) aligns every new task too, at the rank
+        its statistics were kept at, so a store keeps answering without a task id whatever
+        ``learn`` is called with."""
         cfg = cfg.resolved(self.modality)
+        if not cfg.align and self.aligns_every_task():
+            cfg = dataclasses.replace(cfg, align=True, align_rank=self.kept_align_rank())
         groups = self.begin_task(task, cfg)
         losses = train_steps(self.training_forward(task), groups, task, cfg,
                              desc=f"{self.name} · {task.name}", generator=self.generator(11), rss=rss, progress=progress)
@@ -218,6 +223,18 @@ class ContinualMethod(ABC):
         feats = self.batched(self.cil_features, task.train_inputs, cfg.eval_batch_size)
         stats = class_statistics(feats, torch.tensor(task.train_labels), task.num_classes)
         return low_rank_statistics(*stats, cfg.align_rank) if cfg.align_rank else stats
+
+    def aligns_every_task(self) -> bool:
+        """Whether this model was learned with classifier alignment (``--align``), so every new
+        task must be aligned too: every task with a classification head has class statistics."""
+        names = [t for t in self.task_names if t in self.heads]
+        return bool(names) and all(t in self.class_stats for t in names)
+
+    def kept_align_rank(self) -> int | None:
+        """The ``align_rank`` the newest task's class statistics were kept at (None: full covariances)."""
+        last = [t for t in self.task_names if t in self.class_stats]
+        stats = self.class_stats[last[-1]] if last else ()
+        return int(stats[1].shape[-1]) if len(stats) == 3 else None
 
     def align_classifier(self, task: Task, cfg: TrainConfig) -> dict:
         """Keep ``task``'s class statistics (mean and covariance of :meth:`cil_features` over its

@@ -11,7 +11,7 @@ small space, with balanced factors, no centring by default and no null-space pad
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -215,13 +215,10 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
             self.compact_log()
         return record
 
-    def learn(self, task: Task, cfg: TrainConfig, *, rss: PeakRSS | None = None, progress: bool = True) -> dict:
-        """As :meth:`ContinualMethod.learn`; a model whose task identification is aligned
-        (``cil_score="aligned"``, from ``--align``) aligns every new task too, so a store keeps
-        answering without a task id whatever ``learn`` is called with."""
-        if self.config.cil_score == "aligned" and not cfg.align:
-            cfg = replace(cfg, align=True)
-        return super().learn(task, cfg, rss=rss, progress=progress)
+    def aligns_every_task(self) -> bool:
+        """A model whose task identification is aligned (``cil_score="aligned"``, from
+        ``--align``); Share's ``"mahalanobis"`` score keeps class statistics without aligning."""
+        return self.config.cil_score == "aligned"
 
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         factors = {name: layer.trained_factors() for name, layer in self.layers.items()}
