@@ -143,6 +143,12 @@ def test_learn_with_align_keeps_aligning_and_a_plain_store_refuses_it(tmp_path, 
     m = load_store(store)
     assert set(m.class_stats) == {"a", "b"} and m.kept_align_rank() == 2 and m.class_stats["b"][1].shape[-1] == 2
     assert not torch.equal(m.taskid_heads.heads["a"].weight, head_a)  # task a's identification head re-aligned beside b's
+    xs = make_task("a").test_inputs[:3] + make_task("b", seed=1).test_inputs[:3]
+    rows = [json.loads(line) for line in sharecl("predict", store, "--json", *xs).stdout.strip().splitlines()]  # no task id
+    assert len(rows) == 6 and all(r["label"] in make_task(r["task"], seed="ab".index(r["task"])).classes for r in rows)
+    with torch.no_grad():
+        want = m.cil_logits(xs).softmax(-1).amax(-1)
+    assert [r["probability"] for r in rows] == pytest.approx(want.tolist(), abs=1e-5)
     plain = tmp_path / "plain"
     shutil.copytree(cli_store / "store", plain)
     version = read_manifest(plain)["version"]

@@ -261,36 +261,47 @@ def add_adapter(
 def predict(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
     inputs: Annotated[list[str], typer.Argument(help="Texts to classify; for a vision store, image files.")],
-    task: Annotated[str, typer.Option(help="Task whose adapter and head answer.")],
+    task: Annotated[Optional[str], typer.Option(help="Task whose adapter and head answer. Omitted: no task id — every task's "
+                                                     "classes compete (class-incremental; the method's own rule, calibrated "
+                                                     "when the store was learned with --align).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ):
-    """Classify texts (or image files, for a store built on a vision model) with one task of a store."""
+    """Classify texts (or image files, for a store built on a vision model) with one task of a
+    store, or, without --task, with all of them (the answer names the task and its class)."""
     setup_torch(None)
     import torch
 
     from sharecl.store import load_store
 
     method = load_store(store)
-    method.check_task(task)
+    if task is not None:
+        method.check_task(task)
     if method.modality == "lm":
-        raise ValueError(f"{store} holds generation tasks on a causal LM; use `sharecl generate {store} --task {task} PROMPT …`")
-    if task not in method.heads:
-        raise ValueError(f"task {task!r} was added as an adapter only and has no classification head; it can be exported, not predicted")
+        raise ValueError(f"{store} holds generation tasks on a causal LM; use `sharecl generate {store} --task TASK PROMPT …`")
+    headless = [t for t in ([task] if task else method.task_names) if t not in method.heads]
+    if headless:
+        raise ValueError(f"task(s) {headless[:3]} were added as adapters only and have no classification head; they can be "
+                         "exported, not predicted" + ("; pass --task with a task that has one" if task is None else ""))
     xs = list(inputs)
     if method.encoder.images is not None:
         from sharecl.data.image_files import read_image
 
         xs = [read_image(x, max_side=method.encoder.images.decode_side) for x in inputs]  # as `sharecl serve` decodes
     with torch.no_grad():
-        probs = method.logits(xs, task).softmax(-1)
-    classes = method.task_classes[task]
+        if task is not None:
+            probs, labels = method.logits(xs, task).softmax(-1), [(task, c) for c in method.task_classes[task]]
+        else:  # every seen class, in task order (as the class-incremental evaluation scores them)
+            probs = method.cil_logits(xs).softmax(-1)
+            labels = [(t, c) for t in method.task_names for c in method.task_classes[t]]
     key = "image" if method.encoder.images is not None else "text"
     for text, pr in zip(inputs, probs):
         i = int(pr.argmax())
+        (t, label), prob = labels[i], float(pr[i])
         if as_json:
-            print(json.dumps({key: text, "label": classes[i], "probability": round(float(pr[i]), 6)}))
+            print(json.dumps({key: text, **({} if task else {"task": t}), "label": label, "probability": round(prob, 6)}))
         else:
-            console.print(f"{classes[i]}\t{float(pr[i]):.3f}\t{text[:80]}", highlight=False)
+            prefix = "" if task else f"{t}\t"
+            console.print(f"{prefix}{label}\t{prob:.3f}\t{text[:80]}", highlight=False)
 
 
 @user_errors
