@@ -105,7 +105,9 @@ def test_batcher_never_splits_a_request_and_respects_the_row_limit(served_store)
     ({"task": "a", "inputs": ["x" * 101]}, 422, "invalid_request"),
     ({"task": "a", "inputs": ["x"], "extra": 1}, 422, "invalid_request"),
     ({"task": 3, "inputs": ["x"]}, 422, "invalid_request"),
-    ({"inputs": ["x"]}, 422, "invalid_request"),
+    ({"inputs": ["x"]}, 422, "no_head"),  # no task id: every task must have a head, and z has none
+    ({"task": None, "inputs": ["x"]}, 422, "no_head"),
+    ({"task": "", "inputs": ["x"]}, 422, "invalid_request"),
     ([1, 2, 3], 422, "invalid_request"),
 ])
 def test_bad_requests_get_a_4xx_json_error(served_store, body, status, code):
@@ -235,6 +237,23 @@ def test_peer_stores_are_served_too(name, config, tiny_model_dir, tmp_path):
         assert r.status_code == 200 and c.get("/tasks").json()["method"] == name
         torch.testing.assert_close(torch.tensor([p["probabilities"] for p in r.json()["predictions"]]),
                                    m.logits(xs, "b").softmax(-1), atol=1e-5, rtol=0)
+        r = c.post("/predict", json={"inputs": xs})  # no task id: every task's classes, as cil_logits scores them
+        assert r.status_code == 200, r.text
+        body, want = r.json(), m.cil_logits(xs).softmax(-1)
+        labels = [(t.name, c) for t in tasks for c in t.classes]
+        assert body["task"] is None and body["classes"] == [f"{t}/{c}" for t, c in labels]
+        torch.testing.assert_close(torch.tensor([p["probabilities"] for p in body["predictions"]]), want, atol=1e-5, rtol=0)
+        assert [(p["task"], p["label"]) for p in body["predictions"]] == [labels[i] for i in want.argmax(-1).tolist()]
+    # rows with and without a task id in one batch: each answered as if alone
+    loaded = StoreWatcher(tmp_path / "s", interval_s=0).current
+    b = MicroBatcher(lambda: loaded, max_batch_size=64, max_wait_ms=200)
+    futs = [b.submit("b", xs), b.submit(None, xs), b.submit("a", xs[:2])]
+    (_, p_b), (_, p_all), (_, p_a) = [f.result(timeout=60) for f in futs]
+    b.close()
+    assert b.batches == 1
+    torch.testing.assert_close(p_b, m.logits(xs, "b").softmax(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(p_all, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(p_a, m.logits(xs[:2], "a").softmax(-1), atol=1e-5, rtol=0)
 
 
 def test_a_vision_store_answers_base64_images(tmp_path):

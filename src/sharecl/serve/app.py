@@ -1,6 +1,8 @@
 """The HTTP application of ``sharecl serve``: configuration, limits and routes (FastAPI).
 
-A store of classification tasks answers ``POST /predict``; a store on a causal LM (generation
+A store of classification tasks answers ``POST /predict`` (with a ``task``, or without one: every
+task's classes compete, :meth:`~sharecl.methods.base.ContinualMethod.cil_logits`, and each
+prediction names its task); a store on a causal LM (generation
 tasks) answers ``POST /generate``; each refuses the other's route with a 422 that names the
 right one. Every refusal is a 4xx with a JSON body ``{"error": {"code", "message"}}``: body too
 large (413; the body is read and dropped first, up to ``max_drain_bytes``, so a client that
@@ -16,7 +18,7 @@ and at most that many images are decoded at full size at once.
 import asyncio
 import concurrent.futures
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Optional
 
 from sharecl.serve.batcher import MicroBatcher
 from sharecl.serve.watcher import StoreWatcher
@@ -178,7 +180,8 @@ def create_app(watcher: StoreWatcher, config: ServeConfig | None = None):
     what = "base64-encoded images (PNG, JPEG, …)" if vision else "texts"
 
     class PredictRequest(BaseModel):
-        task: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(description="task name (GET /tasks)")
+        task: Optional[Annotated[str, StringConstraints(min_length=1, max_length=200)]] = Field(
+            default=None, description="task name (GET /tasks); omitted: no task id, every task's classes compete")
         inputs: Annotated[list[Text], Field(min_length=1, max_length=cfg.max_inputs)] = Field(
             description=f"{what} to classify (1–{cfg.max_inputs}, each ≤ {per_input} characters)")
         model_config = {"extra": "forbid"}
@@ -187,9 +190,10 @@ def create_app(watcher: StoreWatcher, config: ServeConfig | None = None):
         label: str
         probability: float
         probabilities: list[float]
+        task: Optional[str] = Field(default=None, description="the task the label belongs to (requests without a task)")
 
     class PredictResponse(BaseModel):
-        task: str
+        task: Optional[str]
         store_version: int
         classes: list[str]
         predictions: list[Prediction]
@@ -282,9 +286,15 @@ def create_app(watcher: StoreWatcher, config: ServeConfig | None = None):
         cur = watcher.current
         if lm:
             return _error(422, "wrong_route", "this store generates text with a causal LM; use POST /generate")
-        if req.task not in cur.classes:
+        if req.task is None:
+            headless = [t for t in cur.classes if t not in cur.has_head]
+            if headless or not cur.classes:
+                return _error(422, "no_head", "a request without a task compares every task's classes, but "
+                              + (f"task(s) {headless[:5]} were added as adapters only and have no classification head; "
+                                 "name a task" if headless else "the store has no task yet"))
+        elif req.task not in cur.classes:
             return _unknown(req.task, cur)
-        if req.task not in cur.has_head:
+        elif req.task not in cur.has_head:
             return _error(422, "no_head", f"task {req.task!r} was added as an adapter only and has no classification head")
         inputs = req.inputs
         if vision:
@@ -301,11 +311,18 @@ def create_app(watcher: StoreWatcher, config: ServeConfig | None = None):
             version, probs = await asyncio.wrap_future(app.state.batcher.submit(req.task, inputs))
         except Exception as exc:  # noqa: BLE001 - a fault of the server, not of the request
             return _error(503, "inference_failed", f"the model could not answer ({type(exc).__name__}: {exc}); retry")
-        classes = cur.classes[req.task]  # a task's classes never change between store versions
+        if req.task is not None:
+            classes = cur.classes[req.task]  # a task's classes never change between store versions
+            labels = [(req.task, c) for c in classes]
+        else:  # tasks are only ever appended: the answering version's classes open the current one's list
+            now = watcher.current
+            labels = [(t, c) for t in now.classes for c in now.classes[t]][: probs.shape[1]]
+            classes = [f"{t}/{c}" for t, c in labels]
         preds = []
         for row in probs.tolist():
             i = max(range(len(row)), key=row.__getitem__)
-            preds.append({"label": classes[i], "probability": row[i], "probabilities": row})
+            preds.append({"label": labels[i][1], "probability": row[i], "probabilities": row,
+                          **({"task": labels[i][0]} if req.task is None else {})})
         return {"task": req.task, "store_version": version, "classes": classes, "predictions": preds}
 
     @app.post("/generate", response_model=GenerateResponse,

@@ -16,14 +16,22 @@ __all__ = ["MicroBatcher"]
 
 @dataclass
 class _Pending:
-    task: str
+    task: str | None  # None: no task id (classification: every task's classes compete)
     inputs: list
     option: object = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
-def _classify(method, inputs: list, tasks: list[str], options: list) -> list:
-    return method.mixed_logits(inputs, tasks)
+def _classify(method, inputs: list, tasks: list[str | None], options: list) -> list:
+    """One logit vector per row: rows with a task as :meth:`mixed_logits` gives them, rows without
+    one over every seen class (:meth:`cil_logits`, one more forward)."""
+    out: list = [None] * len(inputs)
+    for ids, run in (([i for i, t in enumerate(tasks) if t is not None], lambda xs, ts: method.mixed_logits(xs, ts)),
+                     ([i for i, t in enumerate(tasks) if t is None], lambda xs, ts: method.cil_logits(xs))):
+        if ids:
+            for i, row in zip(ids, run([inputs[i] for i in ids], [tasks[i] for i in ids])):
+                out[i] = row
+    return out
 
 
 def _probabilities(rows: list) -> torch.Tensor:
@@ -57,7 +65,8 @@ class MicroBatcher:
         kind: ``classify`` or ``generate`` (:data:`KINDS`).
 
     :meth:`submit` returns a future resolving to ``(store_version, answer)``: probabilities
-    ``(n, C)`` float32 (``classify``), or one list of new token ids per input (``generate``,
+    ``(n, C)`` float32 (``classify``; ``task=None``: over every class the version has seen, in task
+    order, from :meth:`~sharecl.methods.base.ContinualMethod.cil_logits`), or one list of new token ids per input (``generate``,
     whose ``option`` is the request's ``max_new_tokens``).
     """
 
@@ -71,7 +80,7 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._run, name="sharecl-micro-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, task: str, inputs: list, option=None) -> concurrent.futures.Future:
+    def submit(self, task: str | None, inputs: list, option=None) -> concurrent.futures.Future:
         item = _Pending(task, list(inputs), option)
         self._queue.put(item)
         return item.future
