@@ -205,8 +205,11 @@ def _drift(gcb: torch.Tensor, gca: torch.Tensor, gyb: torch.Tensor, gya: torch.T
     mutually orthogonal terms), and ``‖x yᵀ‖_F² = Σ (xᵀx) ⊙ (yᵀy)``. The dropped terms come from
     their own small residuals, so a drift of 1e-16 reads as such (no cancellation).
     """
-    num = ((gcb * gya) + (gyb * gca) + (gyb * gya)).sum((1, 2))
-    den = num + (gcb * gca).sum((1, 2))
+    def dot(x, y):  # per task Σ x ⊙ y, without a (T, p, p) temporary
+        return torch.einsum("tij,tij->t", x, y)
+
+    num = dot(gcb, gya) + dot(gyb, gca) + dot(gyb, gya)
+    den = num + dot(gcb, gca)
     return torch.where(den > 0, (num.clamp_min(0) / den.clamp_min(torch.finfo(_F).tiny)).sqrt(), torch.zeros_like(den))
 
 
@@ -397,8 +400,12 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
     else:
         coeff = c_new[None]
         resid = _left(C, Wc.T @ L)  # only the dropped part: (T, m − k', p)
-        g_resid_old = _gram(resid)
-        g_coeff_old = task_grams - g_resid_old  # ‖C_i‖-Gram splits exactly into the parts inside and outside W
+        g_resid, g_coeff = resid.new_empty(T + 1, p, p), resid.new_empty(T + 1, p, p)
+        torch.bmm(resid.transpose(1, 2), resid, out=g_resid[:T])
+        torch.sub(task_grams, g_resid[:T], out=g_coeff[:T])  # ‖C_i‖-Gram splits exactly into the parts inside and outside W
+        g_resid[T], g_coeff[T] = y_new.T @ y_new, c_new.T @ c_new
+        return {"W": W, "R": R, "coeff": coeff, "kept": kept, "g_coeff": g_coeff, "g_resid": g_resid,
+                "gram": R @ gram @ R.T + c_new @ c_new.T}
     return {"W": W, "R": R, "coeff": coeff, "kept": kept,
             "g_coeff": torch.cat([g_coeff_old, (c_new.T @ c_new)[None]], 0),
             "g_resid": torch.cat([g_resid_old, (y_new.T @ y_new)[None]], 0),
