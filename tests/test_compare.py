@@ -148,3 +148,16 @@ def test_tune_lr_chooses_on_the_validation_split_and_runs_every_seed_with_the_ch
     with pytest.raises(ValueError, match="no validation split"):
         compare("tiny-noval", ["head-only"], [0], fast_cfg, tmp_path / "x", model_path=tiny_model_dir, progress=False,
                 log=lambda *_: None, tune_lrs=[1e-2])
+
+
+def test_resume_accepts_a_rate_equal_to_round_off_and_refuses_another(tmp_path):
+    from dataclasses import asdict, replace
+
+    from sharecl.compare import _check_same_settings
+    from sharecl.train import TrainConfig
+
+    cfg = replace(TrainConfig(), lr=3e-3)
+    done = {"train_config": {**asdict(cfg), "lr": 10 * 3e-4}, "config": {}}  # 0.0029999999999999996
+    _check_same_settings(tmp_path / "r.json", done, cfg, "head-only", {})
+    with pytest.raises(ValueError, match="other settings: lr="):
+        _check_same_settings(tmp_path / "r.json", done, replace(cfg, lr=3.1e-3), "head-only", {})

@@ -157,13 +157,20 @@ def _plots(summary: dict, out: Path, stream: str, kind: str) -> None:
     finish(fig, ax, "adapter bytes stored (float32, no heads)", f"{stream}: storage", "bytes.png")
 
 
+def _same(a, b) -> bool:
+    """Equal settings; floats equal to 1e-9 relative (a rate computed as 10 × 3e-4 is 3e-3)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
 def _check_same_settings(path: Path, old: dict, cfg: TrainConfig, method: str, method_config: dict) -> None:
     """Refuse to reuse a ``results.json`` made with another training budget or method option
     (given now, or a default that has changed since). Share's ``cil_score`` only matters for a
     class-incremental stream, where ``--align`` makes it ``"aligned"``."""
     defaults = asdict(TrainConfig())
     done = old.get("train_config", {})
-    diff = [f"{k}={done.get(k, defaults[k])!r} (now {v!r})" for k, v in asdict(cfg).items() if done.get(k, defaults[k]) != v]
+    diff = [f"{k}={done.get(k, defaults[k])!r} (now {v!r})" for k, v in asdict(cfg).items() if not _same(done.get(k, defaults[k]), v)]
     oc = old.get("config", {})
     want = METHODS[method].default_config(**method_config)
     if old.get("scenario") != "cil":
@@ -290,7 +297,7 @@ def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainCo
         raise ValueError(f"--tune-lr needs positive learning rates, got {grid}")
     if sgd_grid is not None and (not sgd_grid or any(lr <= 0 for lr in sgd_grid)):
         raise ValueError(f"--tune-sgd-lr needs positive learning rates, got {sgd_grid}")
-    official_grid = sgd_grid if sgd_grid is not None else [10 * lr for lr in grid]
+    official_grid = sgd_grid if sgd_grid is not None else [float(f"{10 * lr:.12g}") for lr in grid]
     s = validation_stream(get_stream(stream, seed=seed, **(stream_options or {})))
     kind = "generation" if s.modality == "lm" else "classification"
     chosen = {}
