@@ -291,6 +291,24 @@ def test_duallora_orthogonal_update_and_frozen_residuals(enc, fast_cfg):
         assert torch.linalg.norm(layer.U[2:].double() @ m.memory[n].protected()) <= 1e-5  # residual basis outside M
 
 
+def test_duallora_without_orthogonal_adapter_never_moves_w_and_keeps_old_tasks(enc, fast_cfg):
+    """Ablation switch: with ``orthogonal=False`` only residual adapters and heads train, so the
+    shared weights stay the pretrained ones and an earlier task's task-id predictions are exact."""
+    m = DualLoRAMethod(enc, r=4, residual_rank=2, orthogonal=False)
+    before = {n: layer.base.weight.clone() for n, layer in m.layers.items()}
+    m.begin_stream(2)
+    a = make_task("a")
+    _train(m, a, fast_cfg)
+    logits_a = m.logits(a.test_inputs, "a")
+    _train(m, make_task("b", seed=1), fast_cfg)
+    for n, layer in m.layers.items():
+        assert torch.equal(layer.base.weight, before[n])
+        assert layer.R.abs().max() > 0  # the residual adapters did train
+    assert torch.equal(m.logits(a.test_inputs, "a"), logits_a)
+    with pytest.raises(ValueError, match="orthogonal"):
+        DualLoRAMethod(enc, orthogonal="no")
+
+
 def test_duallora_cil_calibration_masks_other_tasks_when_confident(enc, fast_cfg):
     m = DualLoRAMethod(enc, r=4, residual_rank=2, confidence=0.0)  # always confident
     m.begin_stream(2)

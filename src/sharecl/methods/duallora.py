@@ -59,6 +59,10 @@ class DualLoRAConfig:
         confidence: task-identity margin (top minus second softmax weight) at or above which
             logits are calibrated.
         lr: adapter learning rate; None = the run's ``lr``.
+        orthogonal: train the orthogonal adapter (default). False is an **ablation** that keeps
+            only the residual adapters and the heads (the shared weight ``W`` never changes, so
+            every forgetting left comes from the dynamic memory's weights); it measures what
+            the orthogonal adapter costs old tasks.
     """
 
     target_modules: list[str] | str | None = None
@@ -69,8 +73,11 @@ class DualLoRAConfig:
     temperature: float = 0.1
     confidence: float = 0.5
     lr: float | None = None
+    orthogonal: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.orthogonal, bool):
+            raise ValueError(f"orthogonal must be true or false, got {self.orthogonal!r}")
         if self.r < 1 or self.residual_rank < 1:
             raise ValueError(f"r and residual_rank must be ≥ 1, got {self.r} and {self.residual_rank}")
         if self.temperature <= 0:
@@ -122,7 +129,8 @@ class DualLoRAMethod(ContinualMethod):
         params = []
         for n, layer in self.layers.items():
             mem = self.memory[n]
-            params += layer.begin_task(self.config.r, mem.design(covs[n], self.config.residual_rank).T, mem.protected(), gen)
+            A_O, B_O, R_t = layer.begin_task(self.config.r, mem.design(covs[n], self.config.residual_rank).T, mem.protected(), gen)
+            params += [A_O, B_O, R_t] if self.config.orthogonal else [R_t]  # ablation: B_O stays 0, W never moves
         return [{"params": params, "lr": self.config.lr or cfg.lr}, *self._head_groups(head, cfg)]
 
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
@@ -178,7 +186,8 @@ class DualLoRAMethod(ContinualMethod):
 
     def trainable_numbers_last_task(self) -> int:
         c = self.config
-        return sum(c.r * (m.in_features + m.out_features) + c.residual_rank * m.out_features for m in self.layers.values())
+        r = c.r if c.orthogonal else 0
+        return sum(r * (m.in_features + m.out_features) + c.residual_rank * m.out_features for m in self.layers.values())
 
     # -------------------------------------------------------------------- store
     def state_tensors(self) -> dict[str, torch.Tensor]:
