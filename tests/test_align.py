@@ -120,7 +120,7 @@ def test_methods_align_and_stores_keep_the_statistics(name, rank, tiny_model_dir
     from conftest import make_task
     from sharecl.backbone import load_encoder
     from sharecl.methods import build_method
-    from sharecl.store import load_store, save_store
+    from sharecl.store import load_store, save_store, store_class_statistics
 
     cfg = replace(fast_cfg, align=True, align_steps=5, align_samples=4, align_rank=rank)
     tasks = [make_task("a"), make_task("b", seed=1)]
@@ -144,6 +144,8 @@ def test_methods_align_and_stores_keep_the_statistics(name, rank, tiny_model_dir
         with torch.no_grad():
             assert torch.equal(method.cil_logits(xs), want)
         assert set(method.class_stats) == {t.name for t in tasks[: i + 1]}
+        kind = "full covariances" if rank is None else f"rank {rank} + diagonal"
+        assert store_class_statistics(tmp_path / "s") == {t.name: kind for t in tasks[: i + 1]}
         assert all(torch.equal(a, b) for a, b in zip(method.class_stats[task.name], stats, strict=True))
     # a reloaded aligned store aligns the next task whatever learn is given, at its own rank
     info = method.learn(make_task("c", seed=2), fast_cfg, progress=False)

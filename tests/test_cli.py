@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import learn_b, make_task, sharecl, write_csv
-from sharecl.store import load_store, read_manifest, store_tasks
+from sharecl.store import load_store, read_manifest, store_class_statistics, store_tasks
 
 
 def test_learn_predict_info_export(cli_store, tmp_path):
@@ -143,6 +143,8 @@ def test_learn_with_align_keeps_aligning_and_a_plain_store_refuses_it(tmp_path, 
     m = load_store(store)
     assert set(m.class_stats) == {"a", "b"} and m.kept_align_rank() == 2 and m.class_stats["b"][1].shape[-1] == 2
     assert not torch.equal(m.taskid_heads.heads["a"].weight, head_a)  # task a's identification head re-aligned beside b's
+    assert store_class_statistics(store) == {"a": "rank 2 + diagonal", "b": "rank 2 + diagonal"}  # read from the files' headers
+    assert "classifier alignment: on" in sharecl("info", store).stdout
     xs = make_task("a").test_inputs[:3] + make_task("b", seed=1).test_inputs[:3]
     rows = [json.loads(line) for line in sharecl("predict", store, "--json", *xs).stdout.strip().splitlines()]  # no task id
     assert len(rows) == 6 and all(r["label"] in make_task(r["task"], seed="ab".index(r["task"])).classes for r in rows)
@@ -152,6 +154,7 @@ def test_learn_with_align_keeps_aligning_and_a_plain_store_refuses_it(tmp_path, 
     plain = tmp_path / "plain"
     shutil.copytree(cli_store / "store", plain)
     version = read_manifest(plain)["version"]
+    assert store_class_statistics(plain) == {} and "classifier alignment" not in sharecl("info", plain).stdout
     r = sharecl("learn", plain, "--task", "c", "--data", b, "--align", "--no-progress", check=False)
     assert r.returncode == 1 and "learned without --align" in r.stderr and read_manifest(plain)["version"] == version
     r = sharecl("learn", plain, "--task", "c", "--data", b, "--align-rank", "2", "--no-progress", check=False)

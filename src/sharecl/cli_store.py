@@ -371,10 +371,11 @@ def compact(store: Annotated[Path, typer.Argument(help="Store directory.")]):
 @user_errors
 def info(store: Annotated[Path, typer.Argument(help="Store directory.")]):
     """Describe a store: base model, config, tasks, sizes, last merge drift."""
-    from sharecl.store import read_manifest, store_records
+    from sharecl.store import read_manifest, store_class_statistics, store_records
 
     m = read_manifest(store)
     tasks, merges = store_records(store, m)
+    stats = store_class_statistics(store, m)
     console.print(f"[bold]{store}[/]  version {m['version']}  method {m['method']}  base {m['base_model']['path']} "
                   f"(sha256 {m['base_model']['sha256'][:12]}…)  tasks: {_KIND_WORDS.get(m.get('modality') or 'text')}")
     tok = m["base_model"].get("tokenizer")
@@ -383,11 +384,14 @@ def info(store: Annotated[Path, typer.Argument(help="Store directory.")]):
                       + (f"sha256 {tok['chat_template_sha256'][:12]}…" if tok.get("chat") else "not used"))
     console.print("config: " + ", ".join(f"{k}={v}" for k, v in m["config"].items()))
     t = Table(title=f"{len(tasks)} task(s)")
-    for col in ("task", "kind", "classes"):
+    for col in ("task", "kind", "classes", "class statistics (--align)"):
         t.add_column(col)
     for task in tasks:
-        t.add_row(task["name"], task["kind"], ", ".join(task["classes"]) or "-")
+        t.add_row(task["name"], task["kind"], ", ".join(task["classes"]) or "-", stats.get(task["name"], "-"))
     console.print(t)
+    if stats:
+        console.print("classifier alignment: on — every `learn` on this store aligns the heads (the rank of the newest "
+                      "task's statistics is kept)")
     size = sum(f.stat().st_size for f in Path(store).iterdir() if f.is_file())
     log = m["files"].get("log", [])
     console.print(f"on disk: {size:,} bytes" + (f" (a checkpoint and {len(log)} appended log file(s))" if log else ""))

@@ -258,6 +258,31 @@ def store_records(path: str | Path, manifest: dict | None = None) -> tuple[list[
     return tasks, merges
 
 
+def store_class_statistics(path: str | Path, manifest: dict | None = None) -> dict[str, str]:
+    """Which tasks keep class statistics for classifier alignment (``--align``), read from the
+    files' tensor names and shapes without loading them: ``{task: "full covariances"}`` or
+    ``{task: "rank R + diagonal"}``; tasks without statistics are absent.
+
+    Raises:
+        StoreError: see :func:`read_manifest`; a file that cannot be opened.
+    """
+    p = Path(path)
+    manifest = manifest or read_manifest(p)
+    out: dict[str, str] = {}
+    for entry in [manifest["files"]["state"], *manifest["files"].get("log", [])]:
+        try:
+            with safe_open(str(p / entry["name"]), framework="pt") as fh:
+                for key in fh.keys():
+                    if key.startswith("classstats.") and key.endswith(".cov"):
+                        out[key[len("classstats."):-len(".cov")]] = "full covariances"
+                    elif key.startswith("classstats.") and key.endswith(".cov_factor"):
+                        rank = fh.get_slice(key).get_shape()[-1]
+                        out[key[len("classstats."):-len(".cov_factor")]] = f"rank {rank} + diagonal"
+        except (SafetensorError, OSError) as exc:
+            raise StoreError(f"cannot read {p / entry['name']}: {exc}") from exc
+    return out
+
+
 def store_tasks(path: str | Path, manifest: dict | None = None) -> list[dict]:
     """A store's task entries in order; see :func:`store_records`."""
     return store_records(path, manifest)[0]
