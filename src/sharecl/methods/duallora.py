@@ -62,7 +62,8 @@ class DualLoRAConfig:
         orthogonal: train the orthogonal adapter (default). False is an **ablation** that keeps
             only the residual adapters and the heads (the shared weight ``W`` never changes, so
             every forgetting left comes from the dynamic memory's weights); it measures what
-            the orthogonal adapter costs old tasks.
+            the orthogonal adapter costs old tasks. Its zero factors are still stored, and
+            counted in the bytes per task.
     """
 
     target_modules: list[str] | str | None = None
