@@ -202,6 +202,21 @@ def test_share_aligns_task_identification_on_the_base_models_features(tiny_model
     assert m.head_numbers_per_task() >= 3 * 32 * 33 + 3 * 33  # statistics and identification head count as head bytes
     m.learn(make_task("d", seed=3), fast_cfg, progress=False)  # an aligned model aligns every new task (store `learn`)
     assert "d" in m.taskid_heads and "d" in m.class_stats and m.cil_logits(xs).shape == (len(xs), 12)
+    # cil_top_tasks: each input runs only under its m most likely tasks; those tasks' scores are the full ones
+    with torch.no_grad():
+        full = m.cil_logits(xs)
+        m.config.cil_top_tasks = 2
+        gated = m.cil_logits(xs)
+    mass = full.exp().reshape(len(xs), 4, 3).sum(-1)  # p(t | x): the joint summed over each task's classes
+    kept = torch.isfinite(gated).reshape(len(xs), 4, 3)
+    assert kept.all(-1).sum(-1).eq(2).all() and kept.any(-1).eq(kept.all(-1)).all()  # two whole tasks per input
+    assert torch.equal(kept.all(-1), torch.zeros_like(kept.all(-1)).scatter(1, mass.topk(2, -1).indices, True))
+    assert torch.allclose(gated[torch.isfinite(gated)], full[torch.isfinite(gated)], atol=1e-5)
+    with pytest.raises(ValueError, match="cil_top_tasks"):
+        m.cil_logits(xs, score="prototype")
+    with pytest.raises(ValueError, match="cil_top_tasks"):
+        ShareMethod(load_encoder(tiny_model_dir, max_length=16), seed=0, r=4, k=4, cil_top_tasks=0)
+    m.config.cil_top_tasks = None
     with pytest.raises(ValueError, match="choose one"):
         ShareMethod(load_encoder(tiny_model_dir, max_length=16), seed=0, r=4, k=4, cil_score="mahalanobis").learn(
             tasks[0], aligned_cfg, progress=False)

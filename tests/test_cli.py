@@ -151,10 +151,18 @@ def test_learn_with_align_keeps_aligning_and_a_plain_store_refuses_it(tmp_path, 
     with torch.no_grad():
         want = m.cil_logits(xs).softmax(-1).amax(-1)
     assert [r["probability"] for r in rows] == pytest.approx(want.tolist(), abs=1e-5)
+    top1 = [json.loads(line) for line in sharecl("predict", store, "--json", "--top-tasks", "1", *xs).stdout.strip().splitlines()]
+    with torch.no_grad():
+        likeliest = m.cil_logits(xs).exp().reshape(len(xs), 2, 3).sum(-1).argmax(-1)  # p(t | x) from the full joint
+    assert [r["task"] for r in top1] == ["ab"[int(t)] for t in likeliest]
+    r = sharecl("predict", store, "--task", "a", "--top-tasks", "1", *xs, check=False)
+    assert r.returncode == 1 and "drop --task" in r.stderr
     plain = tmp_path / "plain"
     shutil.copytree(cli_store / "store", plain)
     version = read_manifest(plain)["version"]
     assert store_class_statistics(plain) == {} and "classifier alignment" not in sharecl("info", plain).stdout
+    r = sharecl("predict", plain, "--top-tasks", "1", "some text", check=False)
+    assert r.returncode == 1 and "cil_top_tasks" in r.stderr
     r = sharecl("learn", plain, "--task", "c", "--data", b, "--align", "--no-progress", check=False)
     assert r.returncode == 1 and "learned without --align" in r.stderr and read_manifest(plain)["version"] == version
     r = sharecl("learn", plain, "--task", "c", "--data", b, "--align-rank", "2", "--no-progress", check=False)

@@ -265,6 +265,9 @@ def predict(
                                                      "classes compete (class-incremental; the method's own rule, calibrated "
                                                      "when the store was learned with --align).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    top_tasks: Annotated[Optional[int], typer.Option(help="Without --task, a Share store learned with --align: run each input "
+                                                          "only under its M most likely tasks (1 + M forward passes instead "
+                                                          "of 1 + T); probabilities are renormalised over those tasks.")] = None,
 ):
     """Classify texts (or image files, for a store built on a vision model) with one task of a
     store, or, without --task, with all of them (the answer names the task and its class)."""
@@ -273,7 +276,13 @@ def predict(
 
     from sharecl.store import load_store
 
+    if top_tasks is not None and (task is not None or top_tasks < 1):
+        raise ValueError("--top-tasks M (M ≥ 1) chooses tasks for inputs without a task id: drop --task, or drop --top-tasks")
     method = load_store(store)
+    if top_tasks is not None:
+        if not hasattr(method.config, "cil_top_tasks"):
+            raise ValueError(f"--top-tasks needs a Share store learned with --align; {store} holds {method.name}: drop --top-tasks")
+        method.config.cil_top_tasks = top_tasks  # cil_logits refuses it unless the store is aligned
     if task is not None:
         method.check_task(task)
     if method.modality == "lm":

@@ -59,6 +59,10 @@ class ShareConfig:
             features, aligned on class statistics of those features; same numbers plus the head).
         center: build the basis from mean-centred stacks, as the authors' code does (for
             comparison only: the uncentred basis is the best rank-k fit; METHODS.md §1).
+        cil_top_tasks: with ``cil_score="aligned"`` only: run each input under its ``m`` most
+            likely tasks (by the aligned identification on base features) instead of under every
+            task, so class-incremental inference costs ``1 + m`` forwards whatever the task
+            count; None (default) runs every task. [ours]
     """
 
     target_modules: list[str] | str | None = None
@@ -74,8 +78,11 @@ class ShareConfig:
     lr: float | None = None
     cil_score: str = "prototype"
     center: bool = False
+    cil_top_tasks: int | None = None
 
     def __post_init__(self):
+        if self.cil_top_tasks is not None and (not isinstance(self.cil_top_tasks, int) or self.cil_top_tasks < 1):
+            raise ValueError(f"ShareConfig.cil_top_tasks must be a positive integer or None, got {self.cil_top_tasks!r}")
         if self.cil_score not in CIL_SCORES:
             raise ValueError(f"ShareConfig.cil_score must be one of {CIL_SCORES}, got {self.cil_score!r}")
         if self.k is not None and self.energy is not None:

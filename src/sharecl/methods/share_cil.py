@@ -154,7 +154,9 @@ class ShareClassIncremental:
         - ``"aligned"`` (set by ``--align``, :meth:`align_classifier`): ``log p(t | x)`` from the
           task-identification heads on the base model's features (softmax over every seen class,
           summed over the task's classes) plus the task head's log-softmax under its coefficients:
-          a joint log-probability. One more forward pass (the base model).
+          a joint log-probability. One more forward pass (the base model). With
+          ``config.cil_top_tasks = m`` each input runs only under its ``m`` tasks of highest
+          ``log p(t | x)`` (:meth:`_aligned_top_tasks`); the other tasks' classes score ``-inf``.
 
         ``benchmarks/bench_cil_rules.py`` (3 seeds each; the streams have no validation split, so
         the default was chosen on test splits): on ``wordnet-cil`` prototype and energy tie, on
@@ -165,13 +167,18 @@ class ShareClassIncremental:
 
         Raises:
             ValueError: an unknown score, or ``"prototype"`` when a task has no prototypes (stores
-                written before prototypes existed: pass ``score="energy"``).
+                written before prototypes existed: pass ``score="energy"``); ``cil_top_tasks``
+                with a score other than ``"aligned"``.
 
-        Cost: ``T`` forward passes' worth of compute, in one batch.
+        Cost: ``T`` forward passes' worth of compute, in one batch (``1 + m`` with ``cil_top_tasks``).
         """
         score = score or self.config.cil_score
         if score not in CIL_SCORES:
             raise ValueError(f"score must be one of {CIL_SCORES}, got {score!r}")
+        top = getattr(self.config, "cil_top_tasks", None)
+        if top is not None and score != "aligned":
+            raise ValueError(f"cil_top_tasks={top} (--top-tasks) picks tasks by the aligned identification, but the score is {score!r}: "
+                             "learn the store with --align, or drop cil_top_tasks")
         missing = [t for t in self.task_names if t not in self.prototypes]
         if score == "prototype" and missing:
             raise ValueError(f"task(s) {missing} have no class prototypes (learned by an older sharecl); "
@@ -185,6 +192,8 @@ class ShareClassIncremental:
                                                 for t in self.task_names], -1), -1)
             sizes = [len(self.task_classes[t]) for t in self.task_names]
             log_task = torch.stack([x.logsumexp(-1) for x in logq.split(sizes, -1)], -1)  # (N, T)
+            if top is not None and top < len(self.task_names):
+                return self._aligned_top_tasks(list(inputs), log_task, top)
         if score == "mahalanobis":
             if len(self.taskid_heads.heads):
                 raise ValueError("this model's class statistics are on the base model's features (learned with --align); "
@@ -220,3 +229,31 @@ class ShareClassIncremental:
             else:
                 out.append(torch.logsumexp(logits, -1, keepdim=True) + logp - logp.max(-1, keepdim=True).values)
         return torch.cat(out, -1)
+
+    @torch.no_grad()
+    def _aligned_top_tasks(self, inputs: list, log_task: torch.Tensor, m: int) -> torch.Tensor:
+        """The aligned score run under each input's ``m`` most likely tasks only [ours].
+
+        ``log_task`` ``(N, T)`` is ``log p(t | x)``; row ``j·N + i`` of one mixed-task forward runs
+        input ``i`` under its ``j``-th most likely task. Returns ``(N, total classes)``: for the
+        chosen tasks ``log p(t | x) + log p(j | x, t)`` as :meth:`cil_logits` computes it, ``-inf``
+        for every class of the others.
+        """
+        N = len(inputs)
+        chosen = log_task.topk(m, -1).indices  # (N, m)
+        rows = chosen.T.reshape(-1).to(self.encoder.device)  # (m·N,): choice-major
+        with self.router.use(task_index=None, row_tasks=rows):
+            z = self._features(inputs * m)
+        offsets = self.class_offsets()
+        total = sum(len(self.task_classes[t]) for t in self.task_names)
+        out = torch.full((N, total), float("-inf"), dtype=z.dtype, device=z.device)
+        which = torch.arange(N, device=z.device).repeat(m)  # input of every row
+        log_task = log_task.to(z.device)
+        for i, t in enumerate(self.task_names):
+            idx = (rows == i).nonzero().flatten()
+            if len(idx):
+                logp = torch.log_softmax(self.heads(z[idx], t), -1)
+                o = offsets[t]
+                out[which[idx], o:o + logp.shape[-1]] = log_task[which[idx], i:i + 1].to(logp) + logp
+        return out
+
