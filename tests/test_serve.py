@@ -38,7 +38,7 @@ def served_store(tmp_path_factory, tiny_model_dir):
 
 
 def client_for(store, **cfg):
-    watcher = StoreWatcher(store, interval_s=cfg.pop("reload_interval_s", 0.0))
+    watcher = StoreWatcher(store, interval_s=cfg.pop("reload_interval_s", 0.0), top_tasks=cfg.get("top_tasks"))
     return TestClient(create_app(watcher, ServeConfig(**cfg)))
 
 
@@ -254,6 +254,38 @@ def test_peer_stores_are_served_too(name, config, tiny_model_dir, tmp_path):
     torch.testing.assert_close(p_b, m.logits(xs, "b").softmax(-1), atol=1e-5, rtol=0)
     torch.testing.assert_close(p_all, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(p_a, m.logits(xs[:2], "a").softmax(-1), atol=1e-5, rtol=0)
+
+
+def test_top_tasks_serves_each_input_under_its_likeliest_task(served_store, tiny_model_dir, tmp_path):
+    """``--top-tasks 1`` on an aligned Share store: each no-task row is answered by the task the full
+    joint finds most likely; a store without aligned identification is refused."""
+    from dataclasses import replace
+
+    from sharecl.backbone import load_encoder
+    from sharecl.methods.share import ShareMethod
+    from sharecl.train import TrainConfig
+
+    m = ShareMethod(load_encoder(tiny_model_dir, max_length=16), seed=0, r=4, lora_alpha=8, p=2, k=4, phi=2)
+    cfg = replace(TrainConfig(steps=4, batch_size=8, lr=1e-2, head_lr=1e-2, max_length=16), align=True, align_steps=5,
+                  align_samples=4)
+    tasks = [make_task("a"), make_task("b", seed=1), make_task("c", seed=2)]
+    for t in tasks:
+        m.learn(t, cfg, progress=False)
+    save_store(m, tmp_path / "s")
+    xs = [x for t in tasks for x in t.test_inputs[:2]]
+    with torch.no_grad():
+        likeliest = m.cil_logits(xs).exp().reshape(len(xs), 3, 3).sum(-1).argmax(-1)  # p(t | x) from the full joint
+    with client_for(tmp_path / "s", top_tasks=1) as c:
+        r = c.post("/predict", json={"inputs": xs})
+        assert r.status_code == 200, r.text
+        preds = r.json()["predictions"]
+        assert [p["task"] for p in preds] == ["abc"[int(t)] for t in likeliest]
+        probs = torch.tensor([p["probabilities"] for p in preds]).reshape(len(xs), 3, 3)
+        assert torch.equal(probs.sum(-1) > 0, torch.nn.functional.one_hot(likeliest, 3).bool())  # only that task ran
+    with pytest.raises(ValueError, match="drop --top-tasks"):
+        StoreWatcher(served_store, interval_s=0, top_tasks=1)
+    with pytest.raises(ValueError, match="top_tasks"):
+        ServeConfig(top_tasks=0)
 
 
 def test_a_vision_store_answers_base64_images(tmp_path):

@@ -256,6 +256,8 @@ def serve(
     reload_interval: Annotated[float, typer.Option(help="Seconds between checks for a new store version (0: never).")] = 1.0,
     device: DeviceOpt = "cpu", precision: PrecisionOpt = "fp32",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+    top_tasks: Annotated[Optional[int], typer.Option(help="Requests without a task id, on a Share store learned with --align: "
+                                                          "run each input under its M likeliest tasks only.")] = None,
 ):
     """Serve every task of a store over HTTP: POST /predict (classification) or POST /generate
     (a causal LM's generation tasks), GET /tasks, GET /health, /docs.
@@ -270,7 +272,7 @@ def serve(
     cfg = ServeConfig(host=host, port=port, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_inputs=max_inputs,
                       max_text_chars=max_text_chars, max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
                       max_new_tokens=max_new_tokens, reload_interval_s=reload_interval, precision=precision,
-                      device=dev)
+                      device=dev, top_tasks=top_tasks)
     run_server(store, cfg, log=console.print)
 
 

@@ -29,11 +29,13 @@ def serve(store: str | os.PathLike, config: ServeConfig | None = None, log=print
 
     Raises:
         StoreError: if the store cannot be loaded.
+        ValueError: ``config.top_tasks`` on a store that is not an aligned Share store.
     """
     import uvicorn
 
     cfg = config or ServeConfig()
-    watcher = StoreWatcher(store, device=cfg.device, interval_s=cfg.reload_interval_s, log=log, precision=cfg.precision)
+    watcher = StoreWatcher(store, device=cfg.device, interval_s=cfg.reload_interval_s, log=log, precision=cfg.precision,
+                           top_tasks=cfg.top_tasks)
     cur = watcher.current
     log(f"serving {store} (version {cur.version}, method {cur.method.name}, {len(cur.classes)} tasks) "
         f"on http://{cfg.host}:{cfg.port}  (OpenAPI: /docs, /openapi.json)")

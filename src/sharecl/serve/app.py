@@ -48,6 +48,8 @@ class ServeConfig:
         device: where the model runs (``auto``, ``cpu``, ``cuda``).
         precision: ``fp32``, or ``bf16`` (bfloat16 autocast of the backbone; on CPUs with
             bfloat16 instructions it decodes SmolLM2 about 2.6× faster, see the README).
+        top_tasks: requests without a task id run under each input's M likeliest tasks only
+            (aligned Share stores; ``ShareConfig.cil_top_tasks``); None: under every task.
     """
 
     host: str = "127.0.0.1"
@@ -64,8 +66,11 @@ class ServeConfig:
     reload_interval_s: float = 1.0
     device: str = "cpu"
     precision: str = "fp32"
+    top_tasks: int | None = None
 
     def __post_init__(self):
+        if self.top_tasks is not None and self.top_tasks < 1:
+            raise ValueError(f"top_tasks must be ≥ 1 or None, got {self.top_tasks}")
         for name in ("max_batch_size", "max_inputs", "max_text_chars", "max_body_bytes", "decode_workers",
                      "max_prompt_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:

@@ -29,7 +29,7 @@ def _signature(path: Path) -> tuple:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _load(path: Path, device: str, precision: str = "fp32") -> Loaded:
+def _load(path: Path, device: str, precision: str = "fp32", top_tasks: int | None = None) -> Loaded:
     from sharecl.store import load_store, read_manifest
 
     sig = _signature(path)
@@ -37,6 +37,11 @@ def _load(path: Path, device: str, precision: str = "fp32") -> Loaded:
     method = load_store(path, device=device, precision=precision)
     if method._store_link[1] != manifest["version"]:  # a newer manifest landed between the two reads
         raise RuntimeError("the store changed while it was being read")
+    if top_tasks is not None:
+        if not hasattr(method.config, "cil_top_tasks") or not method.aligns_every_task():
+            raise ValueError(f"--top-tasks needs a Share store learned with --align; {path} holds {method.name} "
+                             "without an aligned task identification: drop --top-tasks")
+        method.config.cil_top_tasks = top_tasks
     return Loaded(manifest["version"], method, {t: list(method.task_classes[t]) for t in method.task_names},
                   {t["name"]: t.get("kind", "data") for t in method.store_tasks},
                   frozenset(t for t in method.task_names if t in method.heads), sig)
@@ -52,15 +57,19 @@ class StoreWatcher:
     a manifest that changes again is tried at the next poll. :attr:`reload_error` says what
     failed (``/health`` shows it).
 
+    ``top_tasks``: answer requests without a task id under each input's M likeliest tasks only
+    (``ShareConfig.cil_top_tasks``; aligned Share stores).
+
     Raises (constructor):
         StoreError: if the store cannot be loaded now.
+        ValueError: ``top_tasks`` on a store that is not an aligned Share store.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", interval_s: float = 1.0, log=None, precision: str = "fp32",
-                 max_backoff_s: float = 300.0):
+                 max_backoff_s: float = 300.0, top_tasks: int | None = None):
         self.path, self.device, self.interval_s, self.log, self.precision = Path(path), device, interval_s, log, precision
-        self.max_backoff_s = max_backoff_s
-        self._current = _load(self.path, device, precision)
+        self.max_backoff_s, self.top_tasks = max_backoff_s, top_tasks
+        self._current = _load(self.path, device, precision, top_tasks)
         self.reloads, self.failed_reloads = 0, 0
         self.reload_error: dict | None = None  # {"signature", "error", "attempts", "retry_at"} of the failing manifest
         self._stop = threading.Event()
@@ -84,7 +93,7 @@ class StoreWatcher:
         if err is not None and err["signature"] == sig and now < err["retry_at"]:
             return False  # the same broken manifest: wait for the back-off
         try:
-            new = _load(self.path, self.device, self.precision)
+            new = _load(self.path, self.device, self.precision, self.top_tasks)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old version serving
             return self._failed(sig, exc, now)
         self.reload_error = None
