@@ -256,4 +256,3 @@ class ShareClassIncremental:
                 o = offsets[t]
                 out[which[idx], o:o + logp.shape[-1]] = log_task[which[idx], i:i + 1].to(logp) + logp
         return out
-
