@@ -31,6 +31,7 @@ import torch
 from _common import table, write
 from sharecl.data.streams import get_stream
 from sharecl.methods.share import CIL_SCORES
+from sharecl.methods.share_cil import set_top_tasks
 from sharecl.store import load_store
 from sharecl.train import predict_logits
 
@@ -67,7 +68,7 @@ def main() -> None:
             if score == "aligned" and len(method.taskid_heads.heads) < len(method.task_names):
                 print(f"seed {seed}: no task-identification heads in {d} (learned without --align); rule skipped")
                 continue
-            method.config.cil_top_tasks = top
+            set_top_tasks(method, top)
             row = {"seed": seed, "score": label}
             for split in ("test", "val"):
                 t0 = time.perf_counter()
@@ -81,7 +82,7 @@ def main() -> None:
                 suffix = "" if split == "test" else "_val"
                 row.update({f"final_cil_acc{suffix}": 100 * statistics.fmean(accs), f"task_id_acc{suffix}": 100 * statistics.fmean(tid),
                             f"seconds{suffix}": time.perf_counter() - t0})
-            method.config.cil_top_tasks = None
+            set_top_tasks(method, None)
             rows.append(row)
             print(rows[-1], flush=True)
     summary = []

@@ -276,13 +276,13 @@ def predict(
 
     from sharecl.store import load_store
 
-    if top_tasks is not None and (task is not None or top_tasks < 1):
-        raise ValueError("--top-tasks M (M ≥ 1) chooses tasks for inputs without a task id: drop --task, or drop --top-tasks")
+    if top_tasks is not None and task is not None:
+        raise ValueError("--top-tasks chooses tasks for inputs without a task id: drop --task, or drop --top-tasks")
     method = load_store(store)
     if top_tasks is not None:
-        if not hasattr(method.config, "cil_top_tasks"):
-            raise ValueError(f"--top-tasks needs a Share store learned with --align; {store} holds {method.name}: drop --top-tasks")
-        method.config.cil_top_tasks = top_tasks  # cil_logits refuses it unless the store is aligned
+        from sharecl.methods.share_cil import set_top_tasks
+
+        set_top_tasks(method, top_tasks)
     if task is not None:
         method.check_task(task)
     if method.modality == "lm":

@@ -16,10 +16,26 @@ from torch import nn
 
 from sharecl.data.tasks import Task
 
-__all__ = ["CIL_SCORES", "MAHALANOBIS_SHRINK", "ShareClassIncremental"]
+__all__ = ["CIL_SCORES", "MAHALANOBIS_SHRINK", "ShareClassIncremental", "set_top_tasks"]
 
 #: Class-incremental scores for Share's task identification.
 CIL_SCORES = ("prototype", "energy", "max-prob", "max-logit", "mahalanobis", "aligned")
+
+
+def set_top_tasks(method, m: int | None) -> None:
+    """Set ``config.cil_top_tasks`` of a loaded method (``predict``/``serve --top-tasks``, benchmarks).
+
+    Raises:
+        ValueError: ``m < 1``, or a method that is not a Share model learned with ``--align``
+            (only the aligned identification can choose tasks before running them).
+    """
+    if m is not None:
+        if m < 1:
+            raise ValueError(f"--top-tasks (cil_top_tasks) must be ≥ 1, got {m}")
+        if not isinstance(method, ShareClassIncremental) or method.config.cil_score != "aligned":
+            raise ValueError(f"--top-tasks (cil_top_tasks) needs a Share store learned with --align; this {method.name} "
+                             "model has no aligned task identification: drop --top-tasks")
+    method.config.cil_top_tasks = m
 
 #: Shrinkage of the pooled class covariance towards ``trace/hidden · I`` in the Mahalanobis score [ours].
 MAHALANOBIS_SHRINK = 0.1
@@ -175,7 +191,7 @@ class ShareClassIncremental:
         score = score or self.config.cil_score
         if score not in CIL_SCORES:
             raise ValueError(f"score must be one of {CIL_SCORES}, got {score!r}")
-        top = getattr(self.config, "cil_top_tasks", None)
+        top = self.config.cil_top_tasks
         if top is not None and score != "aligned":
             raise ValueError(f"cil_top_tasks={top} (--top-tasks) picks tasks by the aligned identification, but the score is {score!r}: "
                              "learn the store with --align, or drop cil_top_tasks")

@@ -38,10 +38,9 @@ def _load(path: Path, device: str, precision: str = "fp32", top_tasks: int | Non
     if method._store_link[1] != manifest["version"]:  # a newer manifest landed between the two reads
         raise RuntimeError("the store changed while it was being read")
     if top_tasks is not None:
-        if not hasattr(method.config, "cil_top_tasks") or not method.aligns_every_task():
-            raise ValueError(f"--top-tasks needs a Share store learned with --align; {path} holds {method.name} "
-                             "without an aligned task identification: drop --top-tasks")
-        method.config.cil_top_tasks = top_tasks
+        from sharecl.methods.share_cil import set_top_tasks
+
+        set_top_tasks(method, top_tasks)
     return Loaded(manifest["version"], method, {t: list(method.task_classes[t]) for t in method.task_names},
                   {t["name"]: t.get("kind", "data") for t in method.store_tasks},
                   frozenset(t for t in method.task_names if t in method.heads), sig)
