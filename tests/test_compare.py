@@ -126,11 +126,13 @@ def test_tune_lr_chooses_on_the_validation_split_and_runs_every_seed_with_the_ch
     assert set(scores) == {"0.01", "1e-05"} and tuned["head-only"]["lr"] == max([1e-2, 1e-5], key=lambda lr: scores[f"{lr:g}"])
     val_run = json.loads((tmp_path / "tune" / "lr-0.01" / "head-only" / "results.json").read_text())
     assert val_run["train_config"]["lr"] == 0.01
+    assert val_run["evaluated"] == "last" and val_run["accuracy_matrix"][0] == [None, None]  # tuning reads the final row only
     described = json.loads((tmp_path / "tune" / "lr-0.01" / "manifest.json").read_text())["tasks"]
     assert all(t["evaluated_on"] == "validation" and t["test_size"] == t["val_size"] for t in described)
     for s in (0, 1):
         run = json.loads((tmp_path / f"seed-{s}" / "head-only" / "results.json").read_text())
         assert run["train_config"]["lr"] == tuned["head-only"]["lr"] and run["train_config"]["seed"] == s
+        assert run["evaluated"] == "each" and None not in run["accuracy_matrix"][1]
     assert "chosen on the validation split" in md
     compare("tiny-val", ["sd-lora"], [0], fast_cfg, tmp_path / "sd", model_path=tiny_model_dir, progress=False,
             log=lambda *_: None, tune_lrs=[1e-2], method_configs={"sd-lora": {"r": 4}})

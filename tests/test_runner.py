@@ -72,3 +72,23 @@ def test_task_incremental_only_method_refuses_cil(tiny_model_dir, fast_cfg, tmp_
     stream = Stream("tiny2", [make_task("a"), make_task("b", seed=1)], seed=0, scenario="cil")
     with pytest.raises(UnsupportedScenarioError, match="lora-per-task"):
         run_stream(stream, ["lora-per-task"], fast_cfg, tmp_path, model_path=tiny_model_dir, progress=False, log=lambda *a: None)
+
+
+def test_evaluating_after_the_last_task_only_gives_the_same_final_row(tiny_model_dir, fast_cfg, tmp_path):
+    """Evaluation is read-only: skipping the intermediate evaluations (``compare``'s tuning) must not
+    change what the methods learn, so the final rows are equal to the bit, TIL and CIL."""
+    stream = Stream("tiny3", [make_task("a"), make_task("b", seed=1), make_task("c", seed=2)], seed=0, scenario="cil")
+    names = ["share", "inflora", "sd-lora", "dual-lora"]
+    configs = {"share": {"r": 4, "k": 4, "p": 2}}
+    quiet = dict(model_path=tiny_model_dir, method_configs=configs, progress=False, log=lambda *a: None)
+    each = run_stream(stream, names, fast_cfg, tmp_path / "each", **quiet)
+    last = run_stream(stream, names, fast_cfg, tmp_path / "last", evaluate="last", **quiet)
+    for m in names:
+        assert last[m]["accuracy_matrix"][:2] == [[None] * 3, [None] * 3] and last[m]["evaluated"] == "last"
+        assert last[m]["accuracy_matrix"][2] == each[m]["accuracy_matrix"][2], m
+        assert last[m]["til_accuracy_matrix"][2] == each[m]["til_accuracy_matrix"][2], m
+        assert last[m]["final_average_accuracy"] == each[m]["final_average_accuracy"]
+        assert last[m]["average_incremental_accuracy"] is None and each[m]["average_incremental_accuracy"] is not None
+        assert len(last[m]["train_seconds"]) == 3
+    with pytest.raises(ValueError, match="evaluate must be one of"):
+        run_stream(stream, ["head-only"], fast_cfg, tmp_path / "bad", evaluate="never", **quiet)

@@ -282,6 +282,8 @@ def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainCo
 
     A method with an official optimiser other than ``cfg.optimizer`` (SD-LoRA: SGD) also runs
     ``sgd_grid`` with that optimiser (default ``[10 * lr for lr in grid]``) and keeps the best pair.
+    Each trial evaluates after the last task only (``run_stream(evaluate="last")``): the final
+    accuracy is all the choice reads, and on a T-task stream the matrix costs T(T+1)/2 evaluations.
 
     Returns:
         ``{method: {"lr": chosen, "validation_final_accuracy": {lr: score}, "seed": seed}}`` for
@@ -318,7 +320,7 @@ def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainCo
                 _check_same_settings(f, res, c, m, (method_configs or {}).get(m, {}))
             else:
                 res = run_stream(s, [m], c, d, model_path=model_path, method_configs=method_configs, progress=progress,
-                                 log=log, device=device, precision=precision)[m]
+                                 log=log, device=device, precision=precision, evaluate="last")[m]
             scores[(lr, optimizer)] = res["final_average_accuracy"]
             log(f"tuning {m}: {optimizer} lr {lr:g} → validation final accuracy {100 * res['final_average_accuracy']:.2f}")
         best = max(trials, key=lambda t: (scores[t], -trials.index(t)))

@@ -70,9 +70,12 @@ def _json_safe(x):
     return x
 
 
+EVALUATE = ("each", "last")
+
+
 def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path, *, model_path: str | None = None,
                method_config: dict | None = None, progress: bool = True, log=print, device: str | None = "cpu",
-               precision: str = "fp32") -> dict:
+               precision: str = "fp32", evaluate: str = "each") -> dict:
     """Learn ``stream`` with one method; returns the results dict (also written to JSON).
 
     On a class-incremental stream ``accuracy_matrix`` holds class-incremental accuracies (no
@@ -80,13 +83,22 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
     stream ``accuracy_matrix`` is task-incremental. A joint method (``joint-lora``) learns all
     tasks at once and fills only the last row.
 
+    ``evaluate="last"`` evaluates only after the last task, as for joint training: only the
+    matrices' last rows are filled, so only the final average accuracy is known (the other
+    metrics are None). Evaluating is read-only, so that row equals the one ``"each"`` gives; it
+    saves the ``T(T+1)/2 − T`` earlier task evaluations (``compare``'s learning-rate tuning, which
+    reads only the final accuracy, uses it).
+
     Under ``torchrun`` every rank trains and evaluates its shard (:mod:`sharecl.distributed`);
     only rank 0 logs and writes files. ``device`` and ``precision`` are
     :func:`sharecl.backbone.load_encoder`'s.
 
     Raises:
         UnsupportedScenarioError: if the method does not support the stream's scenario.
+        ValueError: ``evaluate`` not in :data:`EVALUATE`.
     """
+    if evaluate not in EVALUATE:
+        raise ValueError(f"evaluate must be one of {EVALUATE}, got {evaluate!r}")
     torch.manual_seed(cfg.seed)
     encoder = load_backbone(stream, model_path, cfg, device=device, precision=precision)
     if not dist.is_main():
@@ -107,13 +119,17 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
         else:
             info = method.learn(task, cfg, rss=rss, progress=progress)
         seconds.append(time.perf_counter() - t0)
-        til, cil = _rows(method, stream, i, cfg, samples)
-        rss.sample()
         stored.append((method.adapter_numbers_per_task() * len(method.task_names) + method.shared_numbers()) * BYTES_PER_NUMBER)
-        R_til[i][: i + 1] = til
-        R[i][: i + 1] = cil if cil is not None else til
         infos.append(info)
         label = "all tasks" if task is None else task.name
+        if evaluate == "last" and i < T - 1:
+            rss.sample()
+            log(f"{method_name} · after {label}: (evaluated after the last task only)   ({seconds[-1]:.0f} s)")
+            continue
+        til, cil = _rows(method, stream, i, cfg, samples)
+        rss.sample()
+        R_til[i][: i + 1] = til
+        R[i][: i + 1] = cil if cil is not None else til
         log(f"{method_name} · after {label}: " + "  ".join(f"{100 * a:.1f}" for a in R[i][: i + 1]) + f"   ({seconds[-1]:.0f} s)")
     results = {
         "method": method_name, "stream": stream.name, "scenario": stream.scenario,
@@ -134,7 +150,7 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
         "bytes_shared": method.shared_numbers() * BYTES_PER_NUMBER,
         "adapter_bytes_after_task": stored,  # adapters + shared state (no heads) after each task
         "train_seconds": seconds, "train_seconds_total": sum(seconds), "peak_rss_bytes": rss.peak,
-        "config": method.config.to_dict(), "train_config": vars(cfg).copy(),
+        "config": method.config.to_dict(), "train_config": vars(cfg).copy(), "evaluated": evaluate,
         "device": str(encoder.device), "precision": precision, "world_size": dist.world_size(),
         "environment": environment(),
         "task_info": [{k: v for k, v in inf.items() if k != "merge"} for inf in infos],  # merges are in report()
@@ -174,8 +190,10 @@ def load_backbone(stream: Stream, model_path: str | None, cfg: TrainConfig, *, d
 
 def run_stream(stream: Stream, methods: list[str], cfg: TrainConfig, out_dir: str | Path, *, model_path: str | None = None,
                method_configs: dict[str, dict] | None = None, progress: bool = True, log=print, device: str | None = "cpu",
-               precision: str = "fp32") -> dict[str, dict]:
-    """Run every method on ``stream``; writes ``OUT/manifest.json`` and per-method results (rank 0 only)."""
+               precision: str = "fp32", evaluate: str = "each") -> dict[str, dict]:
+    """Run every method on ``stream``; writes ``OUT/manifest.json`` and per-method results (rank 0 only).
+
+    ``evaluate``: ``"each"`` (the accuracy matrix) or ``"last"`` (final accuracy only), see :func:`run_method`."""
     from sharecl.provenance import library_versions
 
     out = Path(out_dir)
@@ -197,7 +215,7 @@ def run_stream(stream: Stream, methods: list[str], cfg: TrainConfig, out_dir: st
             "environment": environment(),
         }, indent=2))
     return {m: run_method(m, stream, cfg, out, model_path=model_path, method_config=(method_configs or {}).get(m),
-                          progress=progress, log=log, device=device, precision=precision) for m in methods}
+                          progress=progress, log=log, device=device, precision=precision, evaluate=evaluate) for m in methods}
 
 
 def _quiet(*args, **kwargs) -> None:

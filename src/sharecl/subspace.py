@@ -394,9 +394,8 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
     if reproject:
         coords = (torch.cat([W, Wc], 1).T @ L) @ C  # (T, m, p)
         coeff = torch.cat([coords[:, :kk], c_new[None]], 0)
-        resid = coords[:, kk:]
-        g_resid_old = _gram(resid)
-        g_coeff_old = _gram(coeff[:-1])
+        g_resid = torch.cat([_gram(coords[:, kk:]), (y_new.T @ y_new)[None]], 0)
+        g_coeff = torch.cat([_gram(coeff[:-1]), (c_new.T @ c_new)[None]], 0)
     else:
         coeff = c_new[None]
         resid = _left(C, Wc.T @ L)  # only the dropped part: (T, m − k', p)
@@ -404,11 +403,7 @@ def _merge_side(L, C, full, p, k, energy, k_max, store_dtype, dense=False, gram=
         torch.bmm(resid.transpose(1, 2), resid, out=g_resid[:T])
         torch.sub(task_grams, g_resid[:T], out=g_coeff[:T])  # ‖C_i‖-Gram splits exactly into the parts inside and outside W
         g_resid[T], g_coeff[T] = y_new.T @ y_new, c_new.T @ c_new
-        return {"W": W, "R": R, "coeff": coeff, "kept": kept, "g_coeff": g_coeff, "g_resid": g_resid,
-                "gram": R @ gram @ R.T + c_new @ c_new.T}
-    return {"W": W, "R": R, "coeff": coeff, "kept": kept,
-            "g_coeff": torch.cat([g_coeff_old, (c_new.T @ c_new)[None]], 0),
-            "g_resid": torch.cat([g_resid_old, (y_new.T @ y_new)[None]], 0),
+    return {"W": W, "R": R, "coeff": coeff, "kept": kept, "g_coeff": g_coeff, "g_resid": g_resid,
             "gram": R @ gram @ R.T + c_new @ c_new.T}
 
 
