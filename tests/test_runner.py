@@ -92,3 +92,32 @@ def test_evaluating_after_the_last_task_only_gives_the_same_final_row(tiny_model
         assert len(last[m]["train_seconds"]) == 3
     with pytest.raises(ValueError, match="evaluate must be one of"):
         run_stream(stream, ["head-only"], fast_cfg, tmp_path / "bad", evaluate="never", **quiet)
+
+
+def test_one_forward_scores_both_til_and_cil_where_the_backbone_ignores_the_task(tiny_model_dir, fast_cfg, tmp_path,
+                                                                                   monkeypatch):
+    """InfLoRA, SD-LoRA and head-only compute the same features for every task: the runner takes
+    both the task-incremental and the class-incremental score from one backbone forward, and both
+    equal what the two separate evaluations give."""
+    from sharecl import runner
+    from sharecl.methods import METHODS
+
+    stream = Stream("tiny3", [make_task("a"), make_task("b", seed=1), make_task("c", seed=2)], seed=0, scenario="cil")
+    for name in ("inflora", "sd-lora", "head-only"):
+        res = run_stream(stream, [name], fast_cfg, tmp_path / name, model_path=tiny_model_dir, progress=False,
+                         log=lambda *a: None)[name]
+        method = runner.build_method(name, runner.load_backbone(stream, tiny_model_dir, fast_cfg), seed=0)
+        method.check_scenario("cil")
+        for t in stream.tasks:
+            method.learn(t, fast_cfg, progress=False)
+        calls = []
+        encode = method.encoder.encode
+        monkeypatch.setattr(method.encoder, "encode", lambda batch, c=calls, f=encode: c.append(1) or f(batch))
+        fast = runner._rows(method, stream, 2, fast_cfg)
+        n_fast = len(calls)
+        monkeypatch.setattr(METHODS[name], "task_independent_backbone", False)
+        slow = runner._rows(method, stream, 2, fast_cfg)
+        monkeypatch.undo()
+        assert fast == slow, name
+        assert fast == (res["til_accuracy_matrix"][2], res["accuracy_matrix"][2]), name  # what run_stream recorded
+        assert 2 * n_fast == len(calls) - n_fast, name  # half the forwards

@@ -267,13 +267,22 @@ def evaluate(forward: Callable[[list], torch.Tensor], task: Task, batch_size: in
     Under ``torchrun`` each rank scores its interleaved shard and the counts are summed, so
     every rank returns the accuracy over the whole split.
     """
+    return evaluate_many(lambda xs: [forward(xs)], task, batch_size, [offset])[0]
+
+
+def evaluate_many(forward: Callable[[list], list[torch.Tensor]], task: Task, batch_size: int, offsets: list[int]) -> list[float]:
+    """:func:`evaluate` for several scores from one pass: ``forward`` returns one logits tensor
+    per entry of ``offsets`` (e.g. the task's head and every head, from one backbone forward);
+    accuracy ``j`` counts ``argmax forward(x)[j] == offsets[j] + label``. NaN for an empty split."""
     if not task.test_inputs:
-        return float("nan")
+        return [float("nan")] * len(offsets)
     inputs, labels = dist.shard(task.test_inputs), dist.shard(task.test_labels)
-    counts = torch.zeros(2, dtype=torch.float64)
+    counts = torch.zeros(len(offsets) + 1, dtype=torch.float64)
     if inputs:
-        pred = predict_logits(forward, inputs, batch_size).argmax(-1).cpu()
-        counts[0] = (pred == torch.tensor(labels) + offset).sum()
-        counts[1] = len(inputs)
+        outs = [forward(inputs[i: i + batch_size]) for i in range(0, len(inputs), batch_size)]
+        y = torch.tensor(labels)
+        for j, off in enumerate(offsets):
+            counts[j] = (torch.cat([o[j] for o in outs]).argmax(-1).cpu() == y + off).sum()
+        counts[-1] = len(inputs)
     counts = dist.all_reduce_sum(counts)
-    return (counts[0] / counts[1]).item()
+    return [(counts[j] / counts[-1]).item() for j in range(len(offsets))]

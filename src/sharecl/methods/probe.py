@@ -32,6 +32,7 @@ class HeadOnlyMethod(ContinualMethod):
     config_class = HeadOnlyConfig
     scenarios = ("til", "cil")
     task_kinds = ("classification",)  # without a head it is the zero-shot model: see ZeroShotMethod
+    task_independent_backbone = True  # the backbone never changes
 
     def __init__(self, encoder, seed: int = 0, **overrides):
         super().__init__(encoder, seed)
