@@ -96,14 +96,14 @@ def test_evaluating_after_the_last_task_only_gives_the_same_final_row(tiny_model
 
 def test_one_forward_scores_both_til_and_cil_where_the_backbone_ignores_the_task(tiny_model_dir, fast_cfg, tmp_path,
                                                                                    monkeypatch):
-    """InfLoRA, SD-LoRA and head-only compute the same features for every task: the runner takes
+    """InfLoRA, SD-LoRA, SeqLoRA and head-only compute the same features for every task: the runner takes
     both the task-incremental and the class-incremental score from one backbone forward, and both
     equal what the two separate evaluations give."""
     from sharecl import runner
     from sharecl.methods import METHODS
 
     stream = Stream("tiny3", [make_task("a"), make_task("b", seed=1), make_task("c", seed=2)], seed=0, scenario="cil")
-    for name in ("inflora", "sd-lora", "head-only"):
+    for name in ("inflora", "sd-lora", "seq-lora", "head-only"):
         res = run_stream(stream, [name], fast_cfg, tmp_path / name, model_path=tiny_model_dir, progress=False,
                          log=lambda *a: None)[name]
         method = runner.build_method(name, runner.load_backbone(stream, tiny_model_dir, fast_cfg), seed=0)

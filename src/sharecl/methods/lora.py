@@ -132,6 +132,7 @@ class SeqLoRAMethod(_PeftLoRA):
 
     name = "seq-lora"
     scenarios = ("til", "cil")
+    task_independent_backbone = True  # one adapter, active for every task
 
     def _adapter_of(self, task_name: str) -> str:
         return "seq"
@@ -156,6 +157,7 @@ class JointLoRAMethod(_PeftLoRA):
 
     name = "joint-lora"
     scenarios = ("til", "cil")
+    task_independent_backbone = True  # one adapter, active for every task
     joint = True
 
     def _adapter_of(self, task_name: str) -> str:
