@@ -203,10 +203,15 @@ def test_share_aligns_task_identification_on_the_base_models_features(tiny_model
     m.learn(make_task("d", seed=3), fast_cfg, progress=False)  # an aligned model aligns every new task (store `learn`)
     assert "d" in m.taskid_heads and "d" in m.class_stats and m.cil_logits(xs).shape == (len(xs), 12)
     # cil_top_tasks: each input runs only under its m most likely tasks; those tasks' scores are the full ones
+    calls, encode = [], m.encoder.encode
+    m.encoder.encode = lambda batch: calls.append(len(batch["input_ids"])) or encode(batch)
     with torch.no_grad():
         full = m.cil_logits(xs)
+        assert calls == [len(xs), 4 * len(xs)]  # the base model once, then every input under every task, in one batch
         m.config.cil_top_tasks = 2
         gated = m.cil_logits(xs)
+        assert calls[2:] == [len(xs), 2 * len(xs)]  # 1 + m forwards: the base model, then each input's two tasks
+    del m.encoder.encode
     mass = full.exp().reshape(len(xs), 4, 3).sum(-1)  # p(t | x): the joint summed over each task's classes
     kept = torch.isfinite(gated).reshape(len(xs), 4, 3)
     assert kept.all(-1).sum(-1).eq(2).all() and kept.any(-1).eq(kept.all(-1)).all()  # two whole tasks per input

@@ -204,8 +204,8 @@ class ShareClassIncremental:
             if missing:
                 raise ValueError(f"task(s) {missing} have no task-identification head: they were learned without --align; "
                                  "use 'prototype'")
-            logq = torch.log_softmax(torch.cat([self.taskid_heads(self.cil_features(list(inputs)), t)
-                                                for t in self.task_names], -1), -1)
+            base = self.cil_features(list(inputs))  # one forward of the base model for every task's identification head
+            logq = torch.log_softmax(torch.cat([self.taskid_heads(base, t) for t in self.task_names], -1), -1)
             sizes = [len(self.task_classes[t]) for t in self.task_names]
             log_task = torch.stack([x.logsumexp(-1) for x in logq.split(sizes, -1)], -1)  # (N, T)
             if top is not None and top < len(self.task_names):
