@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import make_task
 from sharecl.data.tasks import Stream
@@ -100,14 +101,15 @@ def test_one_forward_scores_both_til_and_cil_where_the_backbone_ignores_the_task
     both the task-incremental and the class-incremental score from one backbone forward, and both
     equal what the two separate evaluations give."""
     from sharecl import runner
-    from sharecl.methods import METHODS
 
     stream = Stream("tiny3", [make_task("a"), make_task("b", seed=1), make_task("c", seed=2)], seed=0, scenario="cil")
     for name in ("inflora", "sd-lora", "seq-lora", "head-only"):
         res = run_stream(stream, [name], fast_cfg, tmp_path / name, model_path=tiny_model_dir, progress=False,
                          log=lambda *a: None)[name]
+        torch.manual_seed(fast_cfg.seed)  # as run_method does: dropout draws from the global generator
         method = runner.build_method(name, runner.load_backbone(stream, tiny_model_dir, fast_cfg), seed=0)
         method.check_scenario("cil")
+        method.begin_stream(len(stream))
         for t in stream.tasks:
             method.learn(t, fast_cfg, progress=False)
         calls = []
