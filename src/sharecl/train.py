@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from sharecl import distributed as dist
 from sharecl.data.tasks import Task
 
-__all__ = ["DEFAULT_LR", "TrainConfig", "NonFiniteLossError", "train_steps", "predict_logits", "evaluate", "PeakRSS"]
+__all__ = ["DEFAULT_LR", "TrainConfig", "NonFiniteLossError", "train_steps", "predict_logits", "evaluate", "evaluate_many", "PeakRSS"]
 
 
 #: Learning rate by the backbone's modality when none is given (measured: README, "Training stability").

@@ -21,6 +21,9 @@ __all__ = ["CIL_SCORES", "MAHALANOBIS_SHRINK", "ShareClassIncremental", "set_top
 #: Class-incremental scores for Share's task identification.
 CIL_SCORES = ("prototype", "energy", "max-prob", "max-logit", "mahalanobis", "aligned")
 
+#: Shrinkage of the pooled class covariance towards ``trace/hidden · I`` in the Mahalanobis score [ours].
+MAHALANOBIS_SHRINK = 0.1
+
 
 def set_top_tasks(method, m: int | None) -> None:
     """Set ``config.cil_top_tasks`` of a loaded method (``predict``/``serve --top-tasks``, benchmarks).
@@ -36,9 +39,6 @@ def set_top_tasks(method, m: int | None) -> None:
             raise ValueError(f"--top-tasks (cil_top_tasks) needs a Share store learned with --align; this {method.name} "
                              "model has no aligned task identification: drop --top-tasks")
     method.config.cil_top_tasks = m
-
-#: Shrinkage of the pooled class covariance towards ``trace/hidden · I`` in the Mahalanobis score [ours].
-MAHALANOBIS_SHRINK = 0.1
 
 
 class ShareClassIncremental:
