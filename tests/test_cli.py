@@ -155,6 +155,9 @@ def test_learn_with_align_keeps_aligning_and_a_plain_store_refuses_it(tmp_path, 
     with torch.no_grad():
         likeliest = m.cil_logits(xs).exp().reshape(len(xs), 2, 3).sum(-1).argmax(-1)  # p(t | x) from the full joint
     assert [r["task"] for r in top1] == ["ab"[int(t)] for t in likeliest]
+    assert {r["tasks_scored"] for r in top1} == {1} and "tasks_scored" not in rows[0]
+    text_out = sharecl("predict", store, "--top-tasks", "5", *xs[:1])
+    assert "under its 2 likeliest of 2 tasks" in text_out.stderr  # more than the store has: every task ran
     r = sharecl("predict", store, "--task", "a", "--top-tasks", "1", *xs, check=False)
     assert r.returncode == 1 and "drop --task" in r.stderr
     plain = tmp_path / "plain"

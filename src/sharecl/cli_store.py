@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from sharecl.cli_checks import check_store_options, user_errors
+from sharecl.cli_checks import check_store_options, err, user_errors
 from sharecl.cli_common import (
     AugmentOpt,
     ClipOpt,
@@ -267,7 +267,7 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
     top_tasks: Annotated[Optional[int], typer.Option(help="Without --task, a Share store learned with --align: run each input "
                                                           "only under its M most likely tasks (1 + M forward passes instead "
-                                                          "of 1 + T); probabilities are renormalised over those tasks.")] = None,
+                                                          "of 1 + T); probabilities are renormalised over those tasks (--json: tasks_scored).")] = None,
 ):
     """Classify texts (or image files, for a store built on a vision model) with one task of a
     store, or, without --task, with all of them (the answer names the task and its class)."""
@@ -303,11 +303,17 @@ def predict(
             probs = method.cil_logits(xs).softmax(-1)
             labels = [(t, c) for t in method.task_names for c in method.task_classes[t]]
     key = "image" if method.encoder.images is not None else "text"
+    # with --top-tasks the probabilities are renormalised over the tasks that ran: say how many did
+    scored = {} if top_tasks is None else {"tasks_scored": min(top_tasks, len(method.task_names))}
+    if scored and not as_json:
+        err.print(f"each input ran under its {scored['tasks_scored']} likeliest of {len(method.task_names)} tasks; "
+                  "probabilities are renormalised over those", highlight=False)
     for text, pr in zip(inputs, probs):
         i = int(pr.argmax())
         (t, label), prob = labels[i], float(pr[i])
         if as_json:
-            print(json.dumps({key: text, **({} if task else {"task": t}), "label": label, "probability": round(prob, 6)}))
+            print(json.dumps({key: text, **({} if task else {"task": t}), "label": label, "probability": round(prob, 6),
+                              **scored}))
         else:
             prefix = "" if task else f"{t}\t"
             console.print(f"{prefix}{label}\t{prob:.3f}\t{text[:80]}", highlight=False)
