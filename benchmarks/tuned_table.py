@@ -1,8 +1,8 @@
 """Learning rates tuned on validation beside the untuned runs: the README's "tuned" tables.
 
-Reads two ``sharecl compare`` result folders under ``results/`` — one made with ``--tune-lr``
+Reads ``sharecl compare`` result folders under ``results/`` — one made with ``--tune-lr``
 (its ``compare.json`` holds ``tuned_lr``: every grid point's validation score and the choice)
-and the untuned one (every method at the stream's default rate) — and prints, per method, the
+and the untuned ones (every method at the stream's default rate) — and prints, per method, the
 rate chosen on validation with the grid's validation scores, the tuned and untuned test scores
 (mean ± sample std over seeds, %), and the tuned run's forgetting and second score (TIL final
 accuracy on a class-incremental stream, average incremental accuracy on a task-incremental
@@ -34,6 +34,15 @@ def _rate(lr: float, optimizer: str) -> str:
     return f"{'SGD ' if optimizer == 'sgd' else ''}{lr:g}"
 
 
+def _untuned(folders: list[str]) -> dict[str, tuple[dict, str]]:
+    """``{method: (its compare.json entry, folder)}``; a later folder's method replaces an earlier one's."""
+    out = {}
+    for folder in folders:
+        for m, u in json.loads((RESULTS / folder / "compare.json").read_text())["methods"].items():
+            out[m] = (u, folder)
+    return out
+
+
 def _untuned_rate(folder: str, method: str, seed: int) -> tuple[float, str] | None:
     f = RESULTS / folder / f"seed-{seed}" / method / "results.json"
     if not f.is_file():
@@ -42,22 +51,22 @@ def _untuned_rate(folder: str, method: str, seed: int) -> tuple[float, str] | No
     return tc["lr"], tc.get("optimizer", "adamw")
 
 
-def rows(tuned_folder: str, untuned_folder: str) -> list[dict]:
-    """One row per tuned method; raises ValueError when the two folders ran different seeds."""
+def rows(tuned_folder: str, untuned_folders: list[str]) -> list[dict]:
+    """One row per tuned method; raises ValueError when the tuned and untuned runs of a method have different seeds."""
     tuned = json.loads((RESULTS / tuned_folder / "compare.json").read_text())
-    untuned = json.loads((RESULTS / untuned_folder / "compare.json").read_text())
+    untuned = _untuned(untuned_folders)
     out = []
     for m, t in tuned["methods"].items():
-        u = untuned["methods"].get(m)
+        u, folder = untuned.get(m, (None, None))
         if u is not None and u["seeds"] != t["seeds"]:
             raise ValueError(f"{m}: tuned seeds {t['seeds']} but untuned seeds {u['seeds']}")
         choice = tuned["tuned_lr"][m]
         grid = {k: 100 * v for k, v in choice["validation_final_accuracy"].items()}
-        old = _untuned_rate(untuned_folder, m, t["seeds"][0])
+        old = _untuned_rate(folder, m, t["seeds"][0]) if folder else None
         second = "til_final_average_accuracy" if tuned["scenario"] == "cil" else "average_incremental_accuracy"
         out.append({"method": m, "lr": choice["lr"], "optimizer": choice["optimizer"], "validation": grid,
                     "same_as_untuned": old == (choice["lr"], choice["optimizer"]),
-                    "tuned": t["final_average_accuracy"], "untuned": (u or {}).get("final_average_accuracy"),
+                    "tuned": t["final_average_accuracy"], "untuned": (u or {}).get("final_average_accuracy"), "untuned_from": folder,
                     "forgetting": t["forgetting"], second: t[second], "seeds": t["seeds"]})
     return out
 
@@ -78,7 +87,7 @@ def markdown(table: list[dict], scenario: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("tuned", help="results/ folder of the --tune-lr run")
-    ap.add_argument("untuned", help="results/ folder of the untuned run")
+    ap.add_argument("untuned", nargs="+", help="results/ folder(s) of the untuned runs; a later folder's method replaces an earlier one's")
     args = ap.parse_args()
     scenario = json.loads((RESULTS / args.tuned / "compare.json").read_text())["scenario"]
     table = rows(args.tuned, args.untuned)
