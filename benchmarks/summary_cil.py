@@ -2,7 +2,7 @@
 
 Reads the ``compare.json`` files that ``sharecl compare`` wrote under ``results/`` (the
 commands are in the README beside each table) and puts three settings side by side for every
-continual method — untuned (every method at lr 1e-3, AdamW), learning rate tuned on the
+continual method — untuned (every method at the stream's one rate, AdamW), learning rate tuned on the
 validation split (``--tune-lr``), and classifier alignment (``--align``) — with joint LoRA, the
 non-continual ceiling, as a line. Nothing is trained or evaluated here; a setting whose run is
 missing is left blank (and named in the JSON's ``missing``).
