@@ -94,15 +94,16 @@ def plot(summary: dict, path) -> None:
                    "tuned": "lr tuned on validation", "aligned": "with alignment"}[s])
         joint = settings["tuned"].get("joint-lora") or settings["untuned"].get("joint-lora")
         if joint:
-            ax.axhline(100 * joint["mean"], color="k", ls="--", lw=1, label="joint LoRA (ceiling)")
+            ax.axhline(100 * joint["mean"], color="k", ls="--", lw=1, label="joint LoRA, lr tuned (ceiling)")
         ax.set_xticks(range(len(METHODS)), [LABELS[m] for m in METHODS], rotation=30, ha="right")
         ax.set_title(stream)
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("final class-incremental accuracy, %")
-    axes[0].legend(fontsize=8, loc="upper right")
+    handles, labels = axes[0].get_legend_handles_labels()  # below the panels: the ceiling line can sit anywhere
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle("mean over seeds, bars ± sample std; a missing bar: no run", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
