@@ -134,12 +134,15 @@ def test_tune_lr_chooses_on_the_validation_split_and_runs_every_seed_with_the_ch
         assert run["train_config"]["lr"] == tuned["head-only"]["lr"] and run["train_config"]["seed"] == s
         assert run["evaluated"] == "each" and None not in run["accuracy_matrix"][1]
     assert "chosen on the validation split" in md
+    assert tuned["head-only"]["at_grid_edge"] and "(grid edge)" in md  # either rate of two is an edge: say so
     compare("tiny-val", ["sd-lora"], [0], fast_cfg, tmp_path / "sd", model_path=tiny_model_dir, progress=False,
             log=lambda *_: None, tune_lrs=[1e-2], method_configs={"sd-lora": {"r": 4}})
     sd = json.loads((tmp_path / "sd" / "compare.json").read_text())["tuned_lr"]["sd-lora"]
     assert set(sd["validation_final_accuracy"]) == {"0.01", "0.1 sgd"}  # AdamW, and its official SGD at 10x the grid
     run = json.loads((tmp_path / "sd" / "seed-0" / "sd-lora" / "results.json").read_text())
     assert run["train_config"]["optimizer"] == sd["optimizer"]
+    # one rate per optimiser: no grid to widen (an edge is judged within the chosen optimiser's grid, not across both)
+    assert sd["at_grid_edge"] is False and "(grid edge)" not in (tmp_path / "sd" / "compare.md").read_text()
     compare("tiny-val", ["sd-lora"], [0], fast_cfg, tmp_path / "sd2", model_path=tiny_model_dir, progress=False,
             log=lambda *_: None, tune_lrs=[1e-2], tune_sgd_lrs=[0.05], method_configs={"sd-lora": {"r": 4}})
     sd = json.loads((tmp_path / "sd2" / "compare.json").read_text())["tuned_lr"]["sd-lora"]

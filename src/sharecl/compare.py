@@ -109,9 +109,12 @@ def write_report(summary: dict, out: Path, stream: str, scenario: str, skipped: 
         def choice(m: str, t: dict) -> str:
             opt = "" if t["optimizer"] == "adamw" else " " + t["optimizer"]
             grid = ", ".join(f"{lr}: {100 * v:.1f}" for lr, v in t["validation_final_accuracy"].items())
-            return f"{m} **{t['lr']:g}{opt}** ({grid})"
+            return f"{m} **{t['lr']:g}{opt}**{' (grid edge)' if t.get('at_grid_edge') else ''} ({grid})"
         lines.append(f"\nLearning rates chosen on the validation split of seed {next(iter(tuned.values()))['seed']} "
                      "(final accuracy there, %): " + "; ".join(choice(m, t) for m, t in tuned.items()))
+        if any(t.get("at_grid_edge") for t in tuned.values()):
+            lines.append("\n(grid edge): the best rate of its optimiser's grid is its smallest or largest; a wider grid "
+                         "may find a better one.")
     md = "\n".join(lines) + "\n"
     (out / "compare.md").write_text(md)
     (out / "compare.json").write_text(json.dumps({"stream": stream, "scenario": scenario, "methods": summary,
@@ -275,6 +278,12 @@ def _same_config_groups(methods: list[str], cfgs: dict[str, TrainConfig]) -> lis
     return groups
 
 
+def at_grid_edge(lr: float, grid: list[float]) -> bool:
+    """Whether ``lr`` is the smallest or largest of a grid of two or more rates: a choice there says
+    the best rate may lie outside the grid (``compare.md`` marks it)."""
+    return len(set(grid)) > 1 and lr in (min(grid), max(grid))
+
+
 def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainConfig, grid: list[float], out: Path, *,
                         sgd_grid: list[float] | None = None, model_path=None, method_configs=None, stream_options=None,
                         resume=True, progress=True, log=print, device="cpu", precision="fp32") -> dict[str, dict]:
@@ -286,8 +295,10 @@ def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainCo
     accuracy is all the choice reads, and on a T-task stream the matrix costs T(T+1)/2 evaluations.
 
     Returns:
-        ``{method: {"lr": chosen, "validation_final_accuracy": {lr: score}, "seed": seed}}`` for
-        every method the stream supports (not those a learning rate does not affect).
+        ``{method: {"lr": chosen, "optimizer": its optimiser, "validation_final_accuracy": {lr: score},
+        "seed": seed, "at_grid_edge": bool}}`` for every method the stream supports (not those a
+        learning rate does not affect); ``at_grid_edge`` (:func:`at_grid_edge`) is judged within the
+        chosen optimiser's grid.
 
     Raises:
         ValueError: for an empty grid, a non-positive rate, or a stream without validation splits.
@@ -325,5 +336,6 @@ def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainCo
             log(f"tuning {m}: {optimizer} lr {lr:g} → validation final accuracy {100 * res['final_average_accuracy']:.2f}")
         best = max(trials, key=lambda t: (scores[t], -trials.index(t)))
         chosen[m] = {"lr": best[0], "optimizer": best[1], "seed": seed,
+                     "at_grid_edge": at_grid_edge(best[0], [lr for lr, o in trials if o == best[1]]),
                      "validation_final_accuracy": {(f"{lr:g}" if o == "adamw" else f"{lr:g} {o}"): v for (lr, o), v in scores.items()}}
     return chosen
