@@ -267,7 +267,8 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
     top_tasks: Annotated[Optional[int], typer.Option(help="Without --task, a Share store learned with --align: run each input "
                                                           "only under its M most likely tasks (1 + M forward passes instead "
-                                                          "of 1 + T); probabilities are renormalised over those tasks (--json: tasks_scored).")] = None,
+                                                          "of 1 + T); probabilities are renormalised over those tasks "
+                                                          "(--json: tasks_scored).")] = None,
 ):
     """Classify texts (or image files, for a store built on a vision model) with one task of a
     store, or, without --task, with all of them (the answer names the task and its class)."""
