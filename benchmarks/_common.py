@@ -6,6 +6,14 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# how tables and plots name the methods (the CLI's method names are the keys)
+METHOD_LABELS = {"share": "Share", "head-only": "head-only", "inflora": "InfLoRA", "dual-lora": "DualLoRA",
+                 "sd-lora": "SD-LoRA", "seq-lora": "SeqLoRA", "lora-per-task": "LoRA per task", "joint-lora": "joint LoRA"}
+
+
+def pct_pm(stat: dict | None) -> str:
+    """``"mean ± std"`` in % (two decimals) of a ``{"mean", "std"}`` of fractions; "—" when there is no mean."""
+    return "—" if not stat or stat.get("mean") is None else f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
 
 
 def environment() -> dict:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 
-from _common import RESULTS, write
+from _common import METHOD_LABELS as LABELS
+from _common import RESULTS, pct_pm, write
 
 METHODS = ["share", "head-only", "inflora", "dual-lora", "sd-lora", "seq-lora"]
-LABELS = {"share": "Share", "head-only": "head-only", "inflora": "InfLoRA", "dual-lora": "DualLoRA",
-          "sd-lora": "SD-LoRA", "seq-lora": "SeqLoRA", "joint-lora": "joint LoRA"}
 SETTINGS = ["untuned", "tuned", "aligned"]
 # stream → setting → result folders, earlier ones first (a later folder's method replaces an earlier one's)
 SOURCES = {
@@ -59,7 +58,7 @@ def collect() -> dict:
 def _cell(row: dict | None) -> str:
     if not row:
         return "—"
-    return f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} ({len(row['seeds'])})"
+    return f"{pct_pm(row)} ({len(row['seeds'])})"
 
 
 def markdown(summary: dict) -> str:

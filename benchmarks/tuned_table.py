@@ -19,15 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from _common import RESULTS, write
+from _common import METHOD_LABELS, RESULTS, write
+from _common import pct_pm as _pm
 
-LABELS = {"share": "Share", "head-only": "head-only", "inflora": "InfLoRA", "dual-lora": "DualLoRA",
-          "sd-lora": "SD-LoRA", "seq-lora": "SeqLoRA", "lora-per-task": "LoRA per task",
-          "joint-lora": "joint LoRA (ceiling)"}
-
-
-def _pm(stat: dict | None) -> str:
-    return "—" if not stat or stat.get("mean") is None else f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+LABELS = {**METHOD_LABELS, "joint-lora": "joint LoRA (ceiling)"}
 
 
 def _rate(lr: float, optimizer: str) -> str:
