@@ -19,7 +19,7 @@ import torch
 from sharecl import distributed as dist
 from sharecl.backbone import load_encoder
 from sharecl.data.tasks import Stream
-from sharecl.methods.base import ContinualMethod, build_method
+from sharecl.methods.base import build_method
 from sharecl.metrics import forward_transfer, summarize
 from sharecl.plots import accuracy_heatmap
 from sharecl.provenance import environment
@@ -52,9 +52,9 @@ def _score(method, task, cfg: TrainConfig, samples: dict | None = None) -> float
 def _rows(method, stream: Stream, upto: int, cfg: TrainConfig, samples: dict | None = None) -> tuple[list[float], list[float] | None]:
     """TIL scores of tasks ``0..upto``, and CIL accuracies on a class-incremental stream."""
     seen = stream.tasks[: upto + 1]
-    if stream.scenario == "cil" and method.task_independent_backbone and type(method).cil_logits is ContinualMethod.cil_logits:
+    if stream.scenario == "cil" and method.one_forward_til_and_cil:
         offsets = method.class_offsets()  # one backbone forward gives both scores
-        both = [evaluate_many(lambda xs, n=t.name: _til_and_cil_logits(method, xs, n), t, cfg.eval_batch_size, [0, offsets[t.name]])
+        both = [evaluate_many(lambda xs, n=t.name: method.til_and_cil_logits(xs, n), t, cfg.eval_batch_size, [0, offsets[t.name]])
                 for t in seen]
         return [b[0] for b in both], [b[1] for b in both]
     til = [_score(method, t, cfg, samples) for t in seen]
@@ -62,17 +62,6 @@ def _rows(method, stream: Stream, upto: int, cfg: TrainConfig, samples: dict | N
         return til, None
     offsets = method.class_offsets()
     return til, [evaluate_cil(method, t, offsets[t.name], cfg.eval_batch_size) for t in seen]
-
-
-@torch.no_grad()
-def _til_and_cil_logits(method, inputs: list, task_name: str) -> list[torch.Tensor]:
-    """``[method.logits(inputs, task_name), method.cil_logits(inputs)]`` from one forward, for a
-    method whose backbone computes the same features whatever the task (and the default
-    :meth:`~sharecl.methods.base.ContinualMethod.cil_logits`: every head on those features)."""
-    method.check_scenario("cil")
-    with method.routed(task_name):
-        z = method._features(inputs)
-    return [method.heads(z, task_name), method._concat_heads(z)]
 
 
 def _json_safe(x):

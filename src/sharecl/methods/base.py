@@ -396,6 +396,27 @@ class ContinualMethod(ABC):
         with torch.no_grad():
             return self._concat_heads(self._features(inputs))
 
+    @property
+    def one_forward_til_and_cil(self) -> bool:
+        """True when :meth:`til_and_cil_logits` needs one backbone forward, not two: the features do
+        not depend on the task and :meth:`cil_logits` is this class's default (every head on them)."""
+        return self.task_independent_backbone and type(self).cil_logits is ContinualMethod.cil_logits
+
+    @torch.no_grad()
+    def til_and_cil_logits(self, inputs: list, task_name: str) -> list[torch.Tensor]:
+        """``[logits(inputs, task_name), cil_logits(inputs)]``: ``(N, classes of the task)`` and
+        ``(N, total classes seen)``, from one forward where :attr:`one_forward_til_and_cil`.
+
+        Raises:
+            UnsupportedScenarioError: if the method is task-incremental only.
+        """
+        self.check_scenario("cil")
+        if not self.one_forward_til_and_cil:
+            return [self.logits(inputs, task_name), self.cil_logits(inputs)]
+        with self.routed(task_name):
+            z = self._features(inputs)
+        return [self.heads(z, task_name), self._concat_heads(z)]
+
     def _concat_heads(self, z: torch.Tensor) -> torch.Tensor:
         """Every task's head on features ``z`` ``(N, hidden)``, concatenated in task order ``(N, total classes)``."""
         return torch.cat([self.heads(z, n) for n in self.task_names], -1)
