@@ -200,3 +200,35 @@ def test_runner_writes_score_matrix_for_a_generation_stream(tmp_path, monkeypatc
         samples = share["sample_answers"][task.name]
         got = generate_answers(loaded, task.name, [x["prompt"] for x in samples], max_new_tokens=task.max_new_tokens)
         assert got == [x["answer"] for x in samples]
+
+
+@pytest.mark.parametrize("name", [m for m in GEN_METHODS if METHODS[m].trains])
+def test_every_method_adapts_all_linear(name):
+    """PEFT's ``target_modules="all-linear"`` works for every method: each of the tiny Llama's 14
+    linear layers but ``lm_head`` gets an adapter, and a training step moves the answers' loss."""
+    lm = tiny_lm()
+    m = build_method(name, lm, seed=0, target_modules="all-linear", **({"k": 8, "p": 2, "r": 4} if name == "share" else {}))
+    m.begin_stream(1)
+    task = tiny_generation_task("ask", "yes")
+    info = m.learn(task, TrainConfig(steps=3, batch_size=8, lr=3e-2, max_length=64), progress=False)
+    layers = getattr(m, "layers", None)
+    adapted = (set(layers) if layers else
+               {n.removeprefix("base_model.model.") for n, mod in lm.model.named_modules() if hasattr(mod, "lora_A")})
+    assert len(adapted) == 14 and not any(n.endswith("lm_head") for n in adapted), sorted(adapted)
+    assert info["final_loss"] is not None
+
+
+def test_precision_auto_is_bf16_for_causal_lms_where_the_cpu_has_it():
+    from pathlib import Path
+
+    from sharecl.distributed import native_bf16, resolve_precision
+
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
+    if flags is not None:  # an independent reading of the CPU's instruction sets
+        assert native_bf16("cpu") == ("avx512_bf16" in flags or "amx_bf16" in flags or "amx_tile" in flags)
+    want = "bf16" if native_bf16("cpu") else "fp32"
+    assert resolve_precision("auto", "cpu", "lm") == want
+    assert resolve_precision("auto", "cpu", "text") == "fp32" and resolve_precision("auto", "cpu", "image") == "fp32"
+    assert resolve_precision("fp32", "cpu", "lm") == "fp32" and resolve_precision("bf16", "cpu", "text") == "bf16"
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16"):
+        resolve_precision("fp16", "cpu", "lm")

@@ -162,17 +162,17 @@ def load_encoder(path: str | None = None, *, max_length: int = 128, device: str 
 
     Args:
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (see :func:`sharecl.distributed.resolve_device`).
-        precision: ``fp32`` or ``bf16`` (bfloat16 autocast of the backbone's forward).
+        precision: ``fp32``, ``bf16`` (bfloat16 autocast of the backbone's forward) or ``auto``
+            (fp32 for encoders: :func:`sharecl.distributed.resolve_precision`).
 
     Raises:
         FileNotFoundError: if ``path`` does not exist or holds no config.
         ValueError: for an unknown or unavailable device, or an unknown precision.
     """
-    from sharecl.distributed import PRECISIONS, resolve_device
+    from sharecl.distributed import resolve_device, resolve_precision
 
     dev = resolve_device(device)
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    precision = resolve_precision(precision, dev, "encoder")
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

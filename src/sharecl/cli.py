@@ -77,7 +77,7 @@ def run(
     optimizer: OptimizerOpt = "adamw",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-    device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
+    device: DeviceOpt = "auto", precision: PrecisionOpt = "auto",
 ):
     """Learn a stream task after task with several methods and report the accuracy matrix side by side.
 
@@ -149,7 +149,7 @@ def compare(
     resume: Annotated[bool, typer.Option(help="Reuse results.json files already in OUT.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-    device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
+    device: DeviceOpt = "auto", precision: PrecisionOpt = "auto",
 ):
     """Run every method on one stream with the same backbone, targets, rank, budget and seeds; write compare.md/json and plots."""
     dev = setup_torch(threads, device)
@@ -254,7 +254,7 @@ def serve(
     max_prompt_tokens: Annotated[int, typer.Option(help="Generation: tokens per prompt (at most the store's max_length).")] = 1024,
     max_new_tokens: Annotated[int, typer.Option(help="Generation: the largest max_new_tokens a request may ask for.")] = 256,
     reload_interval: Annotated[float, typer.Option(help="Seconds between checks for a new store version (0: never).")] = 1.0,
-    device: DeviceOpt = "cpu", precision: PrecisionOpt = "fp32",
+    device: DeviceOpt = "cpu", precision: PrecisionOpt = "auto",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     top_tasks: Annotated[Optional[int], typer.Option(help="Requests without a task id, on a Share store learned with --align: "
                                                           "run each input under its M likeliest tasks only.")] = None,

@@ -57,7 +57,8 @@ PhiOpt = Annotated[int, typer.Option(help="Share: temporary directions per side 
 InitOpt = Annotated[str, typer.Option(help="Share: coefficient init, 'zero' (ΔW = 0) or 'previous' (warm start).")]
 FtOpt = Annotated[int, typer.Option(help="Share: steps fine-tuning the new task's coefficients after the merge.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (under torchrun, cuda is each rank's LOCAL_RANK GPU).")]
-PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16 (bfloat16 autocast of the backbone; weights stay float32).")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 for a causal LM on a CPU or GPU with native bfloat16, else fp32), "
+                                                 "fp32, or bf16 (bfloat16 autocast of the backbone; weights stay float32).")]
 WarmupOpt = Annotated[int, typer.Option(help="Linear learning-rate warm-up over the first N steps of each task (0: none).")]
 ClipOpt = Annotated[Optional[float], typer.Option(help="Clip the gradient norm of the trained parameters to this value.")]
 AugmentOpt = Annotated[bool, typer.Option(help="Images: train on random resized crops (area 25-100 %) and horizontal flips.")]

@@ -119,7 +119,7 @@ def learn(
     align_rank: Annotated[Optional[int], typer.Option(help="With --align: keep covariances as their top-R eigenvectors plus a "
                                                            "diagonal (default: full).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-    device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
+    device: DeviceOpt = "auto", precision: PrecisionOpt = "auto",
 ):
     """Teach a store one new task from labelled text or images, or from prompt/completion pairs
     on a causal LM (creates the store on first use).
@@ -327,7 +327,7 @@ def generate(
     task: Annotated[str, typer.Option(help="Task whose adapter answers.")],
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
-    device: DeviceOpt = "cpu", precision: PrecisionOpt = "fp32",
+    device: DeviceOpt = "cpu", precision: PrecisionOpt = "auto",
 ):
     """Answer prompts with one generation task of a store (greedy decoding, as `sharecl serve` and evaluation do)."""
     dev = setup_torch(None, device)

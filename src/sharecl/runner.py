@@ -156,7 +156,7 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
         "adapter_bytes_after_task": stored,  # adapters + shared state (no heads) after each task
         "train_seconds": seconds, "train_seconds_total": sum(seconds), "peak_rss_bytes": rss.peak,
         "config": method.config.to_dict(), "train_config": vars(cfg).copy(), "evaluated": evaluate,
-        "device": str(encoder.device), "precision": precision, "world_size": dist.world_size(),
+        "device": str(encoder.device), "precision": encoder.precision, "world_size": dist.world_size(),
         "environment": environment(),
         "task_info": [{k: v for k, v in inf.items() if k != "merge"} for inf in infos],  # merges are in report()
         **method.report(),
@@ -202,6 +202,7 @@ def run_stream(stream: Stream, methods: list[str], cfg: TrainConfig, out_dir: st
     from sharecl.provenance import library_versions
 
     out = Path(out_dir)
+    precision = dist.resolve_precision(precision, dist.resolve_device(device), stream.modality)  # "auto" → what runs
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         listed, configs = list(methods), dict(method_configs or {})

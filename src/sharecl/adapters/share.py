@@ -24,7 +24,22 @@ from sharecl.coeff_log import CoefficientLog
 from sharecl.routing import Router
 from sharecl.subspace import MergeGrams, MergeResult, orthonormal_complement
 
-__all__ = ["ShareLinear", "ShareTrainState"]
+__all__ = ["ShareLinear", "ShareTrainState", "PHI_INITS"]
+
+#: how the temporary directions ``U⁺``, ``V⁺`` start (:meth:`ShareLinear.begin_task`)
+PHI_INITS = ("complement", "top", "uniform")
+
+
+def _temporary_directions(basis: torch.Tensor, phi: int, how: str, generator: torch.Generator) -> torch.Tensor:
+    """``φ`` starting temporary directions ``(d, φ)`` for a basis ``(d, k)`` (see ``phi_init``)."""
+    d, k = basis.shape
+    if how == "uniform":  # the authors' code: additive rank-ρ terms with U(−0.5, 0.5) entries
+        return torch.rand(d, phi, generator=generator, dtype=torch.float64).sub_(0.5).to(basis)
+    if how == "top":  # the paper's figure: the new factors start as copies of the top-φ existing ones
+        top = basis[:, : min(phi, k)]
+        rest = orthonormal_complement(basis, phi - top.shape[1], generator) if phi > k else basis[:, :0]
+        return torch.cat([top, rest], 1)
+    return orthonormal_complement(basis, phi, generator)
 
 
 class ShareTrainState(nn.Module):
@@ -46,6 +61,17 @@ class ShareTrainState(nn.Module):
         self.kind = kind
         for name, value in tensors.items():
             self.register_parameter(name, nn.Parameter(value))
+
+    #: names of the coefficient tensors (the rest are directions: the seed LoRA's factors, ``U⁺``, ``V⁺``)
+    COEFFICIENTS = ("coeff_B", "coeff_A", "E_B", "E_A")
+
+    def coefficients(self) -> list[nn.Parameter]:
+        """The coefficient parameters (``coeff_B``, ``coeff_A``, ``E_B``, ``E_A``); empty for a seed LoRA."""
+        return [p for n, p in self.named_parameters() if n in self.COEFFICIENTS]
+
+    def directions(self) -> list[nn.Parameter]:
+        """The direction parameters: the seed LoRA's ``lora_B``/``lora_A``, or ``U_plus``/``V_plus``."""
+        return [p for n, p in self.named_parameters() if n not in self.COEFFICIENTS]
 
     def factors(self, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Current ``(B_t (d_out, q), A_t (q, d_in))`` of the training task (q = r or p)."""
@@ -147,7 +173,8 @@ class ShareLinear(nn.Module):
         return self.U.shape[1], self.V.shape[1]
 
     # --------------------------------------------------------------- training
-    def begin_task(self, *, seed_rank: int | None, phi: int, init: str, generator: torch.Generator) -> ShareTrainState:
+    def begin_task(self, *, seed_rank: int | None, phi: int, init: str, generator: torch.Generator,
+                   phi_init: str = "complement") -> ShareTrainState:
         """Create and attach the trainable state for a new task; returns it.
 
         Args:
@@ -155,7 +182,16 @@ class ShareLinear(nn.Module):
             phi: number of temporary directions per side, ``φ``.
             init: ``"zero"`` or ``"previous"`` (see :class:`ShareTrainState`).
             generator: CPU generator for the random parts, for reproducibility.
+            phi_init: how ``U⁺``, ``V⁺`` start (see :data:`PHI_INITS`): ``"complement"`` [ours]
+                random orthonormal columns orthogonal to ``U``/``V``; ``"top"`` (the paper, §3.2)
+                copies of the top-φ basis directions (complement columns where k < φ);
+                ``"uniform"`` (the authors' code) entries drawn from U(−0.5, 0.5).
+
+        Raises:
+            ValueError: for an unknown ``init`` or ``phi_init``.
         """
+        if phi_init not in PHI_INITS:
+            raise ValueError(f"phi_init must be one of {PHI_INITS}, got {phi_init!r}")
         w = self.base.weight
         d_out, d_in = self.out_features, self.in_features
         if self.U.shape[1] == 0:
@@ -181,8 +217,8 @@ class ShareLinear(nn.Module):
             state = ShareTrainState("coeff", {
                 "coeff_B": cB,
                 "coeff_A": cA,
-                "U_plus": orthonormal_complement(self.U, phi, generator).to(w),
-                "V_plus": orthonormal_complement(self.V, phi, generator).to(w),
+                "U_plus": _temporary_directions(self.U, phi, phi_init, generator).to(w),
+                "V_plus": _temporary_directions(self.V, phi, phi_init, generator).to(w),
                 "E_B": w.new_zeros(phi, p),
                 "E_A": w.new_zeros(phi, p) if previous else (torch.randn(phi, p, generator=generator) * std).to(w),
             })

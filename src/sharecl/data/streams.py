@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Callable
-from pathlib import Path
 
 from sharecl.data import packaged
 from sharecl.data.tasks import Stream, Task, split_task
@@ -242,11 +241,11 @@ def images20(seed: int = 0, train_per_class: int = 100, test_per_class: int = 50
     return Stream("images20", tasks, seed, "til", modality="image", image_size=image_size)
 
 
-def gen5(seed: int = 0, train_size: int = 160, test_size: int = 40) -> Stream:
+def gen5(seed: int = 0, train_size: int = 160, test_size: int = 200, val_size: int | None = None) -> Stream:
     """Five real generation tasks for a causal LM: :func:`sharecl.generation.streams.gen5`."""
     from sharecl.generation.streams import gen5 as build
 
-    return build(seed, train_size, test_size)
+    return build(seed, train_size, test_size, val_size)
 
 
 STREAMS: dict[str, Callable[..., Stream]] = {"text5": text5, "wordnet-cil": wordnet_cil, "fmnist-cil": fmnist_cil,
@@ -258,6 +257,10 @@ STREAMS: dict[str, Callable[..., Stream]] = {"text5": text5, "wordnet-cil": word
 def get_stream(name: str, **kwargs) -> Stream:
     """Build the named stream with its options (``seed``, per-class caps, ``image_size`` for images).
 
+    A name ending in ``.yaml``/``.yml``/``.json`` is a stream file: generation tasks from the user's
+    prompt/completion files (:mod:`sharecl.generation.stream_file`; only ``seed`` may be given), or
+    an image dataset split into tasks (:func:`sharecl.data.image_files.load_stream_file`).
+
     Raises:
         KeyError: for an unknown name (listing the known ones).
         ValueError: for an option the stream does not have (listing its options).
@@ -266,9 +269,13 @@ def get_stream(name: str, **kwargs) -> Stream:
 
     if name.endswith((".yaml", ".yml", ".json")):
         from sharecl.data.image_files import load_stream_file
+        from sharecl.generation.stream_file import is_generation_spec, load_generation_stream, read_stream_spec
 
-        if not Path(name).is_file():
-            raise FileNotFoundError(f"stream file {name} does not exist")
+        if is_generation_spec(read_stream_spec(name)):  # prompt/completion tasks (sharecl.generation.stream_file)
+            bad = sorted(k for k, v in kwargs.items() if k != "seed" and v is not None)
+            if bad:
+                raise ValueError(f"a generation stream file takes no option {', '.join(bad)}; set split sizes per task in {name}")
+            return load_generation_stream(name, seed=kwargs.get("seed"))
         return load_stream_file(name, **kwargs)
     if name not in STREAMS:
         raise KeyError(f"unknown stream {name!r}; known streams: {sorted(STREAMS)}")

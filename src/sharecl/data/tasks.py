@@ -162,7 +162,9 @@ def validation_stream(stream: Stream) -> Stream:
     missing = [t.name for t in stream if not getattr(t, "val_inputs", None)]
     if missing:
         raise ValueError(f"stream {stream.name!r}: tasks {missing[:4]} have no validation split; the packaged "
-                         "classification streams have one (val_per_class), a data file needs one carved with val_per_class")
-    tasks = [replace(t, test_inputs=list(t.val_inputs), test_labels=list(t.val_labels), meta={**t.meta, "evaluated_on": "validation"})
+                         "streams have one (val_per_class, val_size), a data file needs one carved with val_per_class "
+                         "(classification) or val_size (generation)")
+    tasks = [replace(t, test_inputs=list(t.val_inputs), meta={**t.meta, "evaluated_on": "validation"},
+                     **({"test_labels": list(t.val_labels)} if hasattr(t, "val_labels") else {}))
              for t in stream]
     return replace(stream, name=f"{stream.name}[validation]", tasks=tasks)

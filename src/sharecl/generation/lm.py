@@ -334,7 +334,8 @@ def load_causal_lm(path: str | os.PathLike | None = None, *, max_length: int = 2
         path: a model directory, a ``.gguf`` file (cached as safetensors on first use, see
             :func:`cache_gguf`), or None for the packaged SmolLM2-135M-Instruct.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-        precision: ``fp32`` or ``bf16`` (bfloat16 autocast; weights stay float32).
+        precision: ``fp32``, ``bf16`` (bfloat16 autocast; weights stay float32) or ``auto`` (bf16
+            where the device has native bfloat16: :func:`sharecl.distributed.resolve_precision`).
         chat: use the tokenizer's chat template (None: when it has one).
 
     Raises:
@@ -343,11 +344,10 @@ def load_causal_lm(path: str | os.PathLike | None = None, *, max_length: int = 2
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from sharecl.distributed import PRECISIONS, resolve_device
+    from sharecl.distributed import resolve_device, resolve_precision
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev, "lm")
     hf_logging.disable_progress_bar()
     p = Path(path) if path is not None else default_lm_path()
     if p.suffix == ".gguf":

@@ -30,6 +30,9 @@ class GenerationTask:
         metric: ``exact-match`` or ``rouge-l`` (:mod:`sharecl.generation.scoring`).
         max_new_tokens: the most tokens an answer may take at evaluation.
         meta: where the data came from, seed, sizes: recorded in run manifests.
+        val_inputs: the validation split, ``(prompt, target)`` pairs (empty when the task has
+            none); disjoint from train and test, never trained on: what ``compare --tune-lr``
+            and other choices read instead of the test split.
     """
 
     name: str
@@ -38,6 +41,7 @@ class GenerationTask:
     metric: str = "rouge-l"
     max_new_tokens: int = 32
     meta: dict = field(default_factory=dict)
+    val_inputs: list[tuple[str, str]] = field(default_factory=list)
     kind = "generation"
     classes: tuple = ()
 
@@ -49,7 +53,7 @@ class GenerationTask:
             raise ValueError(f"task {self.name!r}: max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
         if not self.train_inputs:
             raise ValueError(f"task {self.name!r} has no training examples")
-        for split in (self.train_inputs, self.test_inputs):
+        for split in (self.train_inputs, self.test_inputs, self.val_inputs):
             for ex in split:
                 if not (isinstance(ex, tuple) and len(ex) == 2 and all(isinstance(s, str) for s in ex)):
                     raise ValueError(f"task {self.name!r}: an example must be a (prompt, target) pair of strings, got {ex!r:.80}")
@@ -65,19 +69,23 @@ class GenerationTask:
     def describe(self) -> dict:
         """JSON-ready summary: name, kind, metric, sizes, meta, and one training example."""
         return {"name": self.name, "kind": self.kind, "metric": self.metric, "max_new_tokens": self.max_new_tokens,
-                "train_size": len(self.train_inputs), "test_size": len(self.test_inputs),
-                "example": list(self.train_inputs[0]), **self.meta}
+                "example": list(self.train_inputs[0]), **self.meta,  # the sizes held now, not those meta was drawn with
+                "train_size": len(self.train_inputs), "test_size": len(self.test_inputs), "val_size": len(self.val_inputs)}
 
 
 def split_pairs(name: str, pairs: list[tuple[str, str]], *, seed: int, train_size: int | None, test_size: int | None,
                 test_fraction: float = 0.2, metric: str = "rouge-l", max_new_tokens: int = 32,
-                meta: dict | None = None) -> GenerationTask:
+                meta: dict | None = None, val_size: int | None = None) -> GenerationTask:
     """A task from ``pairs`` with a seeded split; a prompt appearing twice is kept once (its first
-    target), so no test prompt is also a training prompt.
+    target), so no prompt is in two splits.
 
     The pairs are sorted, then shuffled with ``random.Random(f"{seed}:{name}")``: the split depends
     on nothing but the data and the seed. The first ``test_size`` go to test, the next
-    ``train_size`` to train (without sizes a ``test_fraction`` is held out).
+    ``train_size`` to train (without sizes a ``test_fraction`` is held out), and the next
+    ``val_size`` (default None: no validation split) to validation, so adding a validation split
+    changes neither train nor test (as :func:`sharecl.data.tasks.split_task`); with fewer left
+    over, validation gets what there is. Without a ``train_size`` validation is carved from the
+    front of what training would get.
 
     Raises:
         ValueError: if too few distinct prompts remain for a training split.
@@ -89,11 +97,17 @@ def split_pairs(name: str, pairs: list[tuple[str, str]], *, seed: int, train_siz
     random.Random(f"{seed}:{name}").shuffle(items)
     n_test = test_size if test_size is not None else max(1, round(len(items) * test_fraction))
     test, rest = items[:n_test], items[n_test:]
-    train = rest[:train_size] if train_size is not None else rest
+    n_val = val_size or 0
+    if train_size is not None:
+        train, val = rest[:train_size], rest[train_size:train_size + n_val]
+    else:
+        val, train = rest[:n_val], rest[n_val:]
     if not train:
-        raise ValueError(f"task {name!r}: {len(items)} distinct prompts leave none for training after {n_test} test examples")
-    info = {"seed": seed, "train_size": len(train), "test_size": len(test), **(meta or {})}
-    return GenerationTask(name, train, test, metric, max_new_tokens, info)
+        raise ValueError(f"task {name!r}: {len(items)} distinct prompts leave none for training after {n_test} test "
+                         f"and {len(val)} validation examples")
+    info = {"seed": seed, "train_size": len(train), "test_size": len(test), **({"val_size": len(val)} if val_size else {}),
+            **(meta or {})}
+    return GenerationTask(name, train, test, metric, max_new_tokens, info, val)
 
 
 def _chat_pair(messages, where: str) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from sharecl.adapters.share import ShareLinear
+from sharecl.adapters.share import PHI_INITS, ShareLinear
 from sharecl.backbone import Encoder, TaskHeads
 from sharecl.coeff_log import CoefficientLog
 from sharecl.data.tasks import Task, check_task_name
@@ -50,8 +50,17 @@ class ShareConfig:
         k_max: cap on k under the energy rule.
         phi: temporary directions per side while a task trains (``φ``).
         init: "zero" (ΔW = 0 at step 0) or "previous" (warm start from the last task).
+        phi_init: how the temporary directions start: "complement" [ours] (random orthonormal,
+            outside the basis), "top" (the paper: the top-φ basis directions) or "uniform" (the
+            authors' code: U(−0.5, 0.5) entries); :data:`sharecl.adapters.share.PHI_INITS`.
         merge_finetune_steps: steps fine-tuning the new task's coefficients on the merged basis.
-        lr: learning rate for the coefficients and temporary directions (None = TrainConfig.lr).
+        lr: learning rate of the directions: the seed task's LoRA and the temporary directions
+            ``U⁺``, ``V⁺`` (None = TrainConfig.lr).
+        coeff_lr_ratio: the coefficients' learning rate (``C_B``, ``C_A``, ``E_B``, ``E_A``, and the
+            merge's fine-tuning) ÷ the directions' (as LoRA+'s ``loraplus_lr_ratio`` sets B's against
+            A's). [ours] Adam moves every parameter by about ``lr`` a step, so ``k·p`` coefficients on an
+            orthonormal basis move ``ΔW`` ``√(d·r / (k·p))`` times less per step than a LoRA's
+            ``d·r`` factor entries: a ratio above 1 gives the coefficients a LoRA's pace.
         cil_score: class-incremental task-identification score (see :meth:`ShareMethod.cil_logits`):
             "prototype" (default), "energy", "max-prob", "max-logit", "mahalanobis" (which also
             keeps each task's class means and covariances: ``C · hidden · (hidden + 1)`` numbers)
@@ -74,8 +83,10 @@ class ShareConfig:
     k_max: int | None = None
     phi: int = 2
     init: str = "zero"
+    phi_init: str = "complement"
     merge_finetune_steps: int = 0
     lr: float | None = None
+    coeff_lr_ratio: float = 1.0
     cil_score: str = "prototype"
     center: bool = False
     cil_top_tasks: int | None = None
@@ -96,6 +107,10 @@ class ShareConfig:
             raise ValueError(f"ShareConfig: pseudo-rank p={self.p} cannot exceed the seed rank r={self.r}")
         if self.init not in ("zero", "previous"):
             raise ValueError(f"ShareConfig.init must be 'zero' or 'previous', got {self.init!r}")
+        if self.phi_init not in PHI_INITS:
+            raise ValueError(f"ShareConfig.phi_init must be one of {PHI_INITS}, got {self.phi_init!r}")
+        if not self.coeff_lr_ratio > 0:
+            raise ValueError(f"ShareConfig.coeff_lr_ratio must be positive, got {self.coeff_lr_ratio!r}")
 
     @property
     def scaling(self) -> float:
@@ -179,12 +194,19 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
                              "choose one (--align sets cil_score='aligned')")
         gen = self.generator(3)
         head = self._add_task(task)  # first: a duplicate name must fail before any layer changes
-        states = [layer.begin_task(seed_rank=self.config.r, phi=self.config.phi, init=self.config.init, generator=gen)
-                  for layer in self.layers.values()]
+        states = [layer.begin_task(seed_rank=self.config.r, phi=self.config.phi, init=self.config.init, generator=gen,
+                                   phi_init=self.config.phi_init) for layer in self.layers.values()]
         self.kinds[task.name] = "data"
-        adapter = [p for s in states for p in s.parameters()]
-        self._last_trainable = sum(p.numel() for p in adapter)
-        return [{"params": adapter, "lr": self.config.lr or cfg.lr}, *self._head_groups(head, cfg)]
+        directions = [p for s in states for p in s.directions()]
+        coefficients = [p for s in states for p in s.coefficients()]
+        self._last_trainable = sum(p.numel() for p in directions + coefficients)
+        groups = [{"params": directions, "lr": self._lr(cfg)}, {"params": coefficients, "lr": self._lr(cfg, coefficients=True)}]
+        return [g for g in groups if g["params"]] + self._head_groups(head, cfg)
+
+    def _lr(self, cfg: TrainConfig, coefficients: bool = False) -> float:
+        """The directions' learning rate (``config.lr``, else the run's), × ``coeff_lr_ratio`` for coefficients."""
+        lr = self.config.lr or cfg.lr
+        return lr * self.config.coeff_lr_ratio if coefficients else lr
 
     def _merge_new(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], task_name: str) -> dict:
         """Merge one new task's factors ``{layer: (B, A)}`` into every layer; record drift."""
@@ -248,7 +270,7 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
         task_head = self.heads.heads[task.name] if head and task.name in self.heads else None
         try:
             return train_steps(self.training_forward(task),
-                               [{"params": params, "lr": self.config.lr or cfg.lr}, *self._head_groups(task_head, cfg)],
+                               [{"params": params, "lr": self._lr(cfg, coefficients=True)}, *self._head_groups(task_head, cfg)],
                                task, cfg, steps=steps, desc=f"{self.name} · {task.name} · finetune",
                                generator=self.generator(salt), rss=rss, progress=progress)
         finally:
