@@ -88,3 +88,21 @@ def test_seed_state_is_a_plain_lora():
     st = layer.begin_task(seed_rank=4, phi=2, init="zero", generator=torch.Generator().manual_seed(0))
     assert st.kind == "seed" and st.lora_A.shape == (4, 10) and st.lora_B.shape == (8, 4)
     assert float(st.lora_B.detach().abs().max()) == 0.0
+
+
+def test_temporary_directions_start_as_phi_init_says():
+    import pytest
+
+    layer = layer_with_tasks()
+    x = torch.randn(2, 24)
+    top = layer.begin_task(seed_rank=4, phi=2, init="zero", generator=torch.Generator().manual_seed(1), phi_init="top")
+    assert torch.equal(top.U_plus, layer.U[:, :2]) and torch.equal(top.V_plus, layer.V[:, :2])  # the paper: top-φ directions
+    assert torch.allclose(layer(x), layer.base(x))  # still ΔW = 0 at step 0
+    wide = layer.begin_task(seed_rank=4, phi=9, init="zero", generator=torch.Generator().manual_seed(1), phi_init="top")
+    k = layer.k[0]  # φ > k: every basis direction, then orthonormal columns outside the basis
+    assert torch.equal(wide.U_plus[:, :k], layer.U) and (layer.U.T @ wide.U_plus[:, k:]).abs().max() < 1e-5
+    uni = layer.begin_task(seed_rank=4, phi=2, init="zero", generator=torch.Generator().manual_seed(1), phi_init="uniform")
+    assert uni.U_plus.abs().max() <= 0.5 and uni.U_plus.norm(dim=0).min() > 1.0  # the authors' code: U(−0.5, 0.5), not unit
+    assert (layer.U.T @ uni.U_plus).abs().max() > 1e-2  # and not kept outside the basis
+    with pytest.raises(ValueError, match="phi_init must be one of"):
+        layer.begin_task(seed_rank=4, phi=2, init="zero", generator=torch.Generator(), phi_init="orthogonal")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_task
-from sharecl.methods.share import ShareConfig
+from sharecl.methods.share import ShareConfig, ShareMethod
 from sharecl.train import NonFiniteLossError, TrainConfig, evaluate
 
 
@@ -161,3 +161,30 @@ def test_learning_reaches_above_chance(tiny_share):
     t = make_task("a", n_per_class=20)
     tiny_share.learn(t, cfg, progress=False)
     assert evaluate(lambda xs: tiny_share.logits(xs, "a"), t, 32) > 0.6  # 3 classes: chance is 1/3
+
+
+def test_coeff_lr_ratio_moves_coefficients_faster_and_directions_alike(tiny_model_dir, fast_cfg):
+    """One AdamW step from the same start: the coefficients move ``coeff_lr_ratio`` times as far (Adam's
+    first step is ``lr · sign(g)``), the temporary directions exactly as far as at ratio 1."""
+    from sharecl.backbone import load_encoder
+
+    def after_one_step(ratio):
+        m = ShareMethod(load_encoder(tiny_model_dir), seed=0, r=4, k=4, p=2, coeff_lr_ratio=ratio)
+        m.learn(make_task("a", 0), fast_cfg, progress=False)
+        groups = m.begin_task(make_task("b", 1), fast_cfg)
+        layer = next(iter(m.layers.values()))
+        st = layer.train_state
+        start = {n: p.detach().clone() for n, p in st.named_parameters()}
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+        task = make_task("b", 1)
+        logits = m.training_forward(task)(task.train_inputs[:8])
+        torch.nn.functional.cross_entropy(logits, torch.tensor(task.train_labels[:8])).backward()
+        opt.step()
+        return {n: (p.detach() - start[n]).abs().max().item() for n, p in st.named_parameters()}
+
+    one, ten = after_one_step(1.0), after_one_step(10.0)
+    for name in ("coeff_B", "coeff_A", "E_A"):
+        assert ten[name] == pytest.approx(10 * one[name], rel=1e-3), (name, one, ten)
+    assert ten["U_plus"] == pytest.approx(one["U_plus"], rel=1e-6) and one["coeff_B"] == pytest.approx(fast_cfg.lr, rel=1e-3)
+    with pytest.raises(ValueError, match="coeff_lr_ratio must be positive"):
+        ShareConfig(coeff_lr_ratio=0)
