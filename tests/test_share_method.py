@@ -188,3 +188,27 @@ def test_coeff_lr_ratio_moves_coefficients_faster_and_directions_alike(tiny_mode
     assert ten["U_plus"] == pytest.approx(one["U_plus"], rel=1e-6) and one["coeff_B"] == pytest.approx(fast_cfg.lr, rel=1e-3)
     with pytest.raises(ValueError, match="coeff_lr_ratio must be positive"):
         ShareConfig(coeff_lr_ratio=0)
+
+
+def test_config_left_none_takes_the_family_default_in_a_copy(tiny_model_dir):
+    from dataclasses import asdict
+
+    from conftest import tiny_lm
+    from sharecl.backbone import load_encoder
+    from sharecl.methods.share import SHARE_DEFAULTS
+
+    given = ShareConfig(energy=0.9, r=4)  # energy alone: the energy rule, no "give k or energy" error
+    before = asdict(given)
+    m = ShareMethod(load_encoder(tiny_model_dir), seed=0, config=given)
+    assert asdict(given) == before  # the caller's config is never changed (target_modules stays None)
+    assert m.config.k is None and m.config.energy == 0.9 and m.config.target_modules == ["query", "value"]
+    assert (m.config.p, m.config.phi) == (SHARE_DEFAULTS["encoder"]["p"], SHARE_DEFAULTS["encoder"]["phi"])
+    lm = ShareMethod(tiny_lm(), seed=0, config=given)
+    assert lm.config.p == min(SHARE_DEFAULTS["lm"]["p"], 4) and lm.config.target_modules != ["query", "value"]
+    assert lm.config.coeff_lr_ratio == SHARE_DEFAULTS["lm"]["coeff_lr_ratio"]
+    set_k = ShareMethod(load_encoder(tiny_model_dir), seed=0, r=4, k=3, p=1)
+    assert (set_k.config.k, set_k.config.p, set_k.config.energy) == (3, 1, None)  # what is given is kept
+    with pytest.raises(ValueError, match="energy must be a fraction"):
+        ShareConfig(energy=1.5)
+    with pytest.raises(KeyError, match="unknown backbone family"):
+        ShareConfig().resolved("rnn")

@@ -70,7 +70,7 @@ def run(
     train_per_class: Annotated[Optional[int], typer.Option(help="Training examples per class (default: the stream's, 48 for text).")] = None,
     test_per_class: Annotated[Optional[int], typer.Option(help="Test examples per class (default: the stream's, 30 for text).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56; DINOv2's native 224).")] = None,
-    k: KOpt = 10, p: POpt = 2, energy: EOpt = None, phi: PhiOpt = 2, init: InitOpt = "zero", merge_finetune_steps: FtOpt = 0,
+    k: KOpt = None, p: POpt = None, energy: EOpt = None, phi: PhiOpt = None, init: InitOpt = "zero", merge_finetune_steps: FtOpt = 0,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r (baselines, and Share's first-task seed).")] = 8,
     augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None, align: AlignOpt = False,
     align_rank: AlignRankOpt = None,
@@ -132,7 +132,7 @@ def compare(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (adapters and heads), the same for every method; default 5e-3 for "
                                                      "text, 1e-3 for image and generation streams.")] = None,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r of every method (Share: first-task seed).")] = 8,
-    k: KOpt = 10, p: POpt = 2,
+    k: KOpt = None, p: POpt = None,
     train_per_class: Annotated[Optional[int], typer.Option(help="Training examples per class (default: the stream's).")] = None,
     test_per_class: Annotated[Optional[int], typer.Option(help="Test examples per class (default: the stream's).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56).")] = None,
@@ -181,7 +181,7 @@ def compare(
     configs = {m: ({} if m in ("head-only", "zero-shot") else {"r": rank}) for m in names}
     for name in ("share", "share-full"):
         if name in configs:
-            configs[name].update(share_options(k, p, None, rank, 2, "zero", 0))
+            configs[name].update(share_options(k, p, None, rank, None, "zero", 0))
     for item in set_ or []:
         method, key, value = _parse_set(item, names)
         configs[method][key] = value

@@ -38,10 +38,14 @@ def setup_torch(threads: Optional[int], device: str = "cpu") -> str:
     return str(dev)
 
 
-def share_options(k: int, p: int, energy: Optional[float], rank: int, phi: int, init: str, finetune: int) -> dict:
-    """ShareConfig overrides from the command line: a fixed k unless --energy is given."""
-    return {"k": None if energy is not None else k, "energy": energy, "p": p, "r": rank, "phi": phi, "init": init,
+def share_options(k: Optional[int], p: Optional[int], energy: Optional[float], rank: int, phi: Optional[int], init: str,
+                  finetune: int) -> dict:
+    """ShareConfig overrides from the command line: a fixed k unless --energy is given; an option
+    left out (None) is not passed, so the backbone family's default applies
+    (:data:`sharecl.methods.share.SHARE_DEFAULTS`)."""
+    opts = {"k": None if energy is not None else k, "energy": energy, "p": p, "r": rank, "phi": phi, "init": init,
             "merge_finetune_steps": finetune}
+    return {key: v for key, v in opts.items() if v is not None}
 
 
 def default_lr(modality: str) -> float:
@@ -50,10 +54,13 @@ def default_lr(modality: str) -> float:
 
     return DEFAULT_LR[modality]
 
-KOpt = Annotated[int, typer.Option(help="Share: basis size k per side (ignored with --energy).")]
-POpt = Annotated[int, typer.Option(help="Share: pseudo-rank p, columns of each task's coefficients.")]
+KOpt = Annotated[Optional[int], typer.Option(help="Share: basis size k per side (ignored with --energy; default: the backbone "
+                                                  "family's, 10 for encoders).")]
+POpt = Annotated[Optional[int], typer.Option(help="Share: pseudo-rank p, columns of each task's coefficients (default: the "
+                                                  "backbone family's, 2 for encoders).")]
 EOpt = Annotated[Optional[float], typer.Option(help="Share: choose k by kept energy fraction instead of a fixed k.")]
-PhiOpt = Annotated[int, typer.Option(help="Share: temporary directions per side while a task trains (φ).")]
+PhiOpt = Annotated[Optional[int], typer.Option(help="Share: temporary directions per side while a task trains (φ; default: the "
+                                                      "backbone family's, 2 for encoders).")]
 InitOpt = Annotated[str, typer.Option(help="Share: coefficient init, 'zero' (ΔW = 0) or 'previous' (warm start).")]
 FtOpt = Annotated[int, typer.Option(help="Share: steps fine-tuning the new task's coefficients after the merge.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (under torchrun, cuda is each rank's LOCAL_RANK GPU).")]

@@ -162,8 +162,7 @@ def learn(
         else:
             method_name, rank = method_name or "share", rank or 8
             if method_name == "share":
-                opts = share_options(10 if k is None else k, p or 2, energy, rank, 2 if phi is None else phi,
-                                     init or "zero", merge_finetune_steps or 0)
+                opts = share_options(k, p, energy, rank, phi, init or "zero", merge_finetune_steps or 0)
             else:
                 given = [f"--{n.replace('_', '-')}" for n, v in share_opts.items() if v is not None]
                 if given:

@@ -11,7 +11,7 @@ small space, with balanced factors, no centring by default and no null-space pad
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -26,7 +26,16 @@ from sharecl.methods.share_cil import CIL_SCORES, MAHALANOBIS_SHRINK, ShareClass
 from sharecl.subspace import merge_subspace
 from sharecl.train import PeakRSS, TrainConfig, train_steps
 
-__all__ = ["ShareConfig", "ShareMethod", "LOG_STEPS_MAX", "DRIFT_ENTRIES_MAX"]
+__all__ = ["ShareConfig", "ShareMethod", "SHARE_DEFAULTS", "LOG_STEPS_MAX", "DRIFT_ENTRIES_MAX"]
+
+#: Share's settings per backbone family, for the :class:`ShareConfig` fields left None.
+#: ``encoder`` (text encoders, ViTs): the settings every encoder table was measured with.
+#: ``lm`` (causal LMs): chosen on gen5's validation split (issue 30; ``benchmarks/bench_share_lm.py``,
+#: METHODS.md §1 "Defaults").
+SHARE_DEFAULTS: dict[str, dict] = {
+    "encoder": {"k": 10, "p": 2, "phi": 2, "coeff_lr_ratio": 1.0},
+    "lm": {"k": 10, "p": 2, "phi": 2, "coeff_lr_ratio": 1.0},
+}
 
 #: Merges kept in the coefficient logs before they are folded into a checkpoint
 #: (:mod:`sharecl.coeff_log`): bounds the work of materialising coefficients after a merge.
@@ -41,14 +50,21 @@ class ShareConfig:
     """Share's hyper-parameters (names follow PEFT and METHODS.md §1).
 
     Attributes:
-        target_modules: PEFT-style targets; None = the family default (BERT query/value).
+    Fields marked "family default" may be left None: the method fills them from
+    :data:`SHARE_DEFAULTS` for its backbone's family (``"lm"`` for a causal LM, ``"encoder"`` for
+    text encoders and ViTs) in a copy of the config (:meth:`resolved`); the config passed in is
+    never changed.
+
+    Attributes:
+        target_modules: PEFT-style targets, or ``"all-linear"``; None = the family default
+            (:data:`SHARE_DEFAULTS`, else the model type's query/value: :func:`~sharecl.inject.default_targets`).
         r: rank of the LoRA trained on the first task to seed the subspace.
         lora_alpha: ``s = lora_alpha / r`` scales every task's ``ΔW``.
-        p: pseudo-rank: columns of each task's coefficients ``(k, p)``.
-        k: fixed basis size per side (exclusive with ``energy``).
-        energy: keep the smallest k reaching this fraction of the stack's squared norm.
+        p: pseudo-rank: columns of each task's coefficients ``(k, p)``; None = family default.
+        k: fixed basis size per side; None = the family default, unless ``energy`` is given.
+        energy: keep the smallest k reaching this fraction of the stack's squared norm (k=None).
         k_max: cap on k under the energy rule.
-        phi: temporary directions per side while a task trains (``φ``).
+        phi: temporary directions per side while a task trains (``φ``); None = family default.
         init: "zero" (ΔW = 0 at step 0) or "previous" (warm start from the last task).
         phi_init: how the temporary directions start: "complement" [ours] (random orthonormal,
             outside the basis), "top" (the paper: the top-φ basis directions) or "uniform" (the
@@ -61,6 +77,7 @@ class ShareConfig:
             A's). [ours] Adam moves every parameter by about ``lr`` a step, so ``k·p`` coefficients on an
             orthonormal basis move ``ΔW`` ``√(d·r / (k·p))`` times less per step than a LoRA's
             ``d·r`` factor entries: a ratio above 1 gives the coefficients a LoRA's pace.
+            None = family default.
         cil_score: class-incremental task-identification score (see :meth:`ShareMethod.cil_logits`):
             "prototype" (default), "energy", "max-prob", "max-logit", "mahalanobis" (which also
             keeps each task's class means and covariances: ``C · hidden · (hidden + 1)`` numbers)
@@ -77,16 +94,16 @@ class ShareConfig:
     target_modules: list[str] | str | None = None
     r: int = 8
     lora_alpha: float = 16.0
-    p: int = 2
-    k: int | None = 10
+    p: int | None = None
+    k: int | None = None
     energy: float | None = None
     k_max: int | None = None
-    phi: int = 2
+    phi: int | None = None
     init: str = "zero"
     phi_init: str = "complement"
     merge_finetune_steps: int = 0
     lr: float | None = None
-    coeff_lr_ratio: float = 1.0
+    coeff_lr_ratio: float | None = None
     cil_score: str = "prototype"
     center: bool = False
     cil_top_tasks: int | None = None
@@ -97,24 +114,42 @@ class ShareConfig:
         if self.cil_score not in CIL_SCORES:
             raise ValueError(f"ShareConfig.cil_score must be one of {CIL_SCORES}, got {self.cil_score!r}")
         if self.k is not None and self.energy is not None:
-            raise ValueError("ShareConfig: give k or energy, not both (set k=None to use the energy rule)")
-        if self.k is None and self.energy is None:
-            raise ValueError("ShareConfig: give a fixed k or an energy fraction")
-        for name in ("r", "p", "phi"):
-            if getattr(self, name) < (0 if name == "phi" else 1):
-                raise ValueError(f"ShareConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.p > self.r:
+            raise ValueError("ShareConfig: give k or energy, not both (leave k=None to use the energy rule)")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise ValueError(f"ShareConfig.energy must be a fraction in (0, 1], got {self.energy!r}")
+        for name in ("r", "p", "k", "phi"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < (0 if name == "phi" else 1)):
+                raise ValueError(f"ShareConfig.{name} must be a {'non-negative' if name == 'phi' else 'positive'} integer, got {v!r}")
+        if self.p is not None and self.p > self.r:
             raise ValueError(f"ShareConfig: pseudo-rank p={self.p} cannot exceed the seed rank r={self.r}")
         if self.init not in ("zero", "previous"):
             raise ValueError(f"ShareConfig.init must be 'zero' or 'previous', got {self.init!r}")
         if self.phi_init not in PHI_INITS:
             raise ValueError(f"ShareConfig.phi_init must be one of {PHI_INITS}, got {self.phi_init!r}")
-        if not self.coeff_lr_ratio > 0:
+        if self.coeff_lr_ratio is not None and not self.coeff_lr_ratio > 0:
             raise ValueError(f"ShareConfig.coeff_lr_ratio must be positive, got {self.coeff_lr_ratio!r}")
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
+
+    def resolved(self, family: str) -> ShareConfig:
+        """A copy with every field left None that has a family default filled from
+        :data:`SHARE_DEFAULTS` ``[family]`` (``k`` only without ``energy``); ``self`` is unchanged.
+
+        Raises:
+            KeyError: for an unknown family; ValueError: if the filled values contradict the
+                given ones (a default p above a given r).
+        """
+        if family not in SHARE_DEFAULTS:
+            raise KeyError(f"unknown backbone family {family!r}; known: {sorted(SHARE_DEFAULTS)}")
+        fill = {k: v for k, v in SHARE_DEFAULTS[family].items() if getattr(self, k) is None}
+        if self.energy is not None:
+            fill.pop("k", None)
+        if "p" in fill:
+            fill["p"] = min(fill["p"], self.r)  # a smaller seed rank caps the default pseudo-rank
+        return replace(self, **copy.deepcopy(fill))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,9 +197,11 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: ShareConfig | None = None, **overrides):
         super().__init__(encoder, seed)
-        self.config = config or ShareConfig(**overrides)
-        targets = self.config.target_modules or default_targets(encoder.model)
-        self.config.target_modules = targets
+        given = config if config is not None else ShareConfig(**overrides)
+        self.config = given.resolved("lm" if self.modality == "lm" else "encoder")  # a copy: the caller's stays as given
+        if self.config.target_modules is None:
+            self.config.target_modules = default_targets(encoder.model)
+        targets = self.config.target_modules
         cfg = self.config
         self.layers: dict[str, ShareLinear] = wrap_targets(
             encoder.model, targets, lambda lin: ShareLinear(lin, scaling=cfg.scaling, p=cfg.p, router=self.router))
