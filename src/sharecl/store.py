@@ -456,8 +456,9 @@ def load_store(path: str | Path, *, model_path: str | None = None, device: str |
     Args:
         model_path: base model directory, if it moved since the store was written; its
             weights must hash to the manifest's ``base_model.sha256``.
-        device, precision: where and how the model runs (see :func:`sharecl.backbone.load_encoder`);
-            the tensors are the same whatever the device.
+        device: where the model runs (see :func:`sharecl.backbone.load_encoder`); the tensors
+            are the same whatever the device.
+        precision: ``fp32``, ``bf16`` or ``auto`` (:func:`sharecl.distributed.resolve_precision`).
 
     Raises:
         StoreError: see :func:`read_manifest`; a damaged state file; a base model whose

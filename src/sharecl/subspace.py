@@ -298,7 +298,9 @@ def merge_subspace(
         new_B: ``(d_out, r)`` the new task's up-projection (any r ≥ 1).
         new_A: ``(r, d_in)`` the new task's down-projection.
         p: pseudo-rank kept per task; the new task's coefficients keep its best rank-p part.
-        k, energy, k_max: the rank rule of :func:`choose_rank`, applied per side.
+        k: fixed basis size per side (the rank rule of :func:`choose_rank`), or None.
+        energy: kept fraction of the squared norm under :func:`choose_rank`'s energy rule, or None.
+        k_max: cap on k under the energy rule.
         store_dtype: dtype the factors are stored in; sets the numerical-rank tolerance.
         grams: the old tasks' Gram matrices as the previous merge returned them
             (:attr:`MergeResult.grams`); computed from the coefficients when None.

@@ -59,7 +59,8 @@ def gen5(seed: int = 0, train_size: int = 160, test_size: int = 200, val_size: i
 
     Args:
         seed: draws every task's split.
-        train_size, test_size: pairs per task.
+        train_size: training pairs per task.
+        test_size: test pairs per task.
         val_size: validation pairs per task (default: ``test_size``), drawn after train and test.
     """
     caps = dict(seed=seed, train_size=train_size, test_size=test_size, val_size=test_size if val_size is None else val_size)
