@@ -9,6 +9,9 @@ each task's score, adapter bytes per task, trainable numbers and training second
     python benchmarks/bench_share_lm.py --list
     python benchmarks/bench_share_lm.py --only base,p4 --threads 1      # run (resumes: a finished trial is read back)
     python benchmarks/bench_share_lm.py --table                        # print and write the table from what has run
+    python benchmarks/bench_share_lm.py --queue queue.txt              # run trials named in a file, one per line, as
+                                                                       # they are added; several processes share it; a line
+                                                                       # "name {"options": {...}, "train": {...}}" defines one
 
 Runs live under ``runs/share-lm-ablation/<trial>/`` (``--runs``); the table and every trial's row
 go to ``results/share_lm_ablation.json``. Trials are independent: split them over processes with
@@ -53,6 +56,38 @@ TRIALS: dict[str, tuple[str, dict, dict]] = {
 }
 
 
+def claim(runs: Path, name: str) -> bool:
+    """Atomically claim a trial for this process (a ``.claimed`` directory); False when another has it."""
+    try:
+        (runs / name).mkdir(parents=True, exist_ok=True)
+        (runs / name / ".claimed").mkdir()
+        return True
+    except FileExistsError:
+        return False
+
+
+def run_queue(queue: Path, runs: Path, threads: int, precision: str) -> None:
+    """Run every trial named in ``queue`` (one name per line, ``#`` comments) that no process has
+    claimed, re-reading the file after each trial so that trials can be appended while it runs."""
+    while True:
+        names = []
+        for ln in queue.read_text().splitlines():
+            name, _, spec = ln.split("#")[0].strip().partition(" ")
+            if spec.strip():  # "name {json}" defines a trial: {"method", "options", "train"}
+                d = json.loads(spec)
+                TRIALS[name] = (d.get("method", "share"), d.get("options", {}), d.get("train", {}))
+            names.append(name)
+        todo = [n for n in names if n and not (runs / n / TRIALS.get(n, ("?",))[0] / "results.json").exists()
+                and not (runs / n / ".claimed").exists()]
+        unknown = [n for n in todo if n not in TRIALS]
+        if unknown:
+            raise SystemExit(f"unknown trial(s) {unknown} in {queue}; --list shows them")
+        if not todo:
+            return
+        if claim(runs, todo[0]):
+            run_trial(todo[0], runs, threads, precision)
+
+
 def run_trial(name: str, runs: Path, threads: int, precision: str) -> dict:
     """Run (or read back) one trial; returns its row."""
     import torch
@@ -90,6 +125,7 @@ def row(name: str, res: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", help="comma-separated trials (default: every trial)")
+    ap.add_argument("--queue", type=Path, help="a file naming trials, one per line, read again after each trial")
     ap.add_argument("--list", action="store_true", help="list the trials and exit")
     ap.add_argument("--table", action="store_true", help="only print and write the table of finished trials")
     ap.add_argument("--runs", type=Path, default=Path("runs/share-lm-ablation"))
@@ -104,11 +140,14 @@ def main() -> None:
     unknown = [n for n in names if n not in TRIALS]
     if unknown:
         raise SystemExit(f"unknown trial(s) {unknown}; --list shows them")
-    if not a.table:
+    if a.queue and not a.table:
+        run_queue(a.queue, a.runs, a.threads, a.precision)
+    elif not a.table:
         for n in names:
             run_trial(n, a.runs, a.threads, a.precision)
-    rows = [row(n, json.loads((a.runs / n / TRIALS[n][0] / "results.json").read_text()))
-            for n in TRIALS if (a.runs / n / TRIALS[n][0] / "results.json").exists()]
+    done = {d.parent.parent.name: d for d in sorted(a.runs.glob("*/*/results.json"))}  # trial → its results
+    order = [n for n in TRIALS if n in done] + sorted(n for n in done if n not in TRIALS)
+    rows = [row(n, json.loads(done[n].read_text())) for n in order]
     ref = next((r["bytes_per_task"] for r in rows if r["method"] == "lora-per-task"), None)
     tasks = list(rows[0]["per_task"]) if rows else []
     print("| trial | validation score % | " + " | ".join(tasks) + " | bytes / task | % of LoRA | train s |")

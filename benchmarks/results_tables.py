@@ -1,0 +1,698 @@
+"""The results tables of the README and the docs site, each a function of the committed JSON
+under ``benchmarks/results/`` (:func:`results_pages.main` writes them into the pages).
+
+Helpers read ``sharecl compare`` folders (``compare.json`` and each seed's ``manifest.json`` and
+``results.json``) and benchmark JSON files; every table ends with a line naming its source
+folder or file, the command that made it (for a comparison: rebuilt from its manifests) and the
+machine it ran on (from the recorded environment).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import cache
+
+from _common import METHOD_LABELS, RESULTS, pct_pm
+
+TABLES: dict[str, Callable[[], str]] = {}
+
+
+def table(name: str):
+    """Register a table function under ``name`` (the marker's name in the pages)."""
+    def deco(fn):
+        TABLES[name] = fn
+        return fn
+    return deco
+
+
+# ----------------------------------------------------------------------------- reading
+@cache
+def load(rel: str) -> dict:
+    """A JSON file under ``benchmarks/results/``."""
+    return json.loads((RESULTS / rel).read_text())
+
+
+def compare_json(folder: str) -> dict:
+    """A comparison's ``compare.json``; ``"FOLDER@NAME"`` reads ``FOLDER/NAME.json`` instead (a report
+    over some of the folder's methods and seeds, as ``compare-3seeds-share-lora-per-task.json``)."""
+    base, _, name = folder.partition("@")
+    return load(f"{base}/{name or 'compare'}.json")
+
+
+def run(folder: str, seed: int, method: str) -> dict:
+    return load(f"{folder.partition('@')[0]}/seed-{seed}/{method}/results.json")
+
+
+# ---------------------------------------------------------------------------- formats
+def pm(stat: dict | None) -> str:
+    """mean ± std in % of fractions; "—" when missing."""
+    return pct_pm(stat)
+
+
+def signed_pm(stat: dict | None) -> str:
+    """As :func:`pm` with a typographic minus (BWT)."""
+    return pm(stat).replace("-", "−")
+
+
+def num(x: float | int | None) -> str:
+    return "—" if x is None else f"{x:,.0f}"
+
+
+def pct_of(x: float, ref: float) -> str:
+    """``x`` as a percentage of ``ref``: two decimals under 10 %, none above."""
+    v = 100 * x / ref
+    return f"{v:.2f} %" if v < 10 else f"{v:.0f} %"
+
+
+def mean(stat) -> float | None:
+    return stat.get("mean") if isinstance(stat, dict) else stat
+
+
+def md(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine(env: dict | None) -> str:
+    """``AMD EPYC (AVX512, mkl), 1 thread`` from a recorded environment."""
+    if not env or not env.get("cpu"):
+        return "machine not recorded"
+    threads = env.get("threads")
+    return (f"{env.get('cpu', '?')} ({env.get('cpu_capability', '?')}), {threads} thread{'s' if threads != 1 else ''}"
+            + (f", CUDA {env['cuda']}" if env.get("cuda") else ""))
+
+
+def _fmt_lr(x: float) -> str:
+    return f"{x:g}"
+
+
+def compare_command(folder: str) -> str:
+    """The ``sharecl compare`` command a folder's runs correspond to, rebuilt from its manifests and
+    ``compare.json`` (stream, methods, seeds, budget, rate or tuning grid, precision)."""
+    c = compare_json(folder)
+    seeds = sorted({s for m in c["methods"].values() for s in m["seeds"]})
+    m0 = next(iter(c["methods"]))
+    first = run(folder, c["methods"][m0]["seeds"][0], m0)  # every run records its budget and precision
+    tc = first["train_config"]
+    parts = [f"sharecl compare --stream {c['stream']} --methods {','.join(c['methods'])} --seeds {','.join(map(str, seeds))}",
+             f"--steps {tc['steps']} --batch-size {tc['batch_size']}"]
+    tuned = c.get("tuned_lr")
+    if tuned:
+        grid = sorted({float(k.split()[0]) for t in tuned.values() for k in t["validation_final_accuracy"] if " " not in k})
+        sgd = sorted({float(k.split()[0]) for t in tuned.values() for k in t["validation_final_accuracy"] if k.endswith("sgd")})
+        parts.append(f"--tune-lr {','.join(map(_fmt_lr, grid))}" + (f" --tune-sgd-lr {','.join(map(_fmt_lr, sgd))}" if sgd else ""))
+    else:
+        parts.append(f"--lr {_fmt_lr(tc['lr'])}")
+    for m in c["methods"]:
+        cfg = run(folder, c["methods"][m]["seeds"][0], m).get("config", {})
+        if m in ("share", "share-full") and cfg.get("k") is not None:
+            parts.append(f"--k {cfg['k']} --p {cfg['p']}")
+        for key in ("lr", "coeff_lr_ratio", "orthogonal"):
+            if cfg.get(key) is not None and not (key == "coeff_lr_ratio" and cfg[key] == 1.0) and not (key == "orthogonal" and cfg[key]):
+                parts.append(f"--set {m}.{key}={cfg[key]}")
+    if tc.get("align"):
+        parts.append("--align" + (f" --align-rank {tc['align_rank']}" if tc.get("align_rank") else ""))
+    if first.get("precision", "fp32") != "fp32":
+        parts.append(f"--precision {first['precision']}")
+    return " ".join(parts)
+
+
+def compare_source(*folders: str) -> str:
+    """The line under a comparison table: folders, commands and machines."""
+    out = []
+    for f in dict.fromkeys(folders):
+        c = compare_json(f)
+        m0 = next(iter(c["methods"]))
+        env = run(f, c["methods"][m0]["seeds"][0], m0).get("environment")
+        base, _, name = f.partition("@")
+        where = f"`benchmarks/results/{base}/`" + (f" (`{name}.json`)" if name else "")
+        out.append(f"{where} (`{compare_command(f)}`; {machine(env)})")
+    return "Source: " + "; ".join(out) + "."
+
+
+# -------------------------------------------------------------------------- comparisons
+def compare_table(rows: list[tuple[str, str, str]], *, kind: str | None = None, lora_ref: tuple[str, str] | None = None,
+                  seed: int | None = None) -> str:
+    """A comparison table, one row per ``(label, folder, method)``: mean ± sample std over the
+    folder's seeds, or one ``seed``'s values. ``kind``: "til", "cil" or "lm" (default: from the
+    first folder). ``lora_ref`` ``(folder, method)``: adds "% of LoRA" to the adapter bytes."""
+    first = compare_json(rows[0][1])
+    kind = kind or ("lm" if first["stream"].startswith("gen") else first["scenario"])
+    ref = mean(compare_json(lora_ref[0])["methods"][lora_ref[1]]["bytes_per_task"]) if lora_ref else None
+    if seed is not None:
+        return _seed_table(rows, kind, ref, seed)
+    if kind == "cil":
+        header = ["method", "final CIL acc %", "avg incr CIL %", "CIL forgetting", "TIL final acc %", "adapter bytes / task", "seeds"]
+    elif kind == "lm":
+        header = ["method", "final score %", "avg incr %", "forgetting", "BWT", "FWT %", "bytes / task", "bytes shared", "seeds"]
+    else:
+        header = ["method", "final avg acc %", "avg incr acc %", "forgetting", "BWT", "trainable / task", "adapter bytes / task",
+                  "bytes stored once", "seeds"]
+    body = []
+    for label, folder, method in rows:
+        r = compare_json(folder)["methods"][method]
+        b = mean(r["bytes_per_task"])
+        bytes_ = num(b) + (f" ({pct_of(b, ref)} of LoRA)" if ref and b and method != "lora-per-task" else "")
+        seeds = ", ".join(map(str, r["seeds"]))
+        if kind == "cil":
+            body.append([label, pm(r["final_average_accuracy"]), pm(r["average_incremental_accuracy"]), pm(r["forgetting"]),
+                         pm(r.get("til_final_average_accuracy")), bytes_, seeds])
+        elif kind == "lm":
+            body.append([label, pm(r["final_average_accuracy"]), pm(r["average_incremental_accuracy"]), pm(r["forgetting"]),
+                         signed_pm(r["bwt"]), pm(r.get("fwt")), bytes_, num(mean(r["bytes_shared"])), seeds])
+        else:
+            body.append([label, pm(r["final_average_accuracy"]), pm(r["average_incremental_accuracy"]), pm(r["forgetting"]),
+                         signed_pm(r["bwt"]), num(mean(r["trainable_params_last_task"])), bytes_, num(mean(r["bytes_shared"])), seeds])
+    return md(header, body) + "\n\n" + compare_source(*(f for _, f, _ in rows))
+
+
+def label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def all_rows(folder: str, labels: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
+    return [((labels or {}).get(m, label(m)), folder, m) for m in compare_json(folder)["methods"]]
+
+
+def tuned_table(tuned: str, *untuned: str) -> str:
+    """The tuned-on-validation table of ``tuned_table.py`` (the rate chosen, its grid, tuned and untuned test)."""
+    import tuned_table as tt
+
+    scenario = compare_json(tuned)["scenario"]
+    return tt.markdown(tt.rows(tuned, list(untuned)), scenario) + "\n\n" + compare_source(tuned, *untuned)
+
+
+# ------------------------------------------------------------------------------- pages
+@table("text5-untuned")
+def _text5_untuned() -> str:
+    rows = [("**Share** (k=10, p=2), today's code", "compare-text5-share-current", "share"),
+            *[r for r in all_rows("compare-text5") if r[2] != "share"],
+            ("joint LoRA (not continual), adapter lr 1e-3", "compare-text5-joint-lr1e-3", "joint-lora"),
+            ("Share, the release before the seed's full factors", "compare-text5", "share")]
+    return compare_table(rows, lora_ref=("compare-text5", "lora-per-task"))
+
+
+@table("text5-tuned")
+def _text5_tuned() -> str:
+    return tuned_table("compare-text5-tuned", "compare-text5", "compare-text5-share-current")
+
+
+def stat(folder: str, method: str, key: str, seed: int | None = None):
+    """A compare folder's ``{"mean", "std"}`` of ``key`` for ``method``, or one seed's value (as a mean)."""
+    if seed is None:
+        return compare_json(folder)["methods"][method].get(key)
+    v = run(folder, seed, method).get(key)
+    return None if v is None else {"mean": v, "std": 0.0}
+
+
+def one(s) -> str:
+    """A single run's value in % with one decimal (a seed, not a mean)."""
+    v = mean(s)
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def align_table(rows: list[tuple[str, str, str | None, str]], seed: int | None = None, recompute: str | None = None) -> str:
+    """Class-incremental accuracy without and with classifier alignment, one row per
+    ``(label, untuned folder, aligned folder or None, method)``; ``seed``: one seed's values instead of
+    mean ± std; ``recompute``: a folder of aligned runs whose old statistics were recomputed from data."""
+    f = one if seed is not None else pm
+    header = ["method", "final CIL without", "**final CIL with alignment**", "avg incr CIL with", "CIL forgetting with",
+              "TIL final with", "head bytes / task with"]
+    if recompute:
+        header.insert(3, "with alignment, old statistics recomputed (not continual)")
+    body, folders = [], []
+    for label_, untuned, aligned, m in rows:
+        folders += [untuned] + ([aligned] if aligned else [])
+        r = [label_, f(stat(untuned, m, "final_average_accuracy", seed))]
+        if aligned:
+            r += [f(stat(aligned, m, "final_average_accuracy", seed)), f(stat(aligned, m, "average_incremental_accuracy", seed)),
+                  f(stat(aligned, m, "forgetting", seed)), f(stat(aligned, m, "til_final_average_accuracy", seed)),
+                  num(mean(stat(aligned, m, "head_bytes_per_task", seed)))]
+        else:
+            r += ["—", "—", "—", f(stat(untuned, m, "til_final_average_accuracy", seed)), "—"]
+        if recompute:
+            has = m in compare_json(recompute)["methods"]
+            r.insert(3, f(stat(recompute, m, "final_average_accuracy", seed)) if has else "—")
+            if has:
+                folders.append(recompute)
+        body.append(r)
+    note = f" Seed {seed} only." if seed is not None else ""
+    return md(header, body) + "\n\n" + compare_source(*folders) + note
+
+
+def rules_table(rel: str, *, validation: bool) -> str:
+    """Share's class-incremental task-identification rules on the same models (``bench_cil_rules.py``)."""
+    d = load(rel)
+    header = ["task-identification rule (same models)"]
+    header += ["final CIL acc %, validation", "task identified, validation"] if validation else []
+    header += ["final CIL acc %, test", "task identified, test"] + (["seconds (test)"] if "seconds" in d["summary"][0] else [])
+    body = []
+    for r in d["summary"]:
+        row = [r["score"]] + ([f"{r['final_cil_acc_val']:.2f}", f"{r['task_id_acc_val']:.2f}"] if validation else [])
+        row += [f"{r['final_cil_acc']:.2f}", f"{r['task_id_acc']:.2f}"] + ([f"{r['seconds']:.1f}"] if "seconds" in r else [])
+        body.append(row)
+    seeds = ", ".join(map(str, sorted({s["seed"] for s in d.get("per_seed", []) if isinstance(s, dict) and "seed" in s}))) or "0–2"
+    return (md(header, body) + f"\n\nSource: `benchmarks/results/{rel}` (`python benchmarks/bench_cil_rules.py`, stream "
+            f"{d['stream']}, runs in `{d.get('runs')}`, seeds {seeds}; {machine(d.get('environment'))}).")
+
+
+# -------------------------------------------------------------------- class-incremental
+@table("wordnet-cil-untuned")
+def _wordnet_untuned() -> str:
+    rows = [("**Share**, prototype task-id score (default)", "compare-wordnet-cil-share-prototype", "share"),
+            ("Share, energy task-id score", "compare-wordnet-cil-share-energy", "share"),
+            *[r for r in all_rows("compare-wordnet-cil") if r[2] != "share"]]
+    return compare_table(rows)
+
+
+@table("wordnet-cil-rules")
+def _wordnet_rules() -> str:
+    return rules_table("cil_rules.json", validation=False)
+
+
+@table("wordnet-cil-tuned")
+def _wordnet_tuned() -> str:
+    return tuned_table("compare-wordnet-cil-tuned", "compare-wordnet-cil", "compare-wordnet-cil-share-prototype")
+
+
+@table("wordnet-cil-align")
+def _wordnet_align() -> str:
+    ms = ["share", "head-only", "inflora", "dual-lora", "sd-lora", "seq-lora"]
+    rows = [(label(m), "compare-wordnet-cil-share-prototype" if m == "share" else "compare-wordnet-cil", "compare-wordnet-cil-align", m)
+            for m in ms] + [("joint LoRA (ceiling, not continual)", "compare-wordnet-cil", None, "joint-lora")]
+    return align_table(rows)
+
+
+@table("fmnist-cil-untuned")
+def _fmnist_untuned() -> str:
+    return compare_table(all_rows("compare-fmnist-cil"))
+
+
+@table("fmnist-cil-rules")
+def _fmnist_rules() -> str:
+    return rules_table("cil_rules-fmnist-cil.json", validation=False)
+
+
+@table("fmnist-cil-tuned")
+def _fmnist_tuned() -> str:
+    return tuned_table("compare-fmnist-cil-tuned", "compare-fmnist-cil")
+
+
+@table("mnist-cil-untuned")
+def _mnist_untuned() -> str:
+    return compare_table(all_rows("compare-mnist-cil"))
+
+
+@table("mnist-cil-tuned")
+def _mnist_tuned() -> str:
+    return tuned_table("compare-mnist-cil-tuned", "compare-mnist-cil")
+
+
+@table("mnist-cil-align")
+def _mnist_align() -> str:
+    ms = ["share", "head-only", "dual-lora", "inflora", "sd-lora", "seq-lora"]
+    rows = [(label(m), "compare-mnist-cil", "compare-mnist-cil-share-align" if m == "share" else "compare-mnist-cil-align", m)
+            for m in ms] + [("joint LoRA (ceiling, not continual)", "compare-mnist-cil", None, "joint-lora")]
+    return align_table(rows)
+
+
+@table("mnist-cil-top-tasks")
+def _mnist_top() -> str:
+    return rules_table("cil_rules-mnist-cil-top-tasks.json", validation=True)
+
+
+@table("mnist-cil-aligned-rules")
+def _mnist_aligned_rules() -> str:
+    return rules_table("cil_rules-mnist-cil-aligned.json", validation=True)
+
+
+@table("fmnist-cil-align-seed0")
+def _fmnist_align_seed0() -> str:
+    ms = ["head-only", "inflora", "dual-lora", "sd-lora", "seq-lora", "share"]
+    rows = [(label(m), "compare-fmnist-cil", "compare-fmnist-cil-share-align" if m == "share" else "compare-fmnist-cil-align", m)
+            for m in ms] + [("joint LoRA (ceiling)", "compare-fmnist-cil", None, "joint-lora")]
+    return align_table(rows, seed=0, recompute="compare-fmnist-cil-align-recompute")
+
+
+@table("fmnist-cil-align-rank16")
+def _fmnist_rank16() -> str:
+    rows = [(label(m), "compare-fmnist-cil", "compare-fmnist-cil-align-rank16", m) for m in ("share", "head-only")]
+    return align_table(rows, seed=0)
+
+
+@table("fmnist-cil-mahalanobis")
+def _fmnist_mahalanobis() -> str:
+    return rules_table("cil_rules-fmnist-cil-mahalanobis.json", validation=True)
+
+
+@table("fmnist-then-mnist-untuned")
+def _ftm_untuned() -> str:
+    return compare_table(all_rows("compare-fmnist-then-mnist"), lora_ref=("compare-fmnist-then-mnist", "lora-per-task"))
+
+
+@table("fmnist-then-mnist-tuned")
+def _ftm_tuned() -> str:
+    return tuned_table("compare-fmnist-then-mnist-tuned", "compare-fmnist-then-mnist")
+
+
+@table("fmnist-cil-augment")
+def _fmnist_augment() -> str:
+    rows = [(label(m), "compare-fmnist-cil", "compare-fmnist-cil-augment", m) for m in ("share", "dual-lora")]
+    header = ["method", "final CIL, plain", "final CIL, --augment", "TIL final, plain", "TIL final, --augment"]
+    body = [[lab, one(stat(a, m, "final_average_accuracy", 0)), one(stat(b, m, "final_average_accuracy", 0)),
+             one(stat(a, m, "til_final_average_accuracy", 0)), one(stat(b, m, "til_final_average_accuracy", 0))] for lab, a, b, m in rows]
+    return md(header, body) + "\n\n" + compare_source("compare-fmnist-cil", "compare-fmnist-cil-augment") + " Seed 0 only."
+
+
+def _seed_table(rows: list[tuple[str, str, str]], kind: str, ref: float | None, seed: int) -> str:
+    """:func:`compare_table` for one seed: each run's own values, two decimals."""
+    def v(x, signed=False):
+        return "—" if x is None else (f"{100 * x:+.2f}".replace("-", "−") if signed else f"{100 * x:.2f}")
+
+    header = (["method", "final CIL acc %", "avg incr CIL %", "CIL forgetting", "TIL final %", "adapter bytes / task"] if kind == "cil"
+              else ["method", "final acc %", "avg incr acc %", "forgetting", "BWT", "adapter bytes / task", "bytes stored once"])
+    body = []
+    for lab, folder, m in rows:
+        r = run(folder, seed, m)
+        b = r["bytes_per_task"]
+        bytes_ = num(b) + (f" ({pct_of(b, ref)} of LoRA)" if ref and b and m != "lora-per-task" else "")
+        if kind == "cil":
+            body.append([lab, v(r["final_average_accuracy"]), v(r["average_incremental_accuracy"]), v(r["forgetting"]),
+                         v(r.get("til_final_average_accuracy")), bytes_])
+        else:
+            body.append([lab, v(r["final_average_accuracy"]), v(r["average_incremental_accuracy"]), v(r["forgetting"]),
+                         v(r["bwt"], signed=True), bytes_, num(r["bytes_shared"])])
+    return md(header, body) + "\n\n" + compare_source(*(f for _, f, _ in rows)) + f" Seed {seed}."
+
+
+# ------------------------------------------------------------------------- long streams
+@table("text20-seed0")
+def _text20() -> str:
+    return compare_table(all_rows("compare-text20"), lora_ref=("compare-text20", "lora-per-task"), seed=0)
+
+
+@table("text20-share-lora-seeds")
+def _text20_seeds() -> str:
+    f = "compare-text20@compare-3seeds-share-lora-per-task"
+    return compare_table([(label(m), f, m) for m in ("share", "lora-per-task")], lora_ref=(f, "lora-per-task"))
+
+
+@table("text20-dual-lora-ablation")
+def _text20_dual() -> str:
+    body = []
+    for lab, folder, m in [("DualLoRA with the orthogonal adapter (the method)", "compare-text20", "dual-lora"),
+                           ("**DualLoRA without it** (ablation)", "compare-text20-dual-lora-no-orthogonal", "dual-lora"),
+                           ("InfLoRA (same memory, designed fixed down-projection)", "compare-text20", "inflora")]:
+        r = run(folder, 0, m)
+        A = r["accuracy_matrix"]
+        diag = sum(A[i][i] for i in range(len(A))) / len(A)
+        dims = r.get("memory_dims") or {}
+        body.append([lab, f"{100 * r['final_average_accuracy']:.2f}", f"{100 * diag:.2f}", f"{100 * r['forgetting']:.2f}",
+                     f"{sum(dims.values()) / len(dims):.1f}" if dims else "—"])
+    header = ["text20, seed 0", "final acc %", "mean accuracy on the task just learned %", "forgetting",
+              "memory dims at the end (mean per layer, of 384)"]
+    return md(header, body) + "\n\n" + compare_source("compare-text20", "compare-text20-dual-lora-no-orthogonal") + " Seed 0."
+
+
+def curve_table(rel: str, what: str) -> str:
+    """Share's accuracy against bytes per task over k and p (``bench_share_curve.py``)."""
+    d = load(rel)
+    header = ["k", "p", "final acc %", "forgetting", "adapter bytes / task", "% of LoRA", "largest old-task drift at a merge",
+              "basis size at the end (B, A)"]
+    body = [[r["k"], r["p"], f"{r['final_acc']:.2f}", f"{r['forgetting']:.2f}", num(r["bytes_per_task"]), f"{r['pct_of_lora']:.2f} %",
+             f"{r['max_drift_pct']:.2g} %", ", ".join(map(str, r.get("final_k", [])))] for r in d["rows"]]
+    return (md(header, body) + f"\n\nSource: `benchmarks/results/{rel}` (`python benchmarks/bench_share_curve.py"
+            f"{' --stream ' + d['stream'] if d.get('stream') else ''}`, {what}, seed {d['seed']}, {d['steps']} steps per task; "
+            f"{machine(d.get('environment'))}).")
+
+
+@table("text20-share-curve")
+def _text20_curve() -> str:
+    return curve_table("share_curve-text20.json", "text20")
+
+
+@table("text5-share-curve")
+def _text5_curve() -> str:
+    return curve_table("share_curve.json", "text5")
+
+
+@table("text20-cil-seed0")
+def _text20_cil() -> str:
+    rows = [("**Share + alignment** (top 2 tasks per input)", "compare-text20-cil-share-align-top2", "share"),
+            *all_rows("compare-text20-cil"),
+            ("joint LoRA (not continual), adapter lr 1e-3", "compare-text20-cil-joint-lr1e-3", "joint-lora")]
+    return compare_table(rows, seed=0)
+
+
+@table("images20-seed0")
+def _images20() -> str:
+    return compare_table(all_rows("compare-images20"), lora_ref=("compare-images20", "lora-per-task"), seed=0)
+
+
+@table("images20-share-lora-seeds")
+def _images20_seeds() -> str:
+    f = "compare-images20@compare-3seeds-share-lora-per-task"
+    return compare_table([(label(m), f, m) for m in ("share", "lora-per-task")], lora_ref=(f, "lora-per-task"))
+
+
+@table("gen5-untuned")
+def _gen5_untuned() -> str:
+    order = ["zero-shot", "share", "inflora", "sd-lora", "dual-lora", "lora-per-task", "seq-lora", "joint-lora"]
+    return compare_table([(label(m), "compare-gen5", m) for m in order], lora_ref=("compare-gen5", "lora-per-task"))
+
+
+# ----------------------------------------------------------------------- benchmark JSON
+def bench_source(rel: str, command: str) -> str:
+    return f"Source: `benchmarks/results/{rel}` (`{command}`; {machine(load(rel).get('environment'))})."
+
+
+def x(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}×"
+
+
+def secs(v: float | None, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def adapters_table(rel: str, command: str) -> str:
+    """Folding trained LoRAs without data: Share beside lorashare and vlora-dev (``bench_adapters.py``)."""
+    d = load(rel)
+    header = ["after the last fold", "k", "numbers stored", "score retained (folded ÷ original)", "predictions equal to the original's",
+              "ΔW rel. error", "add the 10th / 100th / 1000th adapter (s)"]
+    body = [[r["method"], r["k"], num(r["stored_numbers"]), f"{r['retention']:.3f}", f"{r['agreement']:.3f}", f"{r['dW_rel_error']:.3f}",
+             " / ".join(secs(r.get(f"add_s@{n}")) for n in (10, 100, 1000))] for r in d["summary"]]
+    return md(header, body) + f"\n\n{d['config']['tasks']} adapters. " + bench_source(rel, command)
+
+
+@table("adapters-trained-head")
+def _adapters() -> str:
+    return adapters_table("adapters.json", "python benchmarks/bench_adapters.py")
+
+
+@table("adapters-frozen-head")
+def _adapters_frozen() -> str:
+    return adapters_table("adapters-frozen-head.json", "python benchmarks/bench_adapters.py --head frozen --out adapters-frozen-head")
+
+
+@table("adapters-timing")
+def _adapters_timing() -> str:
+    d = load("adapters-timing.json")
+    body = [[r["method"]] + [(x(r[f"add_s@{n}"], 1) if "÷" in r["method"] else secs(r[f"add_s@{n}"])) for n in (10, 100, 1000)]
+            for r in d["rows"]]
+    return md(["add the n-th adapter (s)", "n = 10", "n = 100", "n = 1,000"], body) + "\n\n" + bench_source(
+        "adapters-timing.json", "python benchmarks/bench_adapters.py --timing-only")
+
+
+@table("speed-train-step")
+def _train_step() -> str:
+    d = load("train_step.json")
+    body = [[r["method"], secs(r["median_s"]), secs(r["min_s"]), x(r["ratio_to_peft"])] for r in d["rows"]]
+    return (md(["MiniLM training step", "median (s)", "min (s)", "÷ PEFT LoRA (target ≤ 1.15×)"], body)
+            + f"\n\nBatch {d['batch_size']} × {d['max_length']} tokens, k = {d['k']}, p = {d['p']}, median of {d['steps']} interleaved steps. "
+            + bench_source("train_step.json", "python benchmarks/bench_train_step.py"))
+
+
+@table("speed-method-steps")
+def _method_steps() -> str:
+    d = load("method_steps.json")
+    body = [[label(r["method"]), secs(r["train_step_s"]), x(r["train_ratio_to_peft"]), secs(r["til_forward_s"]), secs(r.get("cil_forward_s"))]
+            for r in d["rows"]]
+    return (md(["method (task 2, same batch)", "training step (s)", "÷ PEFT LoRA", "forward with the task id (s)",
+                "forward without it (s)"], body) + "\n\n" + bench_source("method_steps.json", "python benchmarks/bench_method_steps.py"))
+
+
+@table("speed-merge")
+def _merge() -> str:
+    d = load("merge.json")
+    body = [[num(r["tasks"]), secs(r["share_s"]), secs(r["ready_s"]), secs(r["small_space_s"]), secs(r["naive_s"]), x(r["speedup"], 0)]
+            for r in d["rows"]]
+    return (md(["tasks", "merge as ShareMethod runs it (s)", "incl. materialising coefficients (s)", "small-space merge, from scratch (s)",
+                "naive stacked SVD (s)", "speed-up"], body)
+            + f"\n\n{d['layers']} layers of {d['d']}×{d['d']}, k = {d['k']}, p = {d['p']}. "
+            + bench_source("merge.json", "python benchmarks/bench_merge.py"))
+
+
+@table("speed-store-scale")
+def _store_scale() -> str:
+    rel = "store_scale-k32-p4.json"
+    d = load(rel)
+    body = [[num(r["n"]), secs(r["add_s_median"]), secs(r["merge_s_median"]), num(r["bytes_per_append"]), f"{r['checkpoint_mb']:.1f} MB",
+             secs(r["load_s"], 2), f"{r['load_peak_rss_mb']:.0f} MB", "yes" if r["reload_bitwise_equal"] else "**no**"] for r in d["summary"]]
+    return (md(["tasks n", "add one task (merge + durable write, s)", "of which merge (s)", "bytes written per add", "checkpoint",
+                "load the store (s)", "peak RSS of the load", "reload bit-exact"], body)
+            + "\n\n" + bench_source(rel, f"python benchmarks/bench_store_scale.py --k {d['k']} --p {d['p']}"))
+
+
+@table("speed-ddp")
+def _ddp() -> str:
+    d = load("ddp.json")
+    body = [[label(r["method"]), r["config"], secs(r["learn_s"], 1), x(r["learn_speedup_vs_1x2"]), f"{100 * r['accuracy']:.1f}"] for r in d["rows"]]
+    return md(["method", "set-up", "learning (s)", "speed vs 1 process × 2 threads", "accuracy %"], body) + "\n\n" + bench_source(
+        "ddp.json", "python benchmarks/bench_ddp.py")
+
+
+@table("speed-images")
+def _images() -> str:
+    d = load("images.json")
+    body = [[label(r["method"]), f"{r['train_images_per_s']:.0f}", f"{r['infer_images_per_s']:.0f}"] for r in d["methods"]]
+    pipe = [[r["what"], f"{r['images_per_s']:,.0f}"] for r in d["pipeline"]]
+    return (md(["method on the packaged ViT", "training images / s", "inference images / s"], body) + "\n\n"
+            + md(["image pipeline", "images / s"], pipe) + f"\n\n{d['size']} × {d['size']} pixels. "
+            + bench_source("images.json", "python benchmarks/bench_images.py"))
+
+
+@table("lm-train-step")
+def _lm_step() -> str:
+    d = load("lm.json")
+    body = [[label(r["method"]), secs(r["train_step_s"], 1), x(r["ratio_to_peft"])] for r in d["train"]]
+    gen = [[r["setting"], f"{r['tokens_per_s']:.1f}", x(r["ratio_to_base"])] for r in d["generation"]]
+    return (md(["method", "training step (s)", "÷ PEFT LoRA"], body) + "\n\n" + md(["generation", "tokens / s", "÷ base"], gen)
+            + f"\n\n{d['model']}, batch {d['batch']} × {d['tokens']} tokens, targets {', '.join(d['targets'])}, rank {d['rank']}, "
+            f"precision {d.get('precision', 'fp32')}. " + bench_source("lm.json", "python benchmarks/bench_lm.py --rounds 5"))
+
+
+@table("serve-throughput")
+def _serve() -> str:
+    d = load("serve.json")
+    t = {(r["backend"], r["tasks"], r["load"]): r for r in d["throughput"]}
+    body = []
+    for n in sorted({r["tasks"] for r in d["throughput"]}):
+        for load_ in ("single", "mixed"):
+            s, p = t[("share", n, load_)], t[("peft", n, load_)]
+            cell = lambda r: f"{r['requests_per_s']:.1f} ({r['p50_ms']:.0f} / {r['p99_ms']:.0f})"  # noqa: E731
+            body.append([n, f"{load_} task{'s' if load_ == 'mixed' else ''}", cell(s), cell(p),
+                         x(s["vs_own_single"]) if load_ == "mixed" else "", x(s["requests_per_s"] / p["requests_per_s"]) if load_ == "mixed" else ""])
+    sizes = [[r["tasks"], f"{r['share_store_bytes'] / 1e6:.2f} MB", f"{r['peft_bytes'] / 1e6:.2f} MB ({r['ratio_peft_over_share']:.1f}×)",
+              f"{r['add_task_s']:.3f} s + {r['save_s']:.3f} s"] for r in d["store_size"]]
+    return (md(["tasks", "load", "Share req/s (p50 / p99 ms)", "PEFT req/s (p50 / p99 ms)", "Share mixed ÷ Share single (target ≥ 0.8)",
+                "Share mixed ÷ PEFT mixed"], body) + "\n\n"
+            + md(["tasks", "Share store", "the same tasks as PEFT LoRA adapters", "add the n-th task (merge + atomic write)"], sizes)
+            + f"\n\n{d['clients']} closed-loop clients, {d['requests']} requests of {d['rows_per_request']} rows per cell. "
+            + bench_source("serve.json", "python benchmarks/bench_serve.py"))
+
+
+@table("generate-decode")
+def _generate_decode() -> str:
+    rel = "generate-fp32.json"
+    d = load(rel)
+    cells = {(r["backend"], r["tasks"], r["load"]): r for r in d["decode"]}
+    body = []
+    for n in sorted({r["tasks"] for r in d["decode"]}):
+        c = lambda b, lo, n=n: cells[(b, n, lo)]  # noqa: E731
+        f = lambda r: f"{r['tokens_per_s']:.1f} ({r['over_base']:.2f}×)"  # noqa: E731
+        sm, s1, pm_ = c("share", "mixed"), c("share", "single"), c("peft", "mixed")
+        body.append([n, f"{c('base', '-')['tokens_per_s']:.1f}", f(c("share-folded", "single")), f(s1), f(sm), f(c("peft", "single")), f(pm_),
+                     x(sm["tokens_per_s"] / s1["tokens_per_s"]), x(sm["tokens_per_s"] / pm_["tokens_per_s"])])
+    return (md(["tasks", "base", "Share folded", "Share, one task", "Share, mixed", "PEFT, one task", "PEFT, mixed",
+                "Share mixed ÷ Share one task (target ≥ 0.9)", "Share mixed ÷ PEFT mixed (target ≥ 1.5 at 50)"], body)
+            + f"\n\nGenerated tokens/s (× the base model's time), {d['rows']} prompts, {d['new_tokens']} new tokens, precision {d['precision']}; "
+            f"tasks: {d['tasks']}. "
+            + bench_source(rel, f"python benchmarks/bench_generate.py --threads {d['threads']} --rows {d['rows']}"))
+
+
+@table("generate-http")
+def _generate_http() -> str:
+    rel = "generate-fp32.json"
+    d = load(rel)
+    cells = {(r["backend"], r["tasks"], r["load"]): r for r in d["http"]}
+    body = []
+    for n in sorted({r["tasks"] for r in d["http"]}):
+        f = lambda r: f"{r['tokens_per_s']:.1f} ({r['p50_ms'] / 1000:.1f} / {r['p99_ms'] / 1000:.1f} s)"  # noqa: E731
+        s1, sm, p1, pm_ = (cells[(b, n, lo)] for b, lo in (("share", "single"), ("share", "mixed"), ("peft", "single"), ("peft", "mixed")))
+        body.append([n, f(s1), f(sm), f(p1), f(pm_), x(sm["tokens_per_s"] / s1["tokens_per_s"]), x(sm["tokens_per_s"] / pm_["tokens_per_s"])])
+    return (md(["tasks", "Share, one task", "Share, mixed", "PEFT, one task", "PEFT, mixed", "Share mixed ÷ Share one task",
+                "Share mixed ÷ PEFT mixed"], body)
+            + f"\n\n`sharecl serve` over loopback, {d['clients']} closed-loop clients, {d['http_new_tokens']} new tokens, {d['requests']} "
+            "requests per cell; generated tokens/s (p50 / p99 latency). " + bench_source(rel, "python benchmarks/bench_generate.py"))
+
+
+@table("faults")
+def _faults() -> str:
+    d = load("faults.json")
+    k = d["kills"]
+    body = [[f"SIGKILL of `sharecl learn` at random instants, {len(k['by_method'])} storable methods", k["kills"], k["unloadable"],
+             k["tasks_lost"], "", "", ""]]
+    for name, srv in (("text store (MiniLM)", d["text_server"]), ("vision store (packaged DINOv2)", d["vision_server"])):
+        body.append([f"fuzzed requests to `sharecl serve`, {name}", num(srv["requests"]), "", "", srv["5xx"], srv["connection_errors"],
+                     f"{srv['peak_rss_mb']:.0f} MB"])
+    return md(["part", "count", "unloadable stores", "tasks lost", "5xx", "connection errors", "peak server RSS"], body) + "\n\n" + bench_source(
+        "faults.json", f"python benchmarks/bench_faults.py --kills {d['args']['kills']} --requests {d['args']['requests']}")
+
+
+@table("vit-stability")
+def _vit() -> str:
+    d = load("vit_stability.json")
+    body = [[f"{r['train_per_class']}, {r['steps']}", f"{r['lr']:g}", r["variant"], f"{r['last10_mean']:.3f}", r["TIL"], r["CIL prototype"]]
+            for r in d["rows"]]
+    header = ["images/class, steps", "lr", "variant", "last-10-step mean loss (task 1)", "TIL task 1 / 2", "CIL task 1 / 2"]
+    return md(header, body) + "\n\n" + bench_source(
+        "vit_stability.json", "python benchmarks/bench_vit_stability.py")
+
+
+# ------------------------------------------------------------------------ README summary
+PEERS = ("inflora", "sd-lora", "dual-lora")
+
+#: stream → (the folders whose runs compete, what the reference column is)
+SUMMARY = {
+    "text5": (["compare-text5-tuned", "compare-text5-share-current", "compare-text5"], "lora-per-task"),
+    "fmnist-then-mnist": (["compare-fmnist-then-mnist-tuned", "compare-fmnist-then-mnist"], "lora-per-task"),
+    "text20 (seed 0)": (["compare-text20"], "lora-per-task"),
+    "images20 (seed 0)": (["compare-images20"], "lora-per-task"),
+    "gen5 (causal LM)": (["compare-gen5"], "lora-per-task"),
+    "wordnet-cil": (["compare-wordnet-cil-tuned", "compare-wordnet-cil-share-prototype", "compare-wordnet-cil", "compare-wordnet-cil-align"],
+                    "joint-lora"),
+    "fmnist-cil": (["compare-fmnist-cil-tuned", "compare-fmnist-cil", "compare-fmnist-cil-align", "compare-fmnist-cil-share-align"],
+                   "joint-lora"),
+    "mnist-cil": (["compare-mnist-cil-tuned", "compare-mnist-cil", "compare-mnist-cil-align", "compare-mnist-cil-share-align"], "joint-lora"),
+}
+
+
+def _variant(folder: str) -> str:
+    return "aligned" if "align" in folder else "tuned" if "tuned" in folder else "untuned"
+
+
+def _best(folders: list[str], methods: tuple[str, ...]) -> tuple[str, str, dict] | None:
+    """``(method, folder, entry)`` with the highest mean final score among ``methods`` in ``folders``."""
+    found = [(m, f, e) for f in folders for m, e in compare_json(f)["methods"].items() if m in methods and mean(e["final_average_accuracy"])]
+    return max(found, key=lambda t: mean(t[2]["final_average_accuracy"])) if found else None
+
+
+@table("readme-summary")
+def _summary() -> str:
+    body = []
+    for stream, (folders, ref_name) in SUMMARY.items():
+        share, peer, ref = _best(folders, ("share",)), _best(folders, PEERS), _best(folders, (ref_name,))
+        lora = _best(folders, ("lora-per-task",)) or ref
+        sb, lb = mean(share[2]["bytes_per_task"]), mean(lora[2]["bytes_per_task"]) if lora else None
+        cell = lambda t: (f"{pm(t[2]['final_average_accuracy']) if len(t[2]['seeds']) > 1 else one(t[2]['final_average_accuracy'])}"  # noqa: E731
+                          f" ({_variant(t[1])})")
+        body.append([stream, f"**{cell(share)}**", f"{label(peer[0])} {cell(peer)}", cell(ref),
+                     f"{num(sb)} ({pct_of(sb, lb)} of LoRA)" if lb else num(sb)])
+    header = ["stream", "Share, final %", "best peer (InfLoRA, SD-LoRA, DualLoRA)", "LoRA per task (task-incremental) or joint LoRA "
+              "(class-incremental ceiling)", "Share adapter bytes / task"]
+    return (md(header, body) + "\n\nMean ± sample std over seeds 0, 1, 2 unless marked; each cell is the method's best of the "
+            "untuned, validation-tuned and aligned runs on its results page (task-incremental streams score with the task id, "
+            "class-incremental ones without; gen5 scores generations by ROUGE-L / exact match). Generated by "
+            "`python benchmarks/results_pages.py` from `benchmarks/results/`.")
