@@ -14,6 +14,7 @@ under ``with method.task(name)``). Methods differ only in their adapters and in
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 from abc import ABC, abstractmethod
@@ -73,6 +74,29 @@ class ContinualMethod(MixedTaskInference, ABC):
             return {}
         cfg = cls.config_class(**{**getattr(cls, "_variant", {}), **overrides})
         return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+    @classmethod
+    def make_config(cls, config=None, overrides: dict | None = None, *, targets_from: nn.Module | None = None):
+        """The config a method runs with: a **copy** of ``config`` (default: the config class's
+        defaults) with the class's variant preset (SD-LoRA-RR's ``rr``, -KD's ``kd``) and then
+        ``overrides`` applied on top; ``target_modules=None`` becomes the model family's default
+        when ``targets_from`` (the model) is given. The caller's config object is never changed.
+
+        Raises:
+            TypeError: for a config of another method's class; ValueError/TypeError: as the
+                config class does for bad or unknown options.
+        """
+        if cls.config_class is None:
+            return None
+        if config is not None and not isinstance(config, cls.config_class):
+            raise TypeError(f"method {cls.name!r} takes a {cls.config_class.__name__}, got a {type(config).__name__}")
+        base = copy.deepcopy(config) if config is not None else cls.config_class()
+        cfg = dataclasses.replace(base, **{**getattr(cls, "_variant", {}), **(overrides or {})})
+        if targets_from is not None and getattr(cfg, "target_modules", "") is None:
+            from sharecl.inject import default_targets
+
+            cfg.target_modules = default_targets(targets_from)
+        return cfg
 
     def __init__(self, encoder: Encoder, seed: int = 0):
         self.encoder = encoder

@@ -38,7 +38,7 @@ from sharecl.adapters.branches import DualLoRALinear
 from sharecl.backbone import Encoder
 from sharecl.data.tasks import Task
 from sharecl.gpm import DualGPM, inflora_threshold, load_memories, memory_tensors, memory_threshold
-from sharecl.inject import default_targets, wrap_targets
+from sharecl.inject import wrap_targets
 from sharecl.methods.base import ContinualMethod, register
 from sharecl.train import PeakRSS, TrainConfig
 
@@ -108,9 +108,8 @@ class DualLoRAMethod(ContinualMethod):
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: DualLoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
-        self.config = config or DualLoRAConfig(**overrides)
+        self.config = self.make_config(config, overrides, targets_from=encoder.model)
         cfg = self.config
-        cfg.target_modules = cfg.target_modules or default_targets(encoder.model)
         self.layers = wrap_targets(encoder.model, cfg.target_modules, lambda lin: DualLoRALinear(lin, cfg.lora_alpha / cfg.r, self.router))
         for layer in self.layers.values():
             layer.temperature = cfg.temperature

@@ -37,7 +37,7 @@ from sharecl.adapters.branches import InfLoRALinear
 from sharecl.backbone import Encoder
 from sharecl.data.tasks import Task
 from sharecl.gpm import DualGPM, inflora_threshold, load_memories, memory_tensors, memory_threshold
-from sharecl.inject import default_targets, wrap_targets
+from sharecl.inject import wrap_targets
 from sharecl.methods.base import ContinualMethod, register
 from sharecl.train import PeakRSS, TrainConfig
 
@@ -91,8 +91,7 @@ class InfLoRAMethod(ContinualMethod):
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: InfLoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
-        self.config = config or InfLoRAConfig(**overrides)
-        self.config.target_modules = self.config.target_modules or default_targets(encoder.model)
+        self.config = self.make_config(config, overrides, targets_from=encoder.model)
         self.layers = wrap_targets(encoder.model, self.config.target_modules, lambda lin: InfLoRALinear(lin, self.router))
         self.groups: dict[str, list[str]] | None = None
         self.memory: dict[str, DualGPM] = {}

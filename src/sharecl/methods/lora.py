@@ -17,7 +17,7 @@ import torch
 
 from sharecl.backbone import Encoder
 from sharecl.data.tasks import Task
-from sharecl.inject import default_targets, find_targets
+from sharecl.inject import find_targets
 from sharecl.methods.base import ContinualMethod, register
 from sharecl.train import PeakRSS, TrainConfig
 
@@ -53,8 +53,7 @@ class _PeftLoRA(ContinualMethod):
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: LoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
-        self.config = config or LoRAConfig(**overrides)
-        self.config.target_modules = self.config.target_modules or default_targets(encoder.model)
+        self.config = self.make_config(config, overrides, targets_from=encoder.model)
         targets = find_targets(encoder.model, self.config.target_modules)
         dims = [encoder.model.get_submodule(n) for n in targets]
         self._adapter_numbers = self.config.r * sum(m.in_features + m.out_features for m in dims)

@@ -36,7 +36,7 @@ from torch import nn
 from sharecl.adapters.branches import SDLoRALinear
 from sharecl.backbone import Encoder
 from sharecl.data.tasks import Task
-from sharecl.inject import default_targets, wrap_targets
+from sharecl.inject import wrap_targets
 from sharecl.methods.base import ContinualMethod, register
 from sharecl.train import PeakRSS, TrainConfig
 
@@ -117,8 +117,7 @@ class SDLoRAMethod(ContinualMethod):
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: SDLoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
-        self.config = config or SDLoRAConfig(**{**self._variant, **overrides})
-        self.config.target_modules = self.config.target_modules or default_targets(encoder.model)
+        self.config = self.make_config(config, overrides, targets_from=encoder.model)  # a copy, with the variant's preset
         s = self.config.lora_alpha / self.config.r
         self.layers = wrap_targets(encoder.model, self.config.target_modules, lambda lin: SDLoRALinear(lin, s, self.router))
         self.magnitudes: list[nn.Parameter] = []

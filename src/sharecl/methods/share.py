@@ -197,8 +197,8 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: ShareConfig | None = None, **overrides):
         super().__init__(encoder, seed)
-        given = config if config is not None else ShareConfig(**overrides)
-        self.config = given.resolved("lm" if self.modality == "lm" else "encoder")  # a copy: the caller's stays as given
+        given = self.make_config(config, overrides)  # a copy: the caller's stays as given
+        self.config = given.resolved("lm" if self.modality == "lm" else "encoder")
         if self.config.target_modules is None:
             self.config.target_modules = default_targets(encoder.model)
         targets = self.config.target_modules

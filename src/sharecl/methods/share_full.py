@@ -40,7 +40,7 @@ class ShareFullMethod(ShareMethod):
     storable = False
 
     def __init__(self, encoder: Encoder, seed: int = 0, config: ShareFullConfig | None = None, **overrides):
-        super().__init__(encoder, seed, config or ShareFullConfig(**overrides))
+        super().__init__(encoder, seed, self.make_config(config, overrides))
         self._seen: dict[str, Task] = {}  # every learned task with its data (what makes it not strict)
 
     def end_task(self, task: Task, cfg: TrainConfig, rss: PeakRSS | None = None, progress: bool = True) -> dict:
