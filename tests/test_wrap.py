@@ -124,3 +124,121 @@ def test_wrap_trains_through_hf_trainer(tmp_path):
         with cl.task(t.name):
             got = _answers(lm, [p for p, _ in t.test_inputs])
         assert sum(a == t.test_inputs[0][1] for a in got) >= len(got) - 1, (t.name, got)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """The tiny Llama saved as a transformers directory: a model the user loads by path."""
+    d = tmp_path_factory.mktemp("llama")
+    lm = tiny_lm()
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
+def _config_of(name: str):
+    from sharecl.methods import METHODS
+
+    opts = {"share": {"k": 8, "p": 2, "r": 2}}.get(name, {"r": 2})
+    return METHODS[name].config_class(**opts)
+
+
+STORE_METHODS = ["share", "inflora", "sd-lora", "sd-lora-rr", "sd-lora-kd", "dual-lora"]
+
+
+@pytest.mark.parametrize("name", STORE_METHODS)
+def test_wrapped_model_saves_reloads_learns_again_and_reloads_bit_exactly(name, llama_dir, tmp_path):
+    """The user's model and loop: learn two tasks, save_pretrained, from_pretrained (the store's base model
+    loaded by sharecl, and the user's own), learn a third on the reloaded model, save, reload: every task's
+    greedy answers and per-task losses are identical after every reload."""
+    from transformers import AutoModelForCausalLM
+
+    from sharecl.store import STORABLE
+
+    assert set(STORE_METHODS) == set(STORABLE)
+    lm = tiny_lm()  # its tokenizer builds the batches; the model trained is the one loaded from llama_dir
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    cl = sharecl.wrap(model, _config_of(name), method=name)
+    tasks = [tiny_generation_task(n, a) for n, a in (("ask", "yes"), ("tell", "no"), ("say", "maybe"))]
+
+    def learn(cl, model, task):
+        batches = _batches(lm, task)
+        _train(model, cl.begin_task(task.name, data=batches), batches, steps=15)
+        cl.end_task()
+
+    def snapshot(cl, model, upto):
+        out = {}
+        for t in tasks[:upto]:
+            b = lm.tokenize(t.test_inputs)
+            with cl.task(t.name), torch.no_grad():
+                ids = model.generate(input_ids=b["input_ids"][:2, :6], max_new_tokens=3, do_sample=False).tolist()
+                out[t.name] = (model(**b).loss.item(), ids)
+        return out
+
+    for t in tasks[:2]:
+        learn(cl, model, t)
+    want = snapshot(cl, model, 2)
+    cl.save_pretrained(tmp_path / "store")
+    again = sharecl.from_pretrained(tmp_path / "store")  # sharecl loads the base model from the manifest
+    assert again.tasks == ["ask", "tell"] and snapshot(again, again.model, 2) == want
+    mine = AutoModelForCausalLM.from_pretrained(llama_dir)
+    cl2 = sharecl.from_pretrained(tmp_path / "store", model=mine)  # the user's model, checked by its weights' hash
+    assert snapshot(cl2, mine, 2) == want
+    learn(cl2, mine, tasks[2])
+    want3 = snapshot(cl2, mine, 3)
+    cl2.save_pretrained(tmp_path / "store")
+    third = sharecl.from_pretrained(tmp_path / "store")
+    assert third.tasks == ["ask", "tell", "say"] and snapshot(third, third.model, 3) == want3
+
+
+def test_save_pretrained_and_from_pretrained_refuse_what_they_cannot_keep(llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sharecl.store import StoreError
+
+    cl = sharecl.wrap(tiny_lm().model, ShareConfig(k=8, p=2, r=2))  # built in memory: no directory names it
+    with pytest.raises(ValueError, match="save it first"):
+        cl.save_pretrained(tmp_path / "s")
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    cl = sharecl.wrap(model, ShareConfig(k=8, p=2, r=2))
+    cl.begin_task("ask")
+    with pytest.raises(RuntimeError, match="still being learned"):
+        cl.save_pretrained(tmp_path / "s")
+    cl.end_task()
+    cl.save_pretrained(tmp_path / "s")
+    other = tiny_lm(seed=1).model  # another model: not the store's base
+    with pytest.raises(StoreError, match="not the base model"):
+        sharecl.from_pretrained(tmp_path / "s", model=other)
+
+
+def test_a_store_saved_from_the_users_loop_answers_from_the_shell(llama_dir, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import sharecl as cli
+    from sharecl.generation.lm import load_causal_lm
+
+    lm = load_causal_lm(llama_dir)  # the same model by path: its tokenizer and chat template frame the prompts
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    lm.model = model
+    cl = sharecl.wrap(model, ShareConfig(k=8, p=2, r=2))
+    task = tiny_generation_task("ask", "yes")
+    batches = _batches(lm, task)
+    _train(model, cl.begin_task("ask"), batches, steps=40)
+    cl.end_task()
+    prompt = task.test_inputs[0][0]
+    with cl.task("ask"):
+        mine = lm.generate([prompt], max_new_tokens=4)[0]
+    cl.save_pretrained(tmp_path / "store")
+    out = cli("generate", tmp_path / "store", prompt, "--task", "ask", "--max-new-tokens", "4", "--json", "--precision", "fp32")
+    assert json.loads(out.stdout.strip().splitlines()[-1])["text"] == mine == "yes"
+    cli("export", tmp_path / "store", tmp_path / "ask-lora", "--task", "ask")
+    assert (tmp_path / "ask-lora" / "adapter_config.json").exists()
+
+
+def test_wrap_takes_a_local_path(llama_dir, tiny_model_dir):
+    cl = sharecl.wrap(str(llama_dir), ShareConfig(k=8, p=2, r=2))
+    assert cl.method.modality == "lm" and len(cl.method.layers) == 4 and cl.model is cl.method.encoder.model
+    enc = sharecl.wrap(tiny_model_dir, InfLoRAConfig(r=2))
+    assert enc.method.modality == "text" and enc.method.encoder.tokenizer is not None

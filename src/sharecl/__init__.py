@@ -16,7 +16,7 @@ _LAZY = {
     "METHODS": "sharecl.methods", "LoRAConfig": "sharecl.methods", "ShareConfig": "sharecl.methods",
     "ShareMethod": "sharecl.methods", "build_method": "sharecl.methods", "TrainConfig": "sharecl.train",
     "InfLoRAConfig": "sharecl.methods", "SDLoRAConfig": "sharecl.methods", "DualLoRAConfig": "sharecl.methods",
-    "wrap": "sharecl.wrapping", "ContinualModel": "sharecl.wrapping",
+    "wrap": "sharecl.wrapping", "ContinualModel": "sharecl.wrapping", "from_pretrained": "sharecl.wrapping",
     "CausalLM": "sharecl.generation.lm", "load_causal_lm": "sharecl.generation.lm",
     "GenerationTask": "sharecl.generation.tasks", "load_generation_file": "sharecl.generation.tasks",
 }

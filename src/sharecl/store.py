@@ -465,7 +465,6 @@ def load_store(path: str | Path, *, model_path: str | None = None, device: str |
             weights differ from the one the store was built on.
     """
     from sharecl.backbone import load_encoder, weights_hash
-    from sharecl.methods import build_method
 
     p = Path(path)
     manifest = read_manifest(p)
@@ -487,6 +486,22 @@ def load_store(path: str | Path, *, model_path: str | None = None, device: str |
     else:
         encoder = load_encoder(base, max_length=manifest.get("max_length", 128), device=device, precision=precision,
                                image_size=manifest.get("image_size") or 56)
+    return restore(p, encoder, manifest, tensors, tasks, meta)
+
+
+def restore(path: str | Path, encoder, manifest: dict | None = None, tensors=None, tasks=None, meta=None):
+    """Build the store's method on ``encoder`` (a loaded backbone of the store's base model, e.g.
+    a model the user wrapped: :func:`sharecl.from_pretrained`) and load its state.
+
+    Raises:
+        StoreError: the base model's target layers or the state file do not match the manifest.
+    """
+    from sharecl.methods import build_method
+
+    p = Path(path)
+    manifest = manifest or read_manifest(p)
+    if tensors is None:
+        tensors, tasks, meta = _read_all(p, manifest)
     tensors = {k: v.to(encoder.device) for k, v in tensors.items()}
     method = build_method(manifest["method"], encoder, seed=manifest.get("seed", 0), **manifest["config"])
     if list(method.layers) != manifest["targets"]:

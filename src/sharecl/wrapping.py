@@ -23,20 +23,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["ContinualModel", "wrap", "method_for_config"]
+__all__ = ["ContinualModel", "wrap", "from_pretrained", "method_for_config"]
 
 
 class _ModelBackbone:
     """The little a method needs from a user's model: the module, its device and hidden size,
-    and a forward on batches the user already tokenised."""
+    and a forward on batches the user already tokenised; for a store, the base model's directory
+    (``config._name_or_path``) and, for a causal LM, its tokenizer's identity."""
 
     images = None
+    image_size = None
+    precision = "fp32"
 
-    def __init__(self, model: nn.Module, modality: str):
+    def __init__(self, model: nn.Module, modality: str, max_length: int | None = None):
         self.model = model
         self.modality = modality
         self.path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
@@ -44,6 +48,30 @@ class _ModelBackbone:
         self.device = p.device if p is not None else torch.device("cpu")
         cfg = getattr(model, "config", None)
         self.hidden_size = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "d_model", 0) or 1)
+        self.max_length = max_length or (256 if modality == "lm" else 128)
+        self._tokenizer = None
+
+    def _base_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"a causal-LM store records the base model's tokenizer, and {self.path} has none it can read "
+                                 f"({exc}); save it beside the weights: tokenizer.save_pretrained({self.path!r})") from exc
+        return self._tokenizer
+
+    @property
+    def chat(self) -> bool:
+        """Whether the base model's tokenizer has a chat template (prompts are formatted with it)."""
+        return bool(getattr(self._base_tokenizer(), "chat_template", None))
+
+    def identity(self) -> dict:
+        """The tokenizer identity a causal-LM store records (:func:`sharecl.generation.lm.tokenizer_identity`)."""
+        from sharecl.generation.lm import tokenizer_identity
+
+        return tokenizer_identity(self._base_tokenizer(), self.chat)
 
     def tokenize(self, items: list) -> dict:
         if len(items) != 1 or not isinstance(items[0], Mapping):
@@ -149,12 +177,77 @@ class ContinualModel:
         """
         return self.method.task(name)
 
+    def save_pretrained(self, path: str | Path) -> dict:
+        """Write the learned tasks as the next version of a store at ``path`` (atomic, versioned:
+        :func:`sharecl.store.save_store`), usable by ``sharecl generate/predict/serve/export`` and
+        :func:`from_pretrained`. Returns the store's manifest.
 
-def wrap(model: nn.Module, config, *, method: str | None = None, seed: int = 0) -> ContinualModel:
+        The store names its base model by directory and weights' sha256: the wrapped model must
+        have been loaded from a local directory (``config._name_or_path``) holding its weights (and,
+        for a causal LM, its tokenizer).
+
+        Raises:
+            RuntimeError: while a task is still open; ValueError: a base model without a local
+                directory; StoreError: a method without a store format, or a store of another
+                method or base model at ``path``.
+        """
+        from sharecl.store import save_store
+
+        if self._current is not None:
+            raise RuntimeError(f"task {self._current.name!r} is still being learned; call end_task() before saving")
+        base = Path(self.method.encoder.path) if self.method.encoder.path else None
+        if base is None or not base.is_dir() or not any(base.glob("*.safetensors")) and not any(base.glob("*.bin")):
+            raise ValueError(f"a store names its base model by a local directory holding the weights, and this model was loaded "
+                             f"from {str(base or '') or 'memory'!r}; save it first (model.save_pretrained(dir), and the "
+                             f"tokenizer beside it) and wrap the model loaded from that directory")
+        return save_store(self.method, path)
+
+
+def from_pretrained(path: str | Path, model: nn.Module | None = None, *, device: str = "cpu", precision: str = "fp32") -> ContinualModel:
+    """A store as a :class:`ContinualModel`: every task routable with ``cl.task(name)``, ready to
+    learn more and :meth:`~ContinualModel.save_pretrained` again.
+
+    Args:
+        path: a store directory (``save_pretrained``, ``sharecl learn``, ``save_store``).
+        model: the store's base model, already loaded by the user (it is wrapped in place);
+            checked against the store by its directory's weights sha256. None: load it from the
+            manifest's path (:func:`sharecl.store.load_store`).
+        device, precision: where and how a model loaded here runs (ignored with ``model``).
+
+    Raises:
+        StoreError: a damaged store, or a ``model`` that is not the store's base model.
+    """
+    from sharecl.backbone import weights_hash
+    from sharecl.store import StoreError, load_store, read_manifest, restore
+
+    if model is None:
+        method = load_store(path, device=device, precision=precision)
+        return ContinualModel(method.encoder.model, method)
+    manifest = read_manifest(path)
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    try:
+        same = bool(name) and weights_hash(name) == manifest["base_model"]["sha256"]
+    except (FileNotFoundError, OSError):
+        same = False
+    if not same:
+        raise StoreError(f"the model passed was loaded from {name or 'memory'!r}, whose weights are not the base model of {path} "
+                         f"({manifest['base_model']['path']}, sha256 {manifest['base_model']['sha256'][:12]}…); pass that model, "
+                         f"or model=None to load it")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    backbone = _ModelBackbone(model, manifest.get("modality") or "text", manifest.get("max_length"))
+    return ContinualModel(model, restore(path, backbone, manifest))
+
+
+def wrap(model: nn.Module | str | Path, config, *, method: str | None = None, seed: int = 0) -> ContinualModel:
     """Wrap an already-loaded HF model (causal LM, encoder or ViT) with a continual method.
 
     Args:
-        model: e.g. ``AutoModelForCausalLM.from_pretrained(path)``; its parameters are frozen.
+        model: e.g. ``AutoModelForCausalLM.from_pretrained(path)``; its parameters are frozen. A
+            local directory (or ``.gguf`` file) is loaded first: a causal LM with its tokenizer
+            (:func:`sharecl.generation.lm.load_causal_lm`), else an encoder or ViT
+            (:func:`sharecl.backbone.load_encoder`), so sharecl's own loop can train it too
+            (``cl.method.learn(task, TrainConfig())``).
         config: a method config (``ShareConfig``, ``InfLoRAConfig``, ``SDLoRAConfig``,
             ``DualLoRAConfig``, ``LoRAConfig``); ``target_modules=None`` takes the family default.
         method: a registered method name, when the config class serves several (``seq-lora`` for a LoRAConfig).
@@ -168,6 +261,12 @@ def wrap(model: nn.Module, config, *, method: str | None = None, seed: int = 0) 
     name = method or method_for_config(config)
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
+    if isinstance(model, (str, Path)):
+        from sharecl.backbone import load_encoder
+        from sharecl.generation.lm import is_causal_lm_dir, load_causal_lm
+
+        loaded = load_causal_lm(model) if is_causal_lm_dir(model) else load_encoder(str(model))
+        return ContinualModel(loaded.model, METHODS[name](loaded, seed=seed, config=config))
     for p in model.parameters():
         p.requires_grad_(False)
     causal = any(a.endswith("ForCausalLM") for a in getattr(getattr(model, "config", None), "architectures", None) or []) \

@@ -196,15 +196,7 @@ class CausalLM:
         vocabulary and settings (``tokenizer.json``/``tokenizer_config.json`` and friends, as
         saved by transformers) and of the chat template, and whether it is used. Stores record
         it and refuse to load on a tokenizer that differs."""
-        with tempfile.TemporaryDirectory() as tmp:
-            self.tokenizer.save_pretrained(tmp)
-            h = hashlib.sha256()
-            for f in sorted(Path(tmp).iterdir()):
-                if f.name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "special_tokens_map.json"):
-                    h.update(f.name.encode() + b"\0" + f.read_bytes())
-        template = getattr(self.tokenizer, "chat_template", None) or ""
-        return {"tokenizer_sha256": h.hexdigest(), "chat": self.chat,
-                "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest() if self.chat else None}
+        return tokenizer_identity(self.tokenizer, self.chat)
 
     def _prompt_ids(self, prompt) -> list[int]:
         ids = self.tokenizer(self.format_prompt(prompt), add_special_tokens=not self.chat)["input_ids"]
@@ -324,6 +316,20 @@ class CausalLM:
             ValueError: for ``max_new_tokens`` < 1 or ``num_beams`` < 1.
         """
         return [self.decode(r) for r in self.generate_ids(prompts, max_new_tokens=max_new_tokens, num_beams=num_beams)]
+
+
+def tokenizer_identity(tokenizer, chat: bool) -> dict:
+    """sha256 of a tokenizer's vocabulary and settings as transformers saves them, and of its chat
+    template when ``chat`` (:meth:`CausalLM.identity`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        h = hashlib.sha256()
+        for f in sorted(Path(tmp).iterdir()):
+            if f.name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "special_tokens_map.json"):
+                h.update(f.name.encode() + b"\0" + f.read_bytes())
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {"tokenizer_sha256": h.hexdigest(), "chat": chat,
+            "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest() if chat else None}
 
 
 def load_causal_lm(path: str | os.PathLike | None = None, *, max_length: int = 256, device: str | None = "cpu",
