@@ -6,9 +6,15 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# how tables and plots name the methods (the CLI's method names are the keys)
-METHOD_LABELS = {"share": "Share", "head-only": "head-only", "inflora": "InfLoRA", "dual-lora": "DualLoRA",
-                 "sd-lora": "SD-LoRA", "seq-lora": "SeqLoRA", "lora-per-task": "LoRA per task", "joint-lora": "joint LoRA"}
+# how tables and plots name the methods: each method's class declares its label (the registry is the one list)
+def _labels() -> dict[str, str]:
+    from sharecl.methods import METHODS
+    from sharecl.methods.base import method_label
+
+    return {name: method_label(name) for name in METHODS}
+
+
+METHOD_LABELS = _labels()
 
 
 def pct_pm(stat: dict | None) -> str:

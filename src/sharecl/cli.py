@@ -36,8 +36,10 @@ from sharecl.cli_common import (
     check_align_rank,
     console,
     default_lr,
+    rank_options,
     setup_torch,
     share_options,
+    takes_share_options,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -105,9 +107,9 @@ def run(
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, seed=seed, augment=augment,
                       warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align, align_rank=align_rank,
                       optimizer=optimizer)
-    configs = {m: {"r": rank} for m in names}
-    for name in ("share", "share-full"):  # Share-full takes Share's options (and --set share-full.old_task_steps=N)
-        if name in configs:
+    configs = {m: rank_options(m, rank) for m in names}
+    for name in names:  # Share and Share-full take Share's options (and --set share-full.old_task_steps=N)
+        if takes_share_options(name):
             configs[name].update(share_options(k, p, energy, rank, phi, init, merge_finetune_steps))
     console.print(f"stream [bold]{s.name}[/]: " + ", ".join(
         f"{t.name} ({getattr(t, 'metric', None) or f'{t.num_classes} classes'}, {len(t.train_inputs)} train)" for t in s))
@@ -156,6 +158,7 @@ def compare(
     from sharecl.compare import all_methods
     from sharecl.compare import compare as run_compare
     from sharecl.data.streams import get_stream
+    from sharecl.methods import METHODS
     from sharecl.train import TrainConfig
 
     try:
@@ -178,9 +181,12 @@ def compare(
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=lr, augment=augment,
                       warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, align=align, align_rank=align_rank,
                       optimizer=optimizer, align_recompute=align_recompute)
-    configs = {m: ({} if m in ("head-only", "zero-shot") else {"r": rank}) for m in names}
-    for name in ("share", "share-full"):
-        if name in configs:
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    configs = {m: rank_options(m, rank) for m in names}
+    for name in names:
+        if takes_share_options(name):
             configs[name].update(share_options(k, p, None, rank, None, "zero", 0))
     for item in set_ or []:
         method, key, value = _parse_set(item, names)

@@ -80,13 +80,14 @@ def check_store_options(store: Path, method_name, model, rank, image_size, share
         ValueError: naming the first contradicting option, the store's value and the fix.
     """
     from sharecl.backbone import weights_hash
+    from sharecl.cli_common import takes_share_options
     from sharecl.store import read_manifest
 
     m = read_manifest(store)
     config, fix = m.get("config", {}), "drop the option (a store keeps the options it was created with) or use another store"
     if method_name is not None and method_name != m["method"]:
         raise ValueError(f"--method {method_name} contradicts {store}, which holds method {m['method']!r}; {fix}")
-    if m["method"] != "share":
+    if not takes_share_options(m["method"]):
         given = [f"--{n.replace('_', '-')}" for n, v in share_opts.items() if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)} apply to Share stores only; {store} holds method {m['method']!r}; {fix}")

@@ -48,6 +48,26 @@ def share_options(k: Optional[int], p: Optional[int], energy: Optional[float], r
     return {key: v for key, v in opts.items() if v is not None}
 
 
+def takes_share_options(method: str) -> bool:
+    """Whether ``method``'s config is Share's (Share, Share-full), so ``--k``, ``--p``, ``--phi`` …
+    apply to it (read from the registry; imports the methods late)."""
+    from sharecl.methods import METHODS
+    from sharecl.methods.share import ShareConfig
+
+    cls = METHODS.get(method)
+    return cls is not None and cls.config_class is not None and issubclass(cls.config_class, ShareConfig)
+
+
+def rank_options(method: str, rank: int) -> dict:
+    """``{"r": rank}`` for a method whose config has a rank, else ``{}`` (head-only, zero-shot)."""
+    import dataclasses
+
+    from sharecl.methods import METHODS
+
+    cfg = METHODS[method].config_class
+    return {"r": rank} if cfg is not None and "r" in {f.name for f in dataclasses.fields(cfg)} else {}
+
+
 def default_lr(modality: str) -> float:
     """The learning rate by modality (:data:`sharecl.train.DEFAULT_LR`; imported late: torch loads slowly)."""
     from sharecl.train import DEFAULT_LR

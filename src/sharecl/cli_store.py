@@ -28,6 +28,7 @@ from sharecl.cli_common import (
     default_lr,
     setup_torch,
     share_options,
+    takes_share_options,
 )
 
 #: What each store modality holds, for error messages.
@@ -139,14 +140,14 @@ def learn(
     from sharecl.data.tasks import check_task_name
     from sharecl.generation.tasks import load_generation_file
     from sharecl.methods import build_method
-    from sharecl.store import STORABLE, load_store, save_store, store_lock
+    from sharecl.store import load_store, save_store, storable_methods, store_lock
     from sharecl.train import TrainConfig
 
     check_task_name(task)
     check_align_rank(align, align_rank)
     share_opts = {"k": k, "p": p, "energy": energy, "phi": phi, "init": init, "merge_finetune_steps": merge_finetune_steps}
-    if method_name is not None and method_name not in STORABLE:
-        raise ValueError(f"--method {method_name!r} cannot be stored; choose one of {', '.join(STORABLE)}")
+    if method_name is not None and method_name not in storable_methods():
+        raise ValueError(f"--method {method_name!r} cannot be stored; choose one of {', '.join(storable_methods())}")
     modality, stream_size = _data_kind(data), None  # the data is read before the store is touched: its errors change nothing
     if modality == "image":
         t, stream_size = load_image_task(data, task, seed=seed, image_column=image_column, label_column=label_column)
@@ -161,7 +162,7 @@ def learn(
             method = load_store(store, model_path=moved, device=dev, precision=precision)
         else:
             method_name, rank = method_name or "share", rank or 8
-            if method_name == "share":
+            if takes_share_options(method_name):
                 opts = share_options(k, p, energy, rank, phi, init or "zero", merge_finetune_steps or 0)
             else:
                 given = [f"--{n.replace('_', '-')}" for n, v in share_opts.items() if v is not None]
@@ -240,8 +241,11 @@ def add_adapter(
 
     with store_lock(store):
         manifest = read_manifest(store)
-        if manifest.get("method") != "share":
-            raise ValueError(f"{store} holds method {manifest.get('method')!r}; only Share stores fold adapters without data")
+        from sharecl.methods.base import methods_where
+
+        folding = methods_where(folds_adapters=True)
+        if manifest.get("method") not in folding:
+            raise ValueError(f"{store} holds method {manifest.get('method')!r}; only {', '.join(folding)} stores fold adapters without data")
         lora = read_lora_adapter(adapter)
         check_adapter_base(lora, manifest["base_model"], trust=trust_base)
         if lora.rank != manifest["config"]["r"] and not any_rank:
@@ -359,8 +363,11 @@ def export(
     from sharecl.store import load_store
 
     method = load_store(store)
-    if method.name != "share":
-        raise ValueError(f"{store} holds method {method.name!r}; export writes Share tasks as PEFT adapters")
+    from sharecl.methods.base import methods_where
+
+    if not method.exports_peft:
+        raise ValueError(f"{store} holds method {method.name!r}; export writes tasks of {', '.join(methods_where(exports_peft=True))} "
+                         "stores as PEFT adapters")
     path = export_task(method, task, out)
     console.print(f"wrote PEFT LoRA adapter for [bold]{task}[/] (rank {method.config.p}) to {path}")
 

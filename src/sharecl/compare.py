@@ -21,17 +21,15 @@ from sharecl.data.streams import get_stream
 from sharecl.methods.base import METHODS
 from sharecl.train import TrainConfig
 
-__all__ = ["ALL_METHODS", "METRICS", "all_methods", "compare", "aggregate", "write_report"]
-
-#: What ``--methods all`` runs: the founding papers' methods and the baselines.
-ALL_METHODS = ["share", "inflora", "sd-lora", "dual-lora", "lora-per-task", "seq-lora", "joint-lora", "head-only", "zero-shot"]
-
+__all__ = ["METRICS", "all_methods", "compare", "aggregate", "write_report"]
 
 def all_methods(modality: str) -> list[str]:
-    """:data:`ALL_METHODS` that learn a stream of ``modality``'s tasks (``lm``: generation, where the
-    zero-shot model is the floor; else classification, where head-only is)."""
-    kind = "generation" if modality == "lm" else "classification"
-    return [m for m in ALL_METHODS if kind in METHODS[m].task_kinds]
+    """What ``--methods all`` runs on a stream of ``modality``'s tasks: every registered method with
+    an :attr:`~sharecl.methods.base.ContinualMethod.all_order` that learns them (``lm``: generation,
+    where the zero-shot model is the floor; else classification, where head-only is)."""
+    from sharecl.methods.base import all_methods as registered
+
+    return registered("generation" if modality == "lm" else "classification")
 
 #: (results.json key, column title, scale) of the comparison table; accuracies in %.
 METRICS = [

@@ -1,6 +1,6 @@
 """The on-disk store of a continual model: ``manifest.json`` + safetensors, atomic.
 
-A store holds one storable method (:data:`STORABLE`): Share (bases and coefficients),
+A store holds one storable method (:func:`storable_methods`): Share (bases and coefficients),
 InfLoRA (each task's merged factors and the DualGPM memory), SD-LoRA (unit directions and
 magnitudes) or DualLoRA (merged orthogonal factors, residual bases and up-projections,
 memory). PEFT baselines keep their adapters in PEFT's own format and have no store.
@@ -38,186 +38,63 @@ manifest) still load; their next write is a format 2 checkpoint.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-import re
 import secrets
-import threading
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from sharecl.provenance import environment, library_versions
+from sharecl.store_format import (  # noqa: F401 (the format's names are part of this module's interface)
+    FORMAT,
+    FORMAT_VERSION,
+    LOG_FILE,
+    META,
+    STATE_FILE,
+    StoreError,
+    StoreLockedError,
+    atomic_write,
+    json_of,
+    meta_tensor,
+    pop_meta,
+    read_file,
+    read_manifest,
+    sha256_of,
+    store_lock,
+)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "STORABLE", "StoreError", "StoreLockedError", "compact_merges", "save_store", "load_store", "read_manifest",
-           "store_records", "store_tasks", "store_lock", "library_versions"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "storable_methods", "StoreError", "StoreLockedError", "compact_merges", "save_store",
+           "load_store", "restore", "read_manifest", "store_records", "store_tasks", "store_lock", "library_versions"]
 
-FORMAT = "sharecl-store"
-FORMAT_VERSION = 2
-_READS = (1, 2)  # format versions this sharecl reads
-_STATE = re.compile(r"^state-v(\d+)(?:-[0-9a-f]{8,64})?\.safetensors$")
-_LOG = re.compile(r"^log-v(\d+)-[0-9a-f]{8,64}\.safetensors$")
-_META = "__meta__"  # the JSON byte tensor inside every state and log file
-_HELD = threading.local()  # per thread: {store path: depth} of the write locks this thread holds
 #: Methods a store can hold.
-STORABLE = ("share", "inflora", "sd-lora", "sd-lora-rr", "sd-lora-kd", "dual-lora")
+def storable_methods() -> tuple[str, ...]:
+    """The registered methods with a store format (``storable = True`` on the class)."""
+    from sharecl.methods.base import methods_where
+
+    return tuple(methods_where(storable=True))
 
 
-class StoreError(RuntimeError):
-    """A store that cannot be read or written; the message names the problem and the fix."""
-
-
-class StoreLockedError(StoreError):
-    """Another process holds the store's write lock."""
-
-
-def _sha256(path: Path) -> str:
-    from sharecl.backbone import sha256_files
-
-    return sha256_files([path])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` via ``write(tmp_path)`` to a temporary name, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; a store is as readable as the umask allows
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-@contextlib.contextmanager
-def store_lock(path: str | Path, wait: bool = False):
-    """Hold the store's exclusive write lock (``fcntl.flock`` on ``STORE/.lock``).
-
-    Re-entrant within one thread (``save_store`` inside ``with store_lock(...)`` does not
-    deadlock); another thread or process is refused (or waits, with ``wait``).
-
-    Raises:
-        StoreLockedError: if another process or thread holds it and ``wait`` is False.
-        StoreError: if ``path`` exists and is not a directory.
-    """
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise StoreError(f"{p} is a file, not a store directory; pass a directory path (a new name creates a store)")
-    key = str(p.resolve())
-    held = _HELD.__dict__.setdefault("depth", {})
-    if held.get(key):
-        held[key] += 1
-        try:
-            yield
-        finally:
-            held[key] -= 1
-        return
-    p.mkdir(parents=True, exist_ok=True)
-    fh = open(p / ".lock", "a+")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError as exc:
-            raise StoreLockedError(f"store {p} is being written by another process; wait for it to finish and retry") from exc
-        held[key] = 1
-        try:
-            yield
-        finally:
-            held.pop(key, None)
-    finally:
-        fh.close()
-
-
-def read_manifest(path: str | Path) -> dict:
-    """Read and validate ``STORE/manifest.json``.
-
-    Raises:
-        StoreError: no store, unreadable JSON, unknown format or version, or file entries
-            that point outside the store directory.
-    """
-    p = Path(path)
-    mf = p / "manifest.json"
-    if not mf.is_file():
-        raise StoreError(f"{p} is not a sharecl store (no manifest.json); create one with `sharecl learn {p} --task NAME --data FILE`")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{mf} is not valid JSON ({exc}); restore it from a backup") from exc
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{mf} is not a sharecl store manifest (format={manifest.get('format')!r})")
-    if manifest.get("format_version") not in _READS:
-        raise StoreError(f"{mf} has format_version {manifest.get('format_version')!r}; this sharecl reads versions "
-                         f"{', '.join(map(str, _READS))}: use the sharecl release that wrote it")
-    files = manifest.get("files", {})
-    name = files.get("state", {}).get("name", "")
-    if not _STATE.match(name) or Path(name).name != name:
-        raise StoreError(f"{mf} points at {name!r}, which is not a state file inside the store; the manifest was tampered with")
-    for entry in files.get("log", []):
-        if not _LOG.match(entry.get("name", "")) or Path(entry["name"]).name != entry["name"]:
-            raise StoreError(f"{mf} points at {entry.get('name')!r}, which is not a log file inside the store; the "
-                             f"manifest was tampered with")
-    return manifest
-
-
-def _read_file(path: Path, entry: dict) -> dict[str, torch.Tensor]:
-    """A state or log file's tensors, after checking it against its sha256 in the manifest."""
-    f = path / entry["name"]
-    if not f.is_file():
-        raise StoreError(f"{f} is missing; the store is damaged (restore the directory from a backup)")
-    if _sha256(f) != entry["sha256"]:
-        raise StoreError(f"{f} does not match its sha256 in the manifest: the file is truncated, corrupted or "
-                         f"was replaced; restore the store from a backup")
-    try:
-        return load_file(str(f))
-    except (SafetensorError, OSError) as exc:
-        raise StoreError(f"cannot read {f}: {exc}") from exc
-
-
-def _meta_tensor(meta: dict) -> torch.Tensor:
-    return torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
-
-
-def _pop_meta(tensors: dict[str, torch.Tensor], where: Path) -> dict:
-    raw = tensors.pop(_META, None)
-    if raw is None:
-        raise StoreError(f"{where} has no {_META} record; the store is damaged (restore it from a backup)")
-    return _json_of(raw)
-
-
-def _json_of(raw: torch.Tensor) -> dict:
-    return json.loads(raw.numpy().tobytes().decode())
+def __getattr__(name: str):
+    if name == "STORABLE":  # the registry decides (storable_methods); kept as a name for callers
+        return storable_methods()
+    raise AttributeError(f"module 'sharecl.store' has no attribute {name!r}")
 
 
 def _read_all(path: Path, manifest: dict) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
     """Every tensor of the store as one dict (checkpoint first, then the log files in order, later
     keys replacing earlier ones: the newest bases win), the task list and the method's meta."""
     files = manifest["files"]
-    tensors = _read_file(path, files["state"])
+    tensors = read_file(path, files["state"])
     if manifest.get("format_version", 1) == 1:
         return tensors, manifest["tasks"], {**(manifest.get("method_state") or {}), "merges": manifest.get("merges", [])}
-    meta = _pop_meta(tensors, path / files["state"]["name"])
+    meta = pop_meta(tensors, path / files["state"]["name"])
     tasks, merges, state = list(meta["tasks"]), list(meta["merges"]), dict(meta["method_state"])
     drift = None  # the newest log file's per-task drift of its last merge
     for entry in files.get("log", []):
-        part = _read_file(path, entry)
-        m = _pop_meta(part, path / entry["name"])
+        part = read_file(path, entry)
+        m = pop_meta(part, path / entry["name"])
         tasks += m["tasks"]
         if merges and drift is None:  # only the newest merge keeps its per-task drift
             merges[-1] = _summary(merges[-1])
@@ -249,10 +126,10 @@ def store_records(path: str | Path, manifest: dict | None = None) -> tuple[list[
     tasks, merges = [], []
     for entry in [manifest["files"]["state"], *manifest["files"].get("log", [])]:
         f = p / entry["name"]
-        if not f.is_file() or _sha256(f) != entry["sha256"]:
+        if not f.is_file() or sha256_of(f) != entry["sha256"]:
             raise StoreError(f"{f} is missing or does not match its sha256 in the manifest; restore the store from a backup")
         with safe_open(str(f), framework="pt") as fh:
-            meta = _json_of(fh.get_tensor(_META))
+            meta = json_of(fh.get_tensor(META))
         tasks += meta["tasks"]
         merges += [_summary(r) for r in meta["merges"]]
     return tasks, merges
@@ -359,7 +236,7 @@ def _outgrows(files: dict, tensors: dict[str, torch.Tensor], method) -> bool:
 
 
 def save_store(method, path: str | Path, *, extra: dict | None = None, compact: bool | None = None) -> dict:
-    """Write ``method`` (a storable method, :data:`STORABLE`) as the next store version.
+    """Write ``method`` (a storable method, :func:`storable_methods`) as the next store version.
 
     A Share method that was loaded from (or last saved to) this store's current version appends
     its new merges as one log file; anything else writes a checkpoint. Takes the store's write
@@ -378,8 +255,8 @@ def save_store(method, path: str | Path, *, extra: dict | None = None, compact: 
     """
     from sharecl.backbone import weights_hash
 
-    if method.name not in STORABLE:
-        raise StoreError(f"method {method.name!r} has no store format; stores hold {', '.join(STORABLE)}")
+    if not method.storable:
+        raise StoreError(f"method {method.name!r} has no store format; stores hold {', '.join(storable_methods())}")
     p = Path(path)
     key = str(p.resolve())
     with store_lock(p):
@@ -406,7 +283,7 @@ def save_store(method, path: str | Path, *, extra: dict | None = None, compact: 
             meta = {"tasks": [_task_entry(method, n) for n in new], "merges": [_summary(r) for r in method.drift[-steps:]],
                     "method_state": {**method.state_meta(), "kinds": kinds}}
             tensors.update(_drift_tensors(method.drift[-1]))
-            tensors[_META] = _meta_tensor(meta)
+            tensors[META] = meta_tensor(meta)
             if compact is None and _outgrows(previous["files"], tensors, method):
                 tensors = None  # fold the log into a checkpoint instead
         if tensors is not None:
@@ -419,9 +296,9 @@ def save_store(method, path: str | Path, *, extra: dict | None = None, compact: 
             name = f"state-v{version}-{token}.safetensors"
             files = {"log": []}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        tensors[_META] = _meta_tensor(meta)
-        _atomic_write(p / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "version": str(version)}))
-        entry = {"name": name, "sha256": _sha256(p / name), "bytes": (p / name).stat().st_size}
+        tensors[META] = meta_tensor(meta)
+        atomic_write(p / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "version": str(version)}))
+        entry = {"name": name, "sha256": sha256_of(p / name), "bytes": (p / name).stat().st_size}
         if name.startswith("log-"):
             files["log"].append(entry)
         else:
@@ -438,10 +315,10 @@ def save_store(method, path: str | Path, *, extra: dict | None = None, compact: 
             "environment": environment(),
             **(extra or {}),
         }
-        _atomic_write(p / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+        atomic_write(p / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
         live = {files["state"]["name"], *(e["name"] for e in files["log"])}
         for f in p.iterdir():  # files the new manifest does not name, and debris of killed writers
-            if ((_STATE.match(f.name) or _LOG.match(f.name)) and f.name not in live) or f.name.startswith(".state-v") \
+            if ((STATE_FILE.match(f.name) or LOG_FILE.match(f.name)) and f.name not in live) or f.name.startswith(".state-v") \
                     or f.name.startswith(".log-v") or f.name.startswith(".manifest.json.tmp"):
                 f.unlink(missing_ok=True)
         method._store_link = (key, version, getattr(method, "log_epoch", 0),
@@ -468,8 +345,8 @@ def load_store(path: str | Path, *, model_path: str | None = None, device: str |
 
     p = Path(path)
     manifest = read_manifest(p)
-    if manifest.get("method") not in STORABLE:
-        raise StoreError(f"{p} holds method {manifest.get('method')!r}; this sharecl stores {', '.join(STORABLE)}")
+    if manifest.get("method") not in storable_methods():
+        raise StoreError(f"{p} holds method {manifest.get('method')!r}; this sharecl stores {', '.join(storable_methods())}")
     base = model_path or manifest["base_model"]["path"]
     if not Path(base).is_dir():
         raise StoreError(f"base model {base} (from the manifest) is missing; pass --model PATH to its new location")

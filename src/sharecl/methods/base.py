@@ -61,6 +61,14 @@ class ContinualMethod(MixedTaskInference, ABC):
     config_class: ClassVar[type | None] = None
     #: the kinds of task the method learns: ``classification`` (a head) and/or ``generation`` (a causal LM)
     task_kinds: ClassVar[tuple[str, ...]] = ("classification", "generation")
+    #: how tables and plots name the method (default: its registered name)
+    label: ClassVar[str] = ""
+    #: its place in ``sharecl compare --methods all`` (None: run only when named)
+    all_order: ClassVar[int | None] = None
+    #: folds a trained LoRA adapter into its state without data (``sharecl add-adapter``)
+    folds_adapters: ClassVar[bool] = False
+    #: writes a task as a plain PEFT LoRA directory (``sharecl export``)
+    exports_peft: ClassVar[bool] = False
 
     @classmethod
     def default_config(cls, **overrides) -> dict:
@@ -440,9 +448,30 @@ METHODS: dict[str, type[ContinualMethod]] = {}
 
 
 def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
-    """Class decorator adding a method to :data:`METHODS` under ``cls.name``."""
+    """Class decorator adding a method to :data:`METHODS` under ``cls.name``: the only list of
+    methods; what a method offers (stores, ``--methods all``, labels, adapters, export, scenarios,
+    task kinds) is declared on its class and read from here (:func:`methods_where`)."""
     METHODS[cls.name] = cls
     return cls
+
+
+def methods_where(**flags) -> list[str]:
+    """Registered method names whose class attributes equal ``flags`` (e.g. ``storable=True``),
+    in registration order."""
+    return [n for n, c in METHODS.items() if all(getattr(c, k) == v for k, v in flags.items())]
+
+
+def all_methods(kind: str | None = None) -> list[str]:
+    """What ``--methods all`` runs, in :attr:`ContinualMethod.all_order`; only those learning
+    ``kind`` tasks (``classification`` or ``generation``) when given."""
+    names = sorted((n for n, c in METHODS.items() if c.all_order is not None), key=lambda n: METHODS[n].all_order)
+    return [n for n in names if kind is None or kind in METHODS[n].task_kinds]
+
+
+def method_label(name: str) -> str:
+    """How tables and plots name a registered method (its class's :attr:`~ContinualMethod.label`)."""
+    cls = METHODS.get(name)
+    return (cls.label if cls is not None else "") or name
 
 
 def build_method(name: str, encoder: Encoder, seed: int = 0, **config) -> ContinualMethod:

@@ -101,6 +101,8 @@ class DualLoRAMethod(ContinualMethod):
     """
 
     name = "dual-lora"
+    label = "DualLoRA"
+    all_order = 3
     config_class = DualLoRAConfig
     scenarios = ("til", "cil")
     storable = True

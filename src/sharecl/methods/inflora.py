@@ -83,6 +83,8 @@ class InfLoRAMethod(ContinualMethod):
     """
 
     name = "inflora"
+    label = "InfLoRA"
+    all_order = 1
     config_class = InfLoRAConfig
     scenarios = ("til", "cil")
     storable = True

@@ -117,6 +117,8 @@ class LoRAPerTaskMethod(_PeftLoRA):
     """A separate PEFT LoRA adapter for each task, selected by task id at test time."""
 
     name = "lora-per-task"
+    label = "LoRA per task"
+    all_order = 4
 
     def _adapter_of(self, task_name: str) -> str:
         return f"task-{task_name}"  # a bare name like "a" would clash with PEFT's "lora_" prefix check
@@ -130,6 +132,8 @@ class SeqLoRAMethod(_PeftLoRA):
     """One PEFT LoRA adapter trained on every task in turn (no protection against forgetting)."""
 
     name = "seq-lora"
+    label = "SeqLoRA"
+    all_order = 5
     scenarios = ("til", "cil")
     task_independent_backbone = True  # one adapter, active for every task
 
@@ -155,6 +159,8 @@ class JointLoRAMethod(_PeftLoRA):
     """
 
     name = "joint-lora"
+    label = "joint LoRA"
+    all_order = 6
     scenarios = ("til", "cil")
     task_independent_backbone = True  # one adapter, active for every task
     joint = True

@@ -29,6 +29,8 @@ class HeadOnlyMethod(ContinualMethod):
     """Frozen backbone, per-task linear heads (task-incremental; class-incremental by concatenating heads)."""
 
     name = "head-only"
+    label = "head-only"
+    all_order = 7
     config_class = HeadOnlyConfig
     scenarios = ("til", "cil")
     task_kinds = ("classification",)  # without a head it is the zero-shot model: see ZeroShotMethod
@@ -57,6 +59,8 @@ class ZeroShotMethod(HeadOnlyMethod):
     trained; every task is answered by the frozen pretrained causal LM."""
 
     name = "zero-shot"
+    label = "zero-shot"
+    all_order = 8
     scenarios = ("til",)
     trains = False
     task_kinds = ("generation",)

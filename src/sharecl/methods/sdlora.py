@@ -108,6 +108,8 @@ class SDLoRAMethod(ContinualMethod):
     """
 
     name = "sd-lora"
+    label = "SD-LoRA"
+    all_order = 2
     config_class = SDLoRAConfig
     scenarios = ("til", "cil")
     official_optimizer = "sgd"
@@ -215,6 +217,8 @@ class SDLoRARRMethod(SDLoRAMethod):
     """SD-LoRA-RR: SD-LoRA with the rank-reduction schedule."""
 
     name = "sd-lora-rr"
+    label = "SD-LoRA-RR"
+    all_order = None
     _variant = {"rr": True}
 
 
@@ -223,4 +227,6 @@ class SDLoRAKDMethod(SDLoRAMethod):
     """SD-LoRA-KD: SD-LoRA with least-squares folding of redundant directions."""
 
     name = "sd-lora-kd"
+    label = "SD-LoRA-KD"
+    all_order = None
     _variant = {"kd": True}

@@ -190,6 +190,10 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
     """
 
     name = "share"
+    label = "Share"
+    all_order = 0
+    folds_adapters = True
+    exports_peft = True
     config_class = ShareConfig
     scenarios = ("til", "cil")
     aligns = True  # on the base model's features, for task identification (ShareClassIncremental.align_classifier)

@@ -36,6 +36,10 @@ class ShareFullConfig(ShareConfig):
 @register
 class ShareFullMethod(ShareMethod):
     name = "share-full"
+    label = "Share-full"
+    all_order = None
+    folds_adapters = False
+    exports_peft = False
     config_class = ShareFullConfig
     storable = False
 
