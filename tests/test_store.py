@@ -5,6 +5,7 @@ import os
 import pickle
 import re
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,9 +303,16 @@ def test_a_version_on_another_base_model_is_refused(store_dir, tmp_path, tiny_mo
 
 
 def test_the_manifest_records_what_results_depend_on(store_dir):
+    import platform
+
     env = read_manifest(store_dir)["environment"]
-    assert env["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "NO AVX", "ZVECTOR", "VSX", "SVE256")
-    assert env["threads"] >= 1 and env["blas"] and env["cpu"]
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["machine"] == platform.machine()
+    assert env["threads"] == torch.get_num_threads()  # the store was written in this process
+    cfg = torch.__config__.show()
+    assert env["blas"].split()[0].lower() in cfg.lower()  # the BLAS torch was built with names the one recorded
+    if Path("/proc/cpuinfo").exists():
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")]
+        assert not names or env["cpu"] == names[0]
 
 
 def test_a_store_path_that_is_a_file_is_refused_clearly(tiny_share, tmp_path):
