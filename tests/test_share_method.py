@@ -168,30 +168,39 @@ def test_learning_reaches_above_chance(tiny_share):
 
 
 def test_coeff_lr_ratio_moves_coefficients_faster_and_directions_alike(tiny_model_dir, fast_cfg):
-    """One AdamW step from the same start: the coefficients move ``coeff_lr_ratio`` times as far (Adam's
-    first step is ``lr · sign(g)``), the temporary directions exactly as far as at ratio 1."""
+    """From the same start, AdamW's first step moves each parameter by ``lr · sign(g)``: the
+    coefficients move ``coeff_lr_ratio`` times as far as at ratio 1. The temporary directions get
+    their first gradient at step 2 (``E_B = 0`` before), where Adam's step is ``≈ 0.74 · lr · sign(g)``
+    whatever the gradient's size: they move as far as at ratio 1, or ``phi_lr_ratio`` times as far."""
     from sharecl.backbone import load_encoder
 
-    def after_one_step(ratio):
-        m = ShareMethod(load_encoder(tiny_model_dir), seed=0, r=4, k=4, p=2, coeff_lr_ratio=ratio)
+    def moved(ratio, phi_ratio=1.0, steps=1):
+        m = ShareMethod(load_encoder(tiny_model_dir), seed=0, r=4, k=4, p=2, coeff_lr_ratio=ratio, phi_lr_ratio=phi_ratio)
         m.learn(make_task("a", 0), fast_cfg, progress=False)
-        groups = m.begin_task(make_task("b", 1), fast_cfg)
-        layer = next(iter(m.layers.values()))
-        st = layer.train_state
+        task = make_task("b", 1)
+        groups = m.begin_task(task, fast_cfg)
+        st = next(iter(m.layers.values())).train_state
         start = {n: p.detach().clone() for n, p in st.named_parameters()}
         opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
-        task = make_task("b", 1)
-        logits = m.training_forward(task)(task.train_inputs[:8])
-        torch.nn.functional.cross_entropy(logits, torch.tensor(task.train_labels[:8])).backward()
-        opt.step()
+        for _ in range(steps):
+            opt.zero_grad()
+            logits = m.training_forward(task)(task.train_inputs[:8])
+            torch.nn.functional.cross_entropy(logits, torch.tensor(task.train_labels[:8])).backward()
+            opt.step()
         return {n: (p.detach() - start[n]).abs().max().item() for n, p in st.named_parameters()}
 
-    one, ten = after_one_step(1.0), after_one_step(10.0)
+    one, ten = moved(1.0), moved(10.0)
     for name in ("coeff_B", "coeff_A", "E_A"):
         assert ten[name] == pytest.approx(10 * one[name], rel=1e-3), (name, one, ten)
-    assert ten["U_plus"] == pytest.approx(one["U_plus"], rel=1e-6) and one["coeff_B"] == pytest.approx(fast_cfg.lr, rel=1e-3)
+    assert one["coeff_B"] == pytest.approx(fast_cfg.lr, rel=1e-3) and one["U_plus"] == 0.0  # no gradient yet
+    base, coeff10, both10 = moved(1.0, steps=2), moved(10.0, steps=2), moved(10.0, 10.0, steps=2)
+    assert base["U_plus"] > 0.5 * fast_cfg.lr  # the directions did move at step 2
+    assert coeff10["U_plus"] == pytest.approx(base["U_plus"], rel=5e-2)  # the coefficients' ratio leaves them alone (Adam's eps: ± 2 %)
+    assert both10["U_plus"] == pytest.approx(10 * base["U_plus"], rel=5e-2)
     with pytest.raises(ValueError, match="coeff_lr_ratio must be positive"):
         ShareConfig(coeff_lr_ratio=0)
+    with pytest.raises(ValueError, match="phi_lr_ratio must be positive"):
+        ShareConfig(phi_lr_ratio=-1.0)
 
 
 def test_config_left_none_takes_the_family_default_in_a_copy(tiny_model_dir):

@@ -70,14 +70,16 @@ class ShareConfig:
             outside the basis), "top" (the paper: the top-φ basis directions) or "uniform" (the
             authors' code: U(−0.5, 0.5) entries); :data:`sharecl.adapters.share.PHI_INITS`.
         merge_finetune_steps: steps fine-tuning the new task's coefficients on the merged basis.
-        lr: learning rate of the directions: the seed task's LoRA and the temporary directions
-            ``U⁺``, ``V⁺`` (None = TrainConfig.lr).
+        lr: learning rate of the seed task's LoRA, and the unit the ratios below multiply
+            (None = TrainConfig.lr).
         coeff_lr_ratio: the coefficients' learning rate (``C_B``, ``C_A``, ``E_B``, ``E_A``, and the
-            merge's fine-tuning) ÷ the directions' (as LoRA+'s ``loraplus_lr_ratio`` sets B's against
-            A's). [ours] Adam moves every parameter by about ``lr`` a step, so ``k·p`` coefficients on an
+            merge's fine-tuning) ÷ ``lr`` (as LoRA+'s ``loraplus_lr_ratio`` sets B's against A's).
+            [ours] Adam moves every parameter by about its rate a step, so ``k·p`` coefficients on an
             orthonormal basis move ``ΔW`` ``√(d·r / (k·p))`` times less per step than a LoRA's
             ``d·r`` factor entries: a ratio above 1 gives the coefficients a LoRA's pace.
             None = family default.
+        phi_lr_ratio: the temporary directions' learning rate (``U⁺``, ``V⁺``) ÷ ``lr``; None =
+            family default (1 when the family gives none).
         cil_score: class-incremental task-identification score (see :meth:`ShareMethod.cil_logits`):
             "prototype" (default), "energy", "max-prob", "max-logit", "mahalanobis" (which also
             keeps each task's class means and covariances: ``C · hidden · (hidden + 1)`` numbers)
@@ -104,6 +106,7 @@ class ShareConfig:
     merge_finetune_steps: int = 0
     lr: float | None = None
     coeff_lr_ratio: float | None = None
+    phi_lr_ratio: float | None = None
     cil_score: str = "prototype"
     center: bool = False
     cil_top_tasks: int | None = None
@@ -127,8 +130,9 @@ class ShareConfig:
             raise ValueError(f"ShareConfig.init must be 'zero' or 'previous', got {self.init!r}")
         if self.phi_init not in PHI_INITS:
             raise ValueError(f"ShareConfig.phi_init must be one of {PHI_INITS}, got {self.phi_init!r}")
-        if self.coeff_lr_ratio is not None and not self.coeff_lr_ratio > 0:
-            raise ValueError(f"ShareConfig.coeff_lr_ratio must be positive, got {self.coeff_lr_ratio!r}")
+        for name in ("coeff_lr_ratio", "phi_lr_ratio"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"ShareConfig.{name} must be positive, got {getattr(self, name)!r}")
 
     @property
     def scaling(self) -> float:
@@ -144,7 +148,7 @@ class ShareConfig:
         """
         if family not in SHARE_DEFAULTS:
             raise KeyError(f"unknown backbone family {family!r}; known: {sorted(SHARE_DEFAULTS)}")
-        fill = {k: v for k, v in SHARE_DEFAULTS[family].items() if getattr(self, k) is None}
+        fill = {k: v for k, v in {"phi_lr_ratio": 1.0, **SHARE_DEFAULTS[family]}.items() if getattr(self, k) is None}
         if self.energy is not None:
             fill.pop("k", None)
         if "p" in fill:
@@ -241,11 +245,13 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
         directions = [p for s in states for p in s.directions()]
         coefficients = [p for s in states for p in s.coefficients()]
         self._last_trainable = sum(p.numel() for p in directions + coefficients)
-        groups = [{"params": directions, "lr": self._lr(cfg)}, {"params": coefficients, "lr": self._lr(cfg, coefficients=True)}]
+        seed = states[0].kind == "seed"  # the seed task trains a plain LoRA at lr; later tasks their ratios
+        groups = [{"params": directions, "lr": self._lr(cfg) * (1.0 if seed else self.config.phi_lr_ratio)},
+                  {"params": coefficients, "lr": self._lr(cfg, coefficients=True)}]
         return [g for g in groups if g["params"]] + self._head_groups(head, cfg)
 
     def _lr(self, cfg: TrainConfig, coefficients: bool = False) -> float:
-        """The directions' learning rate (``config.lr``, else the run's), × ``coeff_lr_ratio`` for coefficients."""
+        """``config.lr`` (else the run's), × ``coeff_lr_ratio`` for coefficients."""
         lr = self.config.lr or cfg.lr
         return lr * self.config.coeff_lr_ratio if coefficients else lr
 
