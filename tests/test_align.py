@@ -231,6 +231,7 @@ def test_share_aligns_task_identification_on_the_base_models_features(tiny_model
         m.cil_logits(xs, score="mahalanobis")
 
 
+@pytest.mark.multiprocess
 def test_align_on_a_task_incremental_stream_is_refused(tmp_path):
     from conftest import sharecl
 

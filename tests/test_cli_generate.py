@@ -33,6 +33,7 @@ def gen_store(tmp_path_factory, tiny_lm_dir):
     return d
 
 
+@pytest.mark.multiprocess
 def test_generate_prints_each_task_answers(gen_store):
     store = gen_store / "store"
     m = load_store(store)
@@ -51,6 +52,7 @@ def test_generate_prints_each_task_answers(gen_store):
     assert refused.returncode == 1 and "sharecl generate" in refused.stderr
 
 
+@pytest.mark.multiprocess
 def test_data_of_the_other_kind_is_refused_before_anything_changes(gen_store, tmp_path, tiny_model_dir):
     store = tmp_path / "store"
     shutil.copytree(gen_store / "store", store)
@@ -79,6 +81,7 @@ def test_data_of_the_other_kind_is_refused_before_anything_changes(gen_store, tm
     assert r.returncode == 1 and "is not a causal LM" in r.stderr and not (tmp_path / "new" / "manifest.json").exists()
 
 
+@pytest.mark.multiprocess
 def test_export_loads_in_peft_and_generates_the_same_tokens(gen_store, tmp_path, tiny_lm_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -97,6 +100,7 @@ def test_export_loads_in_peft_and_generates_the_same_tokens(gen_store, tmp_path,
         assert lm.generate_ids(prompts, max_new_tokens=6) == want  # token for token
 
 
+@pytest.mark.multiprocess
 def test_add_adapter_folds_a_subset_rslora_adapter_exactly(gen_store, tmp_path, tiny_lm_dir):
     """A PEFT LoRA trained elsewhere on the same base: rsLoRA scaling, another lora_alpha, on q_proj
     only. Folded where the basis has room, its ΔW is the adapter's own; v_proj gets none."""
@@ -124,6 +128,7 @@ def test_add_adapter_folds_a_subset_rslora_adapter_exactly(gen_store, tmp_path, 
             assert float(layer.delta_weight(i).abs().max()) == 0.0
 
 
+@pytest.mark.multiprocess
 def test_add_adapter_refuses_another_base_model(gen_store, tmp_path, tiny_lm_dir):
     from conftest import tiny_lm
 
@@ -146,6 +151,7 @@ def test_add_adapter_refuses_another_base_model(gen_store, tmp_path, tiny_lm_dir
     assert "folded" in out and load_store(store).task_names == ["alpha", "beta", "alpha2"]
 
 
+@pytest.mark.multiprocess
 def test_sharecl_serve_generates_over_http(gen_store):
     import httpx
 

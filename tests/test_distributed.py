@@ -100,6 +100,7 @@ def _torchrun_learn(store, data_dir, model, steps):
     return TORCHRUN + ["--nproc_per_node=2", "-m", "sharecl", *args, "--device", "cpu"]
 
 
+@pytest.mark.multiprocess
 def test_torchrun_learn_writes_the_store_once(cli_store, tiny_model_dir, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(cli_store / "store", store)
@@ -121,6 +122,7 @@ def _rank_process(root: psutil.Process, rank: int) -> psutil.Process | None:
     return None
 
 
+@pytest.mark.multiprocess
 def test_a_killed_rank_fails_the_run_and_leaves_the_store_at_its_previous_version(cli_store, tiny_model_dir, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(cli_store / "store", store)
@@ -196,6 +198,7 @@ def test_a_global_batch_smaller_than_the_world_is_refused(monkeypatch, tiny_shar
         tiny_share.learn(make_task("a"), replace(fast_cfg, batch_size=8), progress=False)
 
 
+@pytest.mark.multiprocess
 def test_torchrun_compare_matches_one_process(tiny_model_dir, tmp_path):
     """`sharecl compare` unchanged under torchrun: rank 0 alone reports and writes, and the
     accuracy matrices equal a one-process run's (Share, DualLoRA's covariance pass, joint LoRA)."""
@@ -221,6 +224,7 @@ def test_torchrun_compare_matches_one_process(tiny_model_dir, tmp_path):
     assert (tmp_path / "two" / "seed-0" / "share" / "store" / "manifest.json").exists()
 
 
+@pytest.mark.multiprocess
 def test_multi_node_torchrun_arguments(tiny_model_dir, tmp_path):
     """Two "nodes" on this machine, launched as on two machines (--nnodes 2 --node_rank i
     --master_addr/--master_port): the same state on both, equal to one process's."""

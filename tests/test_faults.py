@@ -22,6 +22,8 @@ import sharecl.store as store
 from sharecl.methods.share import ShareMethod
 
 end_task = ShareMethod.end_task
+pytestmark = pytest.mark.multiprocess  # every test here starts `sharecl` (or a server) in a fresh interpreter
+
 def marked_end_task(self, *args, **kwargs):
     print("MERGE", flush=True)
     return end_task(self, *args, **kwargs)

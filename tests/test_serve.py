@@ -161,6 +161,7 @@ def test_fuzzed_requests_never_get_a_5xx(served_store, body, raw):
             assert len(r.json()["predictions"]) == len(body["inputs"])
 
 
+@pytest.mark.multiprocess
 def test_a_new_store_version_is_served_without_a_failed_request(served_store, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(served_store, store)
@@ -196,6 +197,7 @@ def test_a_new_store_version_is_served_without_a_failed_request(served_store, tm
     assert versions and set(versions) <= {1, 2} and versions == sorted(versions) and versions[-1] == 2
 
 
+@pytest.mark.multiprocess
 def test_sharecl_serve_is_a_real_http_server(served_store):
     import httpx
 

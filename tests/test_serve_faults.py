@@ -80,6 +80,7 @@ def test_through_the_app_healthy_neighbours_get_200(served_store):
     assert statuses == {0: 200, 1: 200, 2: 503, 3: 200, 4: 200, 5: 200}
 
 
+@pytest.mark.multiprocess
 def test_a_broken_new_version_is_logged_once_backed_off_and_the_old_one_keeps_serving(served_store, tmp_path, monkeypatch):
     import sharecl.serve.watcher as watcher_mod
 
@@ -231,6 +232,7 @@ def test_a_large_image_is_decoded_small_and_like_the_command_line(vision_store, 
 
 
 # -- a real server: a too-large body read by a client that writes first -------------------
+@pytest.mark.multiprocess
 def test_urllib_client_reads_the_413_of_a_10_mb_body(served_store):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -184,6 +184,7 @@ def test_two_thousand_hostile_requests_never_get_a_5xx(lm_store):
     assert statuses.get(200, 0) >= 20 and statuses.get(422, 0) >= 500 and statuses.get(404, 0) >= 10, statuses
 
 
+@pytest.mark.multiprocess
 def test_a_task_folded_while_serving_is_answered_without_a_failed_request(lm_store, tmp_path):
     """`sharecl add-adapter` in another process writes version 2 (a PEFT export of alpha folded
     as alpha2); the server switches to it between batches while requests keep coming."""

@@ -60,6 +60,7 @@ def test_learn_save_load_three_times(name, tiny_model_dir, fast_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["dual-lora", "sd-lora-kd"])
+@pytest.mark.multiprocess
 def test_the_command_line_round_trip(name, tiny_model_dir, tmp_path):
     """`sharecl learn` three times on one store, then `predict` answers for every task
     exactly as the store loaded in Python does."""

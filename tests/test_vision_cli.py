@@ -55,6 +55,7 @@ def test_image_source_kind_tells_images_from_text(tmp_path):
         load_image_task(tmp_path / "s.yaml", "nope")
 
 
+@pytest.mark.multiprocess
 def test_learn_and_predict_images_from_a_folder_a_dataset_and_a_stream_file(tiny_vit_dir, tmp_path):
     from datasets import ClassLabel, Dataset, DatasetDict, Features
     from datasets import Image as HFImage
@@ -97,6 +98,7 @@ def test_learn_and_predict_images_from_a_folder_a_dataset_and_a_stream_file(tiny
     assert (store / "manifest.json").read_bytes() == before  # refused input changed nothing
 
 
+@pytest.mark.multiprocess
 def test_images_into_a_text_store_are_refused(cli_store, tmp_path):
     before = (cli_store / "store" / "manifest.json").read_bytes()
     bad = sharecl("learn", cli_store / "store", "--task", "pics", "--data", _folder(tmp_path / "pics"), "--no-progress", check=False)

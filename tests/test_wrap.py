@@ -211,6 +211,7 @@ def test_save_pretrained_and_from_pretrained_refuse_what_they_cannot_keep(llama_
         sharecl.from_pretrained(tmp_path / "s", model=other)
 
 
+@pytest.mark.multiprocess
 def test_a_store_saved_from_the_users_loop_answers_from_the_shell(llama_dir, tmp_path):
     import json
 
