@@ -14,7 +14,6 @@ import pytest
 from conftest import learn_b, make_task, sharecl, write_csv
 from sharecl.store import load_store, read_manifest, store_class_statistics, store_tasks
 
-
 pytestmark = pytest.mark.multiprocess  # every test here starts `sharecl` (or a server) in a fresh interpreter
 
 def test_learn_predict_info_export(cli_store, tmp_path):

@@ -12,7 +12,7 @@ from sharecl.train import train_steps
 
 def _train(method, task, cfg):
     groups = method.begin_task(task, cfg)
-    train_steps(lambda xs: method.logits(xs, task.name, training=True), groups, task, cfg, progress=False)
+    train_steps(method.training_forward(task), groups, task, cfg, progress=False)
     return method.end_task(task, cfg, progress=False)
 
 
@@ -35,7 +35,7 @@ def test_inflora_design_train_merge(enc, fast_cfg):
         assert torch.allclose(A @ A.T, torch.eye(4), atol=1e-5)  # orthonormal rows
         M = m.memory_for(n).protected().float()
         assert M.shape[1] > 0 and torch.linalg.norm(M.T @ layer.A.T) <= 1e-5  # outside the memory
-    train_steps(lambda xs: m.logits(xs, task.name, training=True), groups, task, fast_cfg, progress=False)
+    train_steps(m.training_forward(task), groups, task, fast_cfg, progress=False)
     B = {n: layer.B.detach().clone() for n, layer in m.layers.items()}
     for n, layer in m.layers.items():  # training moved only the up-projection
         assert torch.equal(layer.A, A0[n]) and torch.equal(layer.base.weight, W0[n])
@@ -147,7 +147,7 @@ def test_inflora_merge_preserves_outputs(enc, fast_cfg):
     m = InfLoRAMethod(enc, r=4)
     task = make_task("a")
     groups = m.begin_task(task, fast_cfg)
-    train_steps(lambda xs: m.logits(xs, "a", training=True), groups, task, fast_cfg, progress=False)
+    train_steps(m.training_forward(task), groups, task, fast_cfg, progress=False)
     before = m.logits(task.test_inputs, "a")
     m.end_task(task, fast_cfg)
     assert torch.allclose(m.logits(task.test_inputs, "a"), before, atol=1e-5)
@@ -161,7 +161,7 @@ def test_sdlora_unit_directions_frozen_old_directions_and_moving_magnitudes(enc,
     groups = m.begin_task(task, fast_cfg)
     old = {n: (layer.A_old.clone(), layer.B_old.clone()) for n, layer in m.layers.items()}
     alpha0 = m.magnitudes[0].item()
-    train_steps(lambda xs: m.logits(xs, task.name, training=True), groups, task, fast_cfg, progress=False)
+    train_steps(m.training_forward(task), groups, task, fast_cfg, progress=False)
     for n, layer in m.layers.items():
         assert torch.equal(layer.A_old, old[n][0]) and torch.equal(layer.B_old, old[n][1])
     assert m.magnitudes[0].item() != alpha0  # old magnitudes train with the new task
@@ -188,7 +188,7 @@ def test_sdlora_freeze_keeps_the_least_squares_magnitude(enc, fast_cfg):
     m = SDLoRAMethod(enc, r=4, lora_alpha=8)
     task = make_task("a")
     groups = m.begin_task(task, fast_cfg)
-    train_steps(lambda xs: m.logits(xs, "a", training=True), groups, task, fast_cfg, progress=False)
+    train_steps(m.training_forward(task), groups, task, fast_cfg, progress=False)
     trained = _sd_updates(m)
     m.end_task(task, fast_cfg)
     a = float(m.magnitudes[0])
@@ -213,7 +213,7 @@ def test_sdlora_freeze_preserves_the_function_when_layers_moved_equally(enc, fas
     m = SDLoRAMethod(enc, r=4, lora_alpha=8)
     task = make_task("a")
     groups = m.begin_task(task, fast_cfg)
-    train_steps(lambda xs: m.logits(xs, "a", training=True), groups, task, fast_cfg, progress=False)
+    train_steps(m.training_forward(task), groups, task, fast_cfg, progress=False)
     with torch.no_grad():
         m.magnitudes[-1].fill_(1.0)  # the trained magnitude, too, is part of the update
         for layer in m.layers.values():  # rescale each layer's update to norm 0.7
@@ -280,7 +280,7 @@ def test_duallora_orthogonal_update_and_frozen_residuals(enc, fast_cfg):
     groups = m.begin_task(task, fast_cfg)
     R_a = {n: layer.R.clone() for n, layer in m.layers.items()}
     U_a = {n: layer.U[:2].clone() for n, layer in m.layers.items()}
-    train_steps(lambda xs: m.logits(xs, task.name, training=True), groups, task, fast_cfg, progress=False)
+    train_steps(m.training_forward(task), groups, task, fast_cfg, progress=False)
     for n, layer in m.layers.items():
         M = m.memory[n].protected().float()
         delta = layer.scaling * (layer.B_O @ layer.orthogonal_down()).detach()

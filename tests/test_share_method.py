@@ -79,7 +79,7 @@ def test_training_moves_only_coefficients_temporaries_and_head(tiny_share, fast_
     assert names == {"coeff_B", "coeff_A", "U_plus", "V_plus", "E_B", "E_A"}
     from sharecl.train import train_steps
 
-    train_steps(lambda xs: m.logits(xs, "b", training=True), groups, make_task("b", seed=1), fast_cfg, progress=False)
+    train_steps(m.training_forward(make_task("b", seed=1)), groups, make_task("b", seed=1), fast_cfg, progress=False)
     for n, p in m.encoder.model.named_parameters():
         if "train_state" not in n:
             assert torch.equal(p, frozen[n]), n
@@ -184,8 +184,8 @@ def test_coeff_lr_ratio_moves_coefficients_faster_and_directions_alike(tiny_mode
         opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
         for _ in range(steps):
             opt.zero_grad()
-            logits = m.training_forward(task)(task.train_inputs[:8])
-            torch.nn.functional.cross_entropy(logits, torch.tensor(task.train_labels[:8])).backward()
+            loss, _ = m.training_forward(task)(task.train_inputs[:8], torch.tensor(task.train_labels[:8]))
+            loss.backward()
             opt.step()
         return {n: (p.detach() - start[n]).abs().max().item() for n, p in st.named_parameters()}
 

@@ -12,9 +12,9 @@ def _one_param_run(cfg: TrainConfig, steps: int) -> list[float]:
     p = torch.nn.Parameter(torch.zeros(3))
     values = []
 
-    def forward(xs):
+    def forward(xs, ys, reduction="mean"):  # a task objective's (loss, count)
         values.append(float(p[0]))
-        return p.expand(len(xs), 3)
+        return torch.nn.functional.cross_entropy(p.expand(len(xs), 3), ys, reduction=reduction), torch.tensor(float(len(xs)))
 
     train_steps(forward, [{"params": [p], "lr": cfg.lr}], make_task("t"), cfg, steps=steps, progress=False)
     values.append(float(p[0]))
@@ -53,4 +53,4 @@ def test_learning_rate_defaults_by_modality_and_bad_options_are_refused():
     with pytest.raises(ValueError, match="max_grad_norm"):
         TrainConfig(max_grad_norm=0)
     with pytest.raises(ValueError, match="lr is None"):
-        train_steps(lambda xs: None, [{"params": [torch.nn.Parameter(torch.zeros(1))]}], make_task("t"), TrainConfig())
+        train_steps(lambda xs, ys, reduction: None, [{"params": [torch.nn.Parameter(torch.zeros(1))]}], make_task("t"), TrainConfig())

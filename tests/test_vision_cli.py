@@ -134,7 +134,8 @@ def test_augmentation_is_seeded_keeps_shapes_and_changes_training(tiny_vit_dir):
         from sharecl.train import train_steps
 
         p = torch.nn.Parameter(torch.zeros(1))
-        train_steps(lambda xs: p.expand(len(xs), 2), [{"params": [p]}], make_task("t"), TrainConfig(steps=1, lr=1e-3, augment=True))
+        train_steps(lambda xs, ys, reduction: (p.sum(), torch.tensor(1.0)), [{"params": [p]}], make_task("t"),
+                    TrainConfig(steps=1, lr=1e-3, augment=True))
 
 
 @pytest.mark.slow

@@ -212,13 +212,10 @@ def _check_align(method, align: bool, store: Path, modality: str) -> None:
 
 def _held_out(method, task) -> tuple[float, str]:
     """The task's held-out score (a fraction) and what it is: accuracy, or the generation metric."""
-    if getattr(task, "kind", "classification") == "generation":
-        from sharecl.generation.evaluate import evaluate_generation
+    from sharecl.objectives import objective_of
 
-        return evaluate_generation(method, task, 16)[0], task.metric
-    from sharecl.train import evaluate
-
-    return evaluate(lambda xs: method.logits(xs, task.name), task, 64), "accuracy"
+    objective = objective_of(task)
+    return objective.score(method, task, 64 if objective.kind == "classification" else 16), objective.metric(task)
 
 
 @user_errors

@@ -21,6 +21,7 @@ from sharecl.backbone import load_encoder
 from sharecl.data.tasks import Stream
 from sharecl.methods.base import build_method
 from sharecl.metrics import forward_transfer, summarize
+from sharecl.objectives import objective_of
 from sharecl.plots import accuracy_heatmap
 from sharecl.provenance import environment
 from sharecl.train import PeakRSS, TrainConfig, evaluate, evaluate_many
@@ -37,16 +38,10 @@ def evaluate_cil(method, task, offset: int, batch_size: int) -> float:
 
 
 def _score(method, task, cfg: TrainConfig, samples: dict | None = None) -> float:
-    """Task-incremental score of one task: accuracy, or for a generation task its metric over the
-    answers generated under the task (the first answers are kept in ``samples``)."""
-    if getattr(task, "kind", "classification") == "generation":
-        from sharecl.generation.evaluate import evaluate_generation
-
-        value, answers = evaluate_generation(method, task, cfg.eval_batch_size)
-        if samples is not None:
-            samples[task.name] = [{"prompt": p, "target": t, "answer": a} for (p, t), a in zip(task.test_inputs[:3], answers)]
-        return value
-    return evaluate(lambda xs, n=task.name: method.logits(xs, n), task, cfg.eval_batch_size)
+    """Task-incremental score of one task, by its objective (:mod:`sharecl.objectives`): accuracy,
+    or a generation task's metric over the answers generated under it (the first answers kept in
+    ``samples``)."""
+    return objective_of(task).score(method, task, cfg.eval_batch_size, samples)
 
 
 def _rows(method, stream: Stream, upto: int, cfg: TrainConfig, samples: dict | None = None) -> tuple[list[float], list[float] | None]:

@@ -16,7 +16,6 @@ import numpy as np
 import psutil
 import torch
 from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from sharecl import distributed as dist
@@ -133,16 +132,16 @@ class _Trained(nn.Module):
     """The parameters a task trains, as one module, so ``DistributedDataParallel`` can wrap
     them: its forward is the method's forward, which reaches the same parameter objects."""
 
-    def __init__(self, forward: Callable[[list], torch.Tensor], params: list[nn.Parameter]):
+    def __init__(self, forward: Callable, params: list[nn.Parameter]):
         super().__init__()
         self._forward = forward
         self.trained = nn.ParameterList(params)
 
-    def forward(self, inputs: list) -> torch.Tensor:
-        return self._forward(inputs)
+    def forward(self, inputs: list, labels, reduction: str):
+        return self._forward(inputs, labels, reduction)
 
 
-def _ddp(forward: Callable[[list], torch.Tensor], params: list[nn.Parameter], some_unused: bool) -> Callable[[list], torch.Tensor]:
+def _ddp(forward: Callable, params: list[nn.Parameter], some_unused: bool) -> Callable:
     """``forward`` through ``DistributedDataParallel`` over ``params`` when a process group is active.
 
     Construction broadcasts rank 0's values of ``params``; every backward then averages their
@@ -158,20 +157,22 @@ def _ddp(forward: Callable[[list], torch.Tensor], params: list[nn.Parameter], so
                                    find_unused_parameters=some_unused)
 
 
-def train_steps(forward: Callable[[list], torch.Tensor], param_groups: Sequence[dict], task: Task, cfg: TrainConfig,
+def train_steps(forward: Callable, param_groups: Sequence[dict], task: Task, cfg: TrainConfig,
                 *, steps: int | None = None, desc: str = "", generator: torch.Generator | None = None,
                 rss: PeakRSS | None = None, progress: bool = True, some_unused: bool = False) -> list[float]:
-    """Train on ``task``'s training split; returns the loss of every step (mean cross-entropy
-    over the global batch).
+    """Train on ``task``'s training split; returns the loss of every step (the mean over the global
+    batch's examples, or target tokens for a generation task).
 
     Under ``torchrun`` (:mod:`sharecl.distributed`) every rank draws the same global batch of
     ``cfg.batch_size`` indices and takes its interleaved shard; each rank's loss is its summed
-    cross-entropy × world size / global batch, so DDP's gradient average equals the gradient of
-    the global batch's mean loss, as one process would compute it.
+    loss × world size / the global batch's count (examples, or target tokens, summed over ranks),
+    so DDP's gradient average equals the gradient of the global batch's mean loss, as one process
+    would compute it.
 
     Args:
-        forward: maps a list of raw inputs to logits ``(N, num_classes)``; for a generation task
-            (``task.kind == "generation"``) to the batch's mean token loss itself (0-dim).
+        forward: ``forward(inputs, labels, reduction) -> (loss, count)`` on a list of raw inputs
+            and their labels (None for a generation task): the task objective's
+            :meth:`~sharecl.objectives.Objective.batch_loss` (``ContinualMethod.training_forward``).
         param_groups: AdamW parameter groups (``{"params": [...], "lr": ...}``).
         steps: overrides ``cfg.steps``.
         some_unused: some trained parameters may get no gradient in a step (DDP must look for them).
@@ -213,10 +214,8 @@ def train_steps(forward: Callable[[list], torch.Tensor], param_groups: Sequence[
 
         def aug(xs: list) -> list:  # joint LoRA's inputs are (task index, image) pairs
             return [(x[0], augment_array(x[1], aug_rng)) if isinstance(x, tuple) else augment_array(x, aug_rng) for x in xs]
-    generation = getattr(task, "kind", "classification") == "generation"  # forward returns the loss itself
-    if generation and world > 1:
-        raise ValueError("generation tasks do not train under torchrun yet; run one process (see the README)")
-    labels = None if generation else torch.tensor(task.train_labels, device=device)
+    has_labels = len(getattr(task, "train_labels", None) or []) == len(task.train_inputs)
+    labels = torch.tensor(task.train_labels, device=device) if has_labels else None
     losses = []
     bar = tqdm(_batches(len(task.train_inputs), batch, steps, gen),
                total=steps, desc=desc or f"train {task.name}", disable=not (progress and dist.is_main()), leave=False,
@@ -224,17 +223,15 @@ def train_steps(forward: Callable[[list], torch.Tensor], param_groups: Sequence[
     for step, idx in enumerate(bar):
         xs = [task.train_inputs[i] for i in idx]
         idx, xs = dist.shard(idx), dist.shard(aug(xs) if aug else xs)
-        logits = model(xs)
-        if generation:
-            loss = logits
-            report = loss.detach()
-        elif world == 1:
-            loss = F.cross_entropy(logits, labels[idx])
+        ys = labels[idx] if labels is not None else None
+        if world == 1:
+            loss, _ = model(xs, ys, "mean")
             report = loss.detach()
         else:
-            total = F.cross_entropy(logits, labels[idx], reduction="sum")
-            loss = total * (world / batch)
-            report = dist.all_reduce_sum(total.detach().clone()) / batch
+            total, count = model(xs, ys, "sum")
+            count = dist.all_reduce_sum(count.detach().clone()).item()  # the global batch's examples or tokens
+            loss = total * (world / count)
+            report = dist.all_reduce_sum(total.detach().clone()) / count
         if not torch.isfinite(report):
             raise NonFiniteLossError(
                 f"loss became {report.item()} at step {step} of task {task.name!r}; lower the learning rate "

@@ -12,6 +12,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from sharecl.objectives import CLASSIFICATION
+
 __all__ = ["Task", "Stream", "split_task", "check_task_name", "validation_stream"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -66,6 +68,14 @@ class Task:
                 raise ValueError(f"task {self.name!r}: {split} label {bad[0]!r} is outside 0..{len(self.classes) - 1}")
         if not self.train_inputs:
             raise ValueError(f"task {self.name!r} has no training examples")
+
+    #: what the task scores (:mod:`sharecl.objectives`): a head, cross-entropy, accuracy
+    objective = CLASSIFICATION
+
+    @property
+    def kind(self) -> str:
+        """``"classification"`` (the objective's kind)."""
+        return self.objective.kind
 
     @property
     def num_classes(self) -> int:

@@ -232,8 +232,9 @@ class CausalLM:
             mask[i, :n] = 1
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "labels": labels.to(self.device)}
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean token cross-entropy (0-dim float32) over the batch's non-``-100`` labels, teacher-forced.
+    def loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+        """Token cross-entropy (0-dim float32) over the batch's non-``-100`` labels, teacher-forced:
+        their mean, or with ``reduction="sum"`` their sum.
 
         The vocabulary projection runs only at the positions that predict a target token
         (transformers' boolean ``logits_to_keep``), not over the prompt: on SmolLM2 the lm_head
@@ -254,7 +255,7 @@ class CausalLM:
                 logits = None
             if logits is None or logits.dim() != 2 or logits.shape[0] != targets.numel():
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep]
-        return nn.functional.cross_entropy(logits.float(), targets)
+        return nn.functional.cross_entropy(logits.float(), targets, reduction=reduction)
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean of the last hidden states over real tokens, ``(N, hidden)`` float32 (a forward pass

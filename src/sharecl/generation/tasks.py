@@ -16,6 +16,7 @@ from pathlib import Path
 from sharecl.data.files import DataFileError as GenerationDataError  # one error type for every data file
 from sharecl.data.tasks import check_task_name
 from sharecl.generation.scoring import METRICS
+from sharecl.objectives import GENERATION
 
 __all__ = ["GenerationTask", "split_pairs", "read_pairs", "load_generation_file", "is_generation_file", "GenerationDataError"]
 
@@ -42,6 +43,7 @@ class GenerationTask:
     max_new_tokens: int = 32
     meta: dict = field(default_factory=dict)
     val_inputs: list[tuple[str, str]] = field(default_factory=list)
+    objective = GENERATION  # target-token cross-entropy; generation scored by ``metric`` (sharecl.objectives)
     kind = "generation"
     classes: tuple = ()
 

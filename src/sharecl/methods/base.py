@@ -26,6 +26,7 @@ from torch import nn
 from sharecl.backbone import Encoder, TaskHeads
 from sharecl.data.tasks import Task
 from sharecl.methods.mixed import MixedTaskInference
+from sharecl.objectives import objective_of
 from sharecl.routing import Router
 from sharecl.train import PeakRSS, TrainConfig, train_steps
 
@@ -199,21 +200,27 @@ class ContinualMethod(MixedTaskInference, ABC):
         Raises:
             KeyError: for an unknown task; TypeError: if the backbone is not a causal LM.
         """
+        return self.lm_loss_terms(examples, task_name, training)[0]
+
+    def lm_loss_terms(self, examples: list, task_name: str, training: bool = False, reduction: str = "mean"
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, tokens)``: :meth:`lm_loss` (or with ``reduction="sum"`` the sum over target
+        tokens) and the number of target tokens it counts (0-dim float32)."""
         from sharecl.generation.lm import CausalLM
 
         if not isinstance(self.encoder, CausalLM):
             raise TypeError(f"lm_loss needs a causal LM backbone, this method wraps a {type(self.encoder).__name__}")
         with self.routed(task_name, training), torch.set_grad_enabled(training and torch.is_grad_enabled()):
             batch = self.encoder.tokenize(examples)
+            tokens = (batch["labels"][:, 1:] != -100).sum().float()
             with self.router.use(token_mask=batch["attention_mask"].bool()):
-                return self.encoder.loss(batch)
+                return self.encoder.loss(batch, reduction=reduction), tokens
 
     def training_forward(self, task: Task):
-        """What :func:`sharecl.train.train_steps` calls on a batch of ``task``'s training inputs:
-        logits for a classification task, the loss itself for a generation task."""
-        if getattr(task, "kind", "classification") == "generation":
-            return lambda xs: self.lm_loss(xs, task.name, training=True)
-        return lambda xs: self.logits(xs, task.name, training=True)
+        """What :func:`sharecl.train.train_steps` calls on a batch of ``task``'s training inputs and
+        labels: ``(loss, count)`` from the task's objective (:mod:`sharecl.objectives`)."""
+        objective = objective_of(task)
+        return lambda xs, ys, reduction="mean": objective.batch_loss(self, task, xs, ys, reduction)
 
     def learn(self, task: Task, cfg: TrainConfig, *, rss: PeakRSS | None = None, progress: bool = True) -> dict:
         """Train one task end to end (begin, train, end). Restores nothing on failure: callers

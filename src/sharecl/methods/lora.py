@@ -19,6 +19,7 @@ from sharecl.backbone import Encoder
 from sharecl.data.tasks import Task
 from sharecl.inject import find_targets
 from sharecl.methods.base import ContinualMethod, register
+from sharecl.objectives import GENERATION, objective_of
 from sharecl.train import PeakRSS, TrainConfig
 
 __all__ = ["LoRAConfig", "LoRAPerTaskMethod", "SeqLoRAMethod", "JointLoRAMethod"]
@@ -180,11 +181,14 @@ class JointLoRAMethod(_PeftLoRA):
         cfg = cfg.resolved(self.modality)
         heads = [self._add_task(t) for t in tasks]
         params = self._ensure_adapter("joint")
-        if all(getattr(t, "kind", "") == "generation" for t in tasks):  # one causal-LM loss over every task's pairs
+        if all(objective_of(t) is GENERATION for t in tasks):  # one causal-LM loss over every task's pairs
             from sharecl.generation.tasks import GenerationTask
 
             union = GenerationTask("joint", [ex for t in tasks for ex in t.train_inputs], [])
-            losses = train_steps(lambda xs: self.lm_loss(xs, tasks[0].name, training=True), [{"params": params, "lr": self.config.lr or cfg.lr}],
+            def lm_forward(xs, ys, reduction="mean"):  # the joint adapter, reached through the first task's name
+                return self.lm_loss_terms(xs, tasks[0].name, training=True, reduction=reduction)
+
+            losses = train_steps(lm_forward, [{"params": params, "lr": self.config.lr or cfg.lr}],
                                  union, cfg, steps=cfg.steps * len(tasks), desc=f"{self.name} · all tasks",
                                  generator=self.generator(11), rss=rss, progress=progress)
             for p in self.peft_model.parameters():
@@ -199,14 +203,14 @@ class JointLoRAMethod(_PeftLoRA):
         union = Task("joint", classes, inputs, labels, [], [])
         bounds = [(offsets[t.name], offsets[t.name] + t.num_classes) for t in tasks]
 
-        def forward(batch: list) -> torch.Tensor:
+        def forward(batch: list, ys: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
             logits = self._concat_heads(self._features([x for _, x in batch]))
             if scenario == "til":  # each example competes only within its own task's classes
                 keep = torch.zeros_like(logits, dtype=torch.bool)
                 for row, (i, _) in enumerate(batch):
                     keep[row, bounds[i][0]: bounds[i][1]] = True
                 logits = logits.masked_fill(~keep, float("-inf"))
-            return logits
+            return torch.nn.functional.cross_entropy(logits, ys, reduction=reduction), torch.tensor(float(len(batch)))
 
         groups = [{"params": params, "lr": self.config.lr or cfg.lr},
                   {"params": [p for h in heads for p in h.parameters()], "lr": cfg.head_lr}]

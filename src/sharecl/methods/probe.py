@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from sharecl.data.tasks import Task
 from sharecl.methods.base import ContinualMethod, register
+from sharecl.objectives import GENERATION, objective_of
 from sharecl.train import PeakRSS, TrainConfig
 
 __all__ = ["HeadOnlyMethod", "ZeroShotMethod"]
@@ -66,7 +67,7 @@ class ZeroShotMethod(HeadOnlyMethod):
     task_kinds = ("generation",)
 
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
-        if getattr(task, "kind", "classification") != "generation":
+        if objective_of(task) is not GENERATION:
             raise ValueError(f"zero-shot answers generation tasks; {task.name!r} is a classification task: use head-only")
         self._add_task(task)
         return []
