@@ -33,7 +33,7 @@ def main(method_name: str, model_dir: str, out: str) -> None:
                "sd-lora-kd": {"r": 4, "lora_alpha": 8}, "share-lm": {"r": 4, "lora_alpha": 8, "p": 2, "k": 4, "phi": 2}}[method_name]
     record = {"world_size": dist.world_size(), "losses": [], "accuracy": []}
     if method_name == "share-lm":  # generation tasks on the tiny Llama: answers of unequal length, so shards hold
-        from conftest import tiny_lm   # unequal numbers of target tokens (the loss is weighted by them)
+        from conftest import tiny_lm  # unequal numbers of target tokens (the loss is weighted by them)
         from sharecl.generation.tasks import GenerationTask
 
         method = build_method("share", tiny_lm(), seed=0, **options)
