@@ -15,7 +15,10 @@ A route holds:
 - ``row_tasks``: int64 ``(N,)``, a task per batch row (Share's mixed-task forward), or None;
 - ``token_mask``: bool ``(N, L)``, which token positions are real (covariance statistics and
   DualLoRA's energies leave padding out), or None (every token is real);
-- ``collect``: whether covariance-aware layers add this forward's inputs to their statistics.
+- ``collect``: whether covariance-aware layers add this forward's inputs to their statistics;
+- ``relevance``: a list a method passes down to receive what layers measure in this forward
+  (DualLoRA's per-task relevance ``ρ``): an output travelling back through the route, never an
+  attribute read off the layers afterwards.
 
 Training state (the trainable tensors of the task being learned) is not a route: it belongs to
 the layer from ``begin_task`` to ``end_task``, so a backward pass or gradient checkpointing
@@ -44,6 +47,7 @@ class Route:
     row_tasks: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     collect: bool = False
+    relevance: list | None = None
 
 
 _NOWHERE = Route()

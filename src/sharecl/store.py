@@ -40,12 +40,15 @@ from __future__ import annotations
 
 import json
 import secrets
+import weakref
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sharecl.merges import compact_merges, merge_summary
 from sharecl.provenance import environment, library_versions
 from sharecl.store_format import (  # noqa: F401 (the format's names are part of this module's interface)
     FORMAT,
@@ -66,7 +69,8 @@ from sharecl.store_format import (  # noqa: F401 (the format's names are part of
 )
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "storable_methods", "StoreError", "StoreLockedError", "compact_merges", "save_store",
-           "load_store", "restore", "read_manifest", "store_records", "store_tasks", "store_lock", "library_versions"]
+           "load_store", "restore", "store_version", "AppendableLog", "read_manifest", "store_records", "store_tasks",
+           "store_lock", "library_versions"]
 
 #: Methods a store can hold.
 def storable_methods() -> tuple[str, ...]:
@@ -97,7 +101,7 @@ def _read_all(path: Path, manifest: dict) -> tuple[dict[str, torch.Tensor], list
         m = pop_meta(part, path / entry["name"])
         tasks += m["tasks"]
         if merges and drift is None:  # only the newest merge keeps its per-task drift
-            merges[-1] = _summary(merges[-1])
+            merges[-1] = merge_summary(merges[-1])
         merges += m["merges"]
         drift = part.pop("merge.drift_mean").tolist(), part.pop("merge.drift_max").tolist()
         for key, value in m["method_state"].items():
@@ -122,7 +126,7 @@ def store_records(path: str | Path, manifest: dict | None = None) -> tuple[list[
     p = Path(path)
     manifest = manifest or read_manifest(p)
     if manifest.get("format_version", 1) == 1:
-        return manifest["tasks"], [_summary(r) for r in manifest.get("merges", [])]
+        return manifest["tasks"], [merge_summary(r) for r in manifest.get("merges", [])]
     tasks, merges = [], []
     for entry in [manifest["files"]["state"], *manifest["files"].get("log", [])]:
         f = p / entry["name"]
@@ -131,7 +135,7 @@ def store_records(path: str | Path, manifest: dict | None = None) -> tuple[list[
         with safe_open(str(f), framework="pt") as fh:
             meta = json_of(fh.get_tensor(META))
         tasks += meta["tasks"]
-        merges += [_summary(r) for r in meta["merges"]]
+        merges += [merge_summary(r) for r in meta["merges"]]
     return tasks, merges
 
 
@@ -165,24 +169,6 @@ def store_tasks(path: str | Path, manifest: dict | None = None) -> list[dict]:
     return store_records(path, manifest)[0]
 
 
-def _summary(rec: dict) -> dict:
-    """A merge record without its per-task drift: ``drift_mean``/``drift_max`` over old tasks and the ``worst_task``."""
-    per = rec.get("per_task")
-    summary = {k: v for k, v in rec.items() if k != "per_task"}
-    if per:
-        worst = max(per, key=lambda n: per[n]["max"])
-        summary.update(drift_mean=sum(v["mean"] for v in per.values()) / len(per), drift_max=per[worst]["max"],
-                       worst_task=worst)
-    return summary
-
-
-def compact_merges(merges: list[dict]) -> list[dict]:
-    """Share's merge records as a checkpoint keeps them: every merge's summary (``k``, kept
-    energy, ``drift_mean``/``drift_max`` over old tasks and the ``worst_task``), and the per-task
-    drift of the last merge only, so they grow linearly with the number of tasks."""
-    return [rec if i == len(merges) - 1 or rec.get("per_task") is None else _summary(rec) for i, rec in enumerate(merges)]
-
-
 def _drift_tensors(rec: dict) -> dict[str, torch.Tensor]:
     """The last merge's per-task drift as two float32 tensors (old tasks in order), for a log file."""
     per = rec.get("per_task") or {}
@@ -207,19 +193,47 @@ def _check_tokenizer(path: Path, recorded: dict | None, current: dict) -> None:
 
 
 def _task_entry(method, name: str) -> dict:
-    return {"name": name, "classes": method.task_classes[name], "kind": getattr(method, "kinds", {}).get(name, "data"),
+    return {"name": name, "classes": method.task_classes[name], "kind": method.task_origin(name),
             "head": name in method.heads}
+
+
+@runtime_checkable
+class AppendableLog(Protocol):
+    """A method whose store grows by appending its merges since a version (Share): the store
+    writes :meth:`log_tensors` ``(start)`` instead of a checkpoint when it can."""
+
+    log_epoch: int
+
+    def log_steps(self) -> int: ...
+
+    def log_tensors(self, start: int) -> tuple[dict[str, torch.Tensor], list[str]]: ...
+
+
+#: method → (store path, version, log epoch, log steps) of the store version it was last loaded from or
+#: saved to: kept here, never as an attribute set on the method
+_LINKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _link(method, key: str, version: int) -> None:
+    appendable = isinstance(method, AppendableLog)
+    _LINKS[method] = (key, version, method.log_epoch if appendable else 0, method.log_steps() if appendable else 0)
+
+
+def store_version(method) -> int | None:
+    """The store version ``method`` was last loaded from or saved to (None: neither)."""
+    link = _LINKS.get(method)
+    return link[1] if link else None
 
 
 def _last_merge(method) -> dict | None:
     drift = getattr(method, "drift", [])
-    return _summary(drift[-1]) if drift else None
+    return merge_summary(drift[-1]) if drift else None
 
 
 def _can_append(method, key: str, previous: dict | None) -> bool:
     """Whether ``method`` holds exactly the store's state plus merges logged since (Share)."""
-    link = getattr(method, "_store_link", None)
-    return (hasattr(method, "log_tensors") and previous is not None and previous.get("format_version") == 2
+    link = _LINKS.get(method)
+    return (isinstance(method, AppendableLog) and previous is not None and previous.get("format_version") == 2
             and link is not None and link[:3] == (key, previous["version"], method.log_epoch)
             and method.log_steps() > link[3])
 
@@ -277,10 +291,11 @@ def save_store(method, path: str | Path, *, extra: dict | None = None, compact: 
         token = secrets.token_hex(8)
         tensors = None
         if compact is not True and _can_append(method, key, previous):
-            tensors, new = method.log_tensors(method._store_link[3])
-            steps = method.log_steps() - method._store_link[3]
-            kinds = {n: getattr(method, "kinds", {}).get(n, "data") for n in new}
-            meta = {"tasks": [_task_entry(method, n) for n in new], "merges": [_summary(r) for r in method.drift[-steps:]],
+            start = _LINKS[method][3]
+            tensors, new = method.log_tensors(start)
+            steps = method.log_steps() - start
+            kinds = {n: method.task_origin(n) for n in new}
+            meta = {"tasks": [_task_entry(method, n) for n in new], "merges": [merge_summary(r) for r in method.drift[-steps:]],
                     "method_state": {**method.state_meta(), "kinds": kinds}}
             tensors.update(_drift_tensors(method.drift[-1]))
             tensors[META] = meta_tensor(meta)
@@ -321,8 +336,7 @@ def save_store(method, path: str | Path, *, extra: dict | None = None, compact: 
             if ((STATE_FILE.match(f.name) or LOG_FILE.match(f.name)) and f.name not in live) or f.name.startswith(".state-v") \
                     or f.name.startswith(".log-v") or f.name.startswith(".manifest.json.tmp"):
                 f.unlink(missing_ok=True)
-        method._store_link = (key, version, getattr(method, "log_epoch", 0),
-                              method.log_steps() if hasattr(method, "log_steps") else 0)
+        _link(method, key, version)
     return manifest
 
 
@@ -387,7 +401,5 @@ def restore(path: str | Path, encoder, manifest: dict | None = None, tensors=Non
         method.load_state(tensors, tasks, meta)
     except (KeyError, ValueError, RuntimeError) as exc:
         raise StoreError(f"{p}: the state file does not match the manifest ({exc}); restore the store from a backup") from exc
-    method.store_tasks = tasks
-    method._store_link = (str(p.resolve()), manifest["version"], getattr(method, "log_epoch", 0),
-                          method.log_steps() if hasattr(method, "log_steps") else 0)
+    _link(method, str(p.resolve()), manifest["version"])
     return method

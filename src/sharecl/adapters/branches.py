@@ -204,9 +204,10 @@ class DualLoRALinear(StatsLinear):
       ``U_t`` (over its real tokens) and ``ē_t`` the same share on task t's training data.
     """
 
-    def __init__(self, base: nn.Linear, scaling: float, router: Router | None = None):
+    def __init__(self, base: nn.Linear, scaling: float, router: Router | None = None, temperature: float = 0.1):
         super().__init__(base, router)
         self.scaling = scaling
+        self.temperature = float(temperature)
         self.register_buffer("U", base.weight.new_zeros(0, self.in_features))  # stacked U_t
         self.register_buffer("R", base.weight.new_zeros(self.out_features, 0))  # stacked frozen R_t
         self.res_ranks: list[int] = []
@@ -216,8 +217,6 @@ class DualLoRALinear(StatsLinear):
         self.memory_basis = base.weight.new_zeros(self.in_features, 0)  # M while a task trains
         self.R_cur: nn.Parameter | None = None
         self.merged: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.temperature = 0.1
-        self.last_relevance: torch.Tensor | None = None  # (N, T) ρ of the last dynamic forward
 
     def begin_task(self, r: int, U_t: torch.Tensor, memory: torch.Tensor, generator: torch.Generator) -> list[nn.Parameter]:
         """Start task t: orthogonal pair (``A_O`` random in ``M^⊥``, ``B_O`` zeros) and ``R_t`` zeros.
@@ -288,7 +287,8 @@ class DualLoRALinear(StatsLinear):
             return y + (x @ self.U[sl].T) @ R[:, sl].T
         ebar = torch.tensor(self.energy_mean[:T] + [1.0] * (T - len(self.energy_mean)), device=x.device)
         rho = self.energies(x, route.token_mask) / ebar.clamp_min(1e-12)
-        self.last_relevance = rho.detach()
+        if route.relevance is not None:  # the method asked for this forward's relevance (task identification)
+            route.relevance.append(rho.detach())
         w = torch.softmax(rho / self.temperature, -1)  # (N, T)
         cols = torch.repeat_interleave(w, torch.tensor(self.res_ranks, device=x.device), dim=-1)  # (N, Σr)
         if x.dim() == 3:

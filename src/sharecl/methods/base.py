@@ -446,6 +446,10 @@ class ContinualMethod(MixedTaskInference, ABC):
         """Inverse of :meth:`state_tensors` + :meth:`state_meta` on a freshly built method."""
         raise NotImplementedError(f"method {self.name!r} has no store format")
 
+    def task_origin(self, task_name: str) -> str:
+        """How a task was learned: ``"data"`` (trained) or ``"adapter"`` (a LoRA folded in without data)."""
+        return "data"
+
     def check_task(self, task_name: str) -> None:
         if task_name not in self.task_classes:
             raise KeyError(f"unknown task {task_name!r}; known tasks: {self.task_names}")

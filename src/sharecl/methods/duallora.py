@@ -112,9 +112,8 @@ class DualLoRAMethod(ContinualMethod):
         super().__init__(encoder, seed)
         self.config = self.make_config(config, overrides, targets_from=encoder.model)
         cfg = self.config
-        self.layers = wrap_targets(encoder.model, cfg.target_modules, lambda lin: DualLoRALinear(lin, cfg.lora_alpha / cfg.r, self.router))
-        for layer in self.layers.values():
-            layer.temperature = cfg.temperature
+        self.layers = wrap_targets(encoder.model, cfg.target_modules,
+                                   lambda lin: DualLoRALinear(lin, cfg.lora_alpha / cfg.r, self.router, cfg.temperature))
         self.memory = {n: DualGPM(m.in_features) for n, m in self.layers.items()}
         self.last_task_prediction: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -159,9 +158,10 @@ class DualLoRAMethod(ContinualMethod):
     @torch.no_grad()
     def cil_logits(self, inputs: list) -> torch.Tensor:
         """Dynamic-memory forward, then task identity and calibration (see module docstring)."""
-        with self.router.nowhere():
+        relevance: list[torch.Tensor] = []  # every layer's ρ (N, T) of this forward, through the route
+        with self.router.nowhere(), self.router.use(relevance=relevance):
             logits = self._concat_heads(self._features(inputs))
-        rho = torch.stack([layer.last_relevance for layer in self.layers.values()]).mean(0)  # (N, T)
+        rho = torch.stack(relevance).mean(0)  # (N, T)
         p = torch.softmax(rho / self.config.temperature, -1)
         top = p.topk(min(2, p.shape[-1]), -1)
         pred = top.indices[:, 0]

@@ -189,7 +189,7 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
             own rank-r → p truncation ``‖ΔW_t − ΔW_t^(p)‖/‖ΔW_t‖`` and its projection's change).
             Once the records hold more than :data:`DRIFT_ENTRIES_MAX` per-task entries (they grow
             as T²/2), every merge but the last keeps only its summary (``drift_mean``,
-            ``drift_max``, ``worst_task``; :func:`sharecl.store.compact_merges`), as stores do.
+            ``drift_max``, ``worst_task``; :func:`sharecl.merges.compact_merges`), as stores do.
         kinds: ``{task: "data" | "adapter"}``.
     """
 
@@ -284,7 +284,7 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
         self.drift.append(record)
         self._drift_entries += len(old)
         if self._drift_entries > DRIFT_ENTRIES_MAX:  # a long stream: O(T) memory per merge, not O(T²) over the stream
-            from sharecl.store import compact_merges
+            from sharecl.merges import compact_merges
 
             self.drift, self._drift_entries = compact_merges(self.drift), len(old)
         if self.log_steps() > LOG_STEPS_MAX:
@@ -370,6 +370,9 @@ class ShareMethod(ShareClassIncremental, ContinualMethod):
         self.task_classes[name] = list(classes or [])
         self.kinds[name] = "adapter"
         return {**self._merge_new(scaled, name), "layers_without_update": len(missing)}
+
+    def task_origin(self, task_name: str) -> str:
+        return self.kinds.get(task_name, "data")
 
     # --------------------------------------------------------------- inference
     def mixed_route(self, task_names: list[str]):

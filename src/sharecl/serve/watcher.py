@@ -30,19 +30,19 @@ def _signature(path: Path) -> tuple:
 
 
 def _load(path: Path, device: str, precision: str = "fp32", top_tasks: int | None = None) -> Loaded:
-    from sharecl.store import load_store, read_manifest
+    from sharecl.store import load_store, read_manifest, store_version
 
     sig = _signature(path)
     manifest = read_manifest(path)
     method = load_store(path, device=device, precision=precision)
-    if method._store_link[1] != manifest["version"]:  # a newer manifest landed between the two reads
+    if store_version(method) != manifest["version"]:  # a newer manifest landed between the two reads
         raise RuntimeError("the store changed while it was being read")
     if top_tasks is not None:
         from sharecl.methods.share_cil import set_top_tasks
 
         set_top_tasks(method, top_tasks)
     return Loaded(manifest["version"], method, {t: list(method.task_classes[t]) for t in method.task_names},
-                  {t["name"]: t.get("kind", "data") for t in method.store_tasks},
+                  {t: method.task_origin(t) for t in method.task_names},
                   frozenset(t for t in method.task_names if t in method.heads), sig)
 
 
