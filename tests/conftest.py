@@ -75,6 +75,22 @@ def sharecl(*args, check=True):
     return p
 
 
+def sharecl_in_process(*args, check=True):
+    """``sharecl ARGS`` run in this interpreter (typer's CliRunner): the same exit code, stdout and
+    stderr as :func:`sharecl` without the seconds a fresh interpreter takes to import torch."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from sharecl.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    out = SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
+    if check and r.exit_code != 0:
+        raise AssertionError(f"sharecl {args} failed ({r.exit_code}):\n{r.stdout}\n{r.stderr}\n{r.exception!r}")
+    return out
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on now."""
     import socket
@@ -120,12 +136,14 @@ def write_csv(path, task):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cli_store(tmp_path_factory, tiny_model_dir):
+    """A one-task Share store learned once per session by ``sharecl learn`` (in process); tests
+    that write to a store copy ``cli_store / "store"`` first."""
     d = tmp_path_factory.mktemp("cli")
     a = write_csv(d / "a.csv", make_task("a"))
-    sharecl("learn", d / "store", "--task", "a", "--data", a, "--model", tiny_model_dir, "--steps", 4, "-r", 4, "--k", 4,
-            "--p", 2, "--no-progress")
+    sharecl_in_process("learn", d / "store", "--task", "a", "--data", a, "--model", tiny_model_dir, "--steps", 4, "-r", 4,
+                       "--k", 4, "--p", 2, "--no-progress")
     return d
 
 

@@ -11,11 +11,10 @@ import time
 
 import pytest
 
-from conftest import learn_b, make_task, sharecl, write_csv
+from conftest import learn_b, make_task, sharecl, sharecl_in_process, write_csv
 from sharecl.store import load_store, read_manifest, store_class_statistics, store_tasks
 
-pytestmark = pytest.mark.multiprocess  # every test here starts `sharecl` (or a server) in a fresh interpreter
-
+@pytest.mark.multiprocess
 def test_learn_predict_info_export(cli_store, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(cli_store / "store", store)
@@ -48,24 +47,24 @@ def test_user_errors_exit_nonzero_and_leave_store_unchanged(cli_store, tmp_path,
     store = cli_store / "store"
     before = (store / "manifest.json").read_bytes()
     if case == "unknown-task":
-        p = sharecl("predict", store, "--task", "nope", "hello", check=False)
+        p = sharecl_in_process("predict", store, "--task", "nope", "hello", check=False)
         expect = "unknown task 'nope'"
     elif case == "duplicate":
-        p = sharecl("learn", store, "--task", "a", "--data", cli_store / "a.csv", check=False)
+        p = sharecl_in_process("learn", store, "--task", "a", "--data", cli_store / "a.csv", check=False)
         expect = "already exists"
     elif case == "empty":
         (tmp_path / "e.csv").write_text("")
-        p = sharecl("learn", store, "--task", "e", "--data", tmp_path / "e.csv", check=False)
+        p = sharecl_in_process("learn", store, "--task", "e", "--data", tmp_path / "e.csv", check=False)
         expect = "is empty"
     elif case == "no-label-column":
         (tmp_path / "n.csv").write_text("text,topic\nhello,x\nworld,y\n")
-        p = sharecl("learn", store, "--task", "n", "--data", tmp_path / "n.csv", check=False)
+        p = sharecl_in_process("learn", store, "--task", "n", "--data", tmp_path / "n.csv", check=False)
         expect = "lacks column(s) ['label']"
     elif case == "missing-file":
-        p = sharecl("learn", store, "--task", "m", "--data", tmp_path / "none.csv", check=False)
+        p = sharecl_in_process("learn", store, "--task", "m", "--data", tmp_path / "none.csv", check=False)
         expect = "does not exist"
     else:
-        p = sharecl("learn", store, "--task", "bad/name", "--data", cli_store / "a.csv", check=False)
+        p = sharecl_in_process("learn", store, "--task", "bad/name", "--data", cli_store / "a.csv", check=False)
         expect = "invalid task name"
     assert p.returncode == 1, p.stdout + p.stderr
     assert expect in " ".join(p.stderr.split()), p.stderr
@@ -73,6 +72,7 @@ def test_user_errors_exit_nonzero_and_leave_store_unchanged(cli_store, tmp_path,
     assert (store / "manifest.json").read_bytes() == before
 
 
+@pytest.mark.multiprocess
 def test_killed_learn_leaves_a_loadable_store(cli_store, tmp_path):
     """SIGKILL `learn` at random instants; the store always loads at version 1 or 2."""
     rng = random.Random(0)
@@ -113,6 +113,7 @@ def test_compare_rejects_bad_seeds_and_methods(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.multiprocess
 def test_inflora_store_from_the_command_line(tmp_path, tiny_model_dir, cli_store):
     a = write_csv(tmp_path / "a.csv", make_task("a"))
     b = write_csv(tmp_path / "b.csv", make_task("b", seed=1))
@@ -129,6 +130,7 @@ def test_inflora_store_from_the_command_line(tmp_path, tiny_model_dir, cli_store
     assert r.returncode == 1 and "cannot be stored" in r.stderr and not (tmp_path / "x").exists()
 
 
+@pytest.mark.multiprocess
 def test_learn_with_align_keeps_aligning_and_a_plain_store_refuses_it(tmp_path, tiny_model_dir, cli_store):
     import torch
 
@@ -197,12 +199,13 @@ def test_learn_refuses_options_that_contradict_the_store(cli_store, tmp_path, ti
     store = cli_store / "store"
     before = (store / "manifest.json").read_bytes()
     args = [tiny_vit_dir if a == "OTHER" else a for a in args]
-    p = sharecl("learn", store, "--task", "new", "--data", cli_store / "a.csv", "--no-progress", *args, check=False)
+    p = sharecl_in_process("learn", store, "--task", "new", "--data", cli_store / "a.csv", "--no-progress", *args, check=False)
     assert p.returncode == 1 and expect in " ".join(p.stderr.split()) and "Traceback" not in p.stderr, p.stderr
     assert "drop" in p.stderr
     assert (store / "manifest.json").read_bytes() == before
 
 
+@pytest.mark.multiprocess
 def test_learn_accepts_the_store_own_options_and_its_model_at_a_new_place(cli_store, tmp_path, tiny_model_dir):
     store, moved = tmp_path / "store", tmp_path / "moved-model"
     shutil.copytree(cli_store / "store", store)
@@ -217,7 +220,7 @@ def test_learn_accepts_the_store_own_options_and_its_model_at_a_new_place(cli_st
 def test_a_store_path_that_is_a_file_gets_one_sentence(cli_store, tmp_path):
     f = tmp_path / "afile"
     f.write_text("not a store")
-    p = sharecl("learn", f, "--task", "a", "--data", cli_store / "a.csv", check=False)
+    p = sharecl_in_process("learn", f, "--task", "a", "--data", cli_store / "a.csv", check=False)
     assert p.returncode == 1 and "is a file, not a store directory" in " ".join(p.stderr.split()) and "Errno" not in p.stderr
     assert f.read_text() == "not a store"
 
@@ -239,7 +242,7 @@ def test_disk_full_and_permission_denied_name_the_path_and_the_fix(cli_store, tm
     def failing_write(path, write):
         raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr(store_mod, "_atomic_write", failing_write)
+    monkeypatch.setattr(store_mod, "atomic_write", failing_write)
     args = learn_b(store, tmp_path)
     args[args.index("--steps") + 1] = 2
     r = CliRunner().invoke(app, [str(a) for a in args])
