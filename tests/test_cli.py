@@ -14,6 +14,7 @@ import pytest
 from conftest import learn_b, make_task, sharecl, sharecl_in_process, write_csv
 from sharecl.store import load_store, read_manifest, store_class_statistics, store_tasks
 
+
 @pytest.mark.multiprocess
 def test_learn_predict_info_export(cli_store, tmp_path):
     store = tmp_path / "store"
