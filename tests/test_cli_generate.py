@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_task, serving, sharecl, tiny_generation_task, write_csv, write_jsonl
+from conftest import make_task, serving, sharecl, sharecl_in_process, tiny_generation_task, write_csv, write_jsonl
 from sharecl.store import load_store, read_manifest
 
 
@@ -26,39 +26,37 @@ def gen_store(tmp_path_factory, tiny_lm_dir):
         for p, c in b.train_inputs + b.test_inputs:
             fh.write(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]}) + "\n")
     common = ["--steps", 30, "--batch-size", 8, "--lr", 1e-2, "-r", 4, "--no-progress"]
-    out = sharecl("learn", d / "store", "--task", "alpha", "--data", d / "alpha.jsonl", "--model", tiny_lm_dir, "--k", 8,
+    out = sharecl_in_process("learn", d / "store", "--task", "alpha", "--data", d / "alpha.jsonl", "--model", tiny_lm_dir, "--k", 8,
                   "--p", 2, "--metric", "exact-match", "--max-new-tokens", 5, *common)
     assert "learned alpha" in out.stdout and "held-out exact-match" in out.stdout and "store version 1" in out.stdout
-    sharecl("learn", d / "store", "--task", "beta", "--data", d / "beta.jsonl", *common)
+    sharecl_in_process("learn", d / "store", "--task", "beta", "--data", d / "beta.jsonl", *common)
     return d
 
 
-@pytest.mark.multiprocess
 def test_generate_prints_each_task_answers(gen_store):
     store = gen_store / "store"
     m = load_store(store)
     assert m.task_names == ["alpha", "beta"] and read_manifest(store)["modality"] == "lm"
     for task, word in (("alpha", "yes"), ("beta", "no")):
         prompts = [p for p, _ in tiny_generation_task(task, word).test_inputs[:3]]
-        out = sharecl("generate", store, "--task", task, "--max-new-tokens", 5, "--json", *prompts).stdout
+        out = sharecl_in_process("generate", store, "--task", task, "--max-new-tokens", 5, "--json", *prompts).stdout
         rows = [json.loads(line) for line in out.strip().splitlines()]
         with m.task(task):
             want = m.encoder.generate(prompts, max_new_tokens=5)
         assert [r["text"] for r in rows] == want and [r["prompt"] for r in rows] == prompts
         assert sum(t.startswith(word) for t in want) >= 2  # learned from the shell
-    info = sharecl("info", store).stdout
+    info = sharecl_in_process("info", store).stdout
     assert "generation" in info and "tokenizer sha256" in info
-    refused = sharecl("predict", store, "--task", "alpha", "x", check=False)
+    refused = sharecl_in_process("predict", store, "--task", "alpha", "x", check=False)
     assert refused.returncode == 1 and "sharecl generate" in refused.stderr
 
 
-@pytest.mark.multiprocess
 def test_data_of_the_other_kind_is_refused_before_anything_changes(gen_store, tmp_path, tiny_model_dir):
     store = tmp_path / "store"
     shutil.copytree(gen_store / "store", store)
     before = _files(store)
     csv = write_csv(tmp_path / "c.csv", make_task("c"))
-    r = sharecl("learn", store, "--task", "c", "--data", csv, "--no-progress", check=False)
+    r = sharecl_in_process("learn", store, "--task", "c", "--data", csv, "--no-progress", check=False)
     assert r.returncode == 1 and "text classification data" in r.stderr and "generation" in r.stderr
     assert _files(store) == before
     from sharecl.backbone import load_encoder
@@ -71,17 +69,16 @@ def test_data_of_the_other_kind_is_refused_before_anything_changes(gen_store, tm
     text.learn(make_task("c"), TrainConfig(steps=2, batch_size=8, max_length=16), progress=False)
     save_store(text, text_store)
     before = _files(text_store)
-    r = sharecl("learn", text_store, "--task", "g", "--data", gen_store / "alpha.jsonl", "--no-progress", check=False)
+    r = sharecl_in_process("learn", text_store, "--task", "g", "--data", gen_store / "alpha.jsonl", "--no-progress", check=False)
     assert r.returncode == 1 and "generation (prompt/completion) data" in r.stderr and "text classification tasks" in r.stderr
     assert _files(text_store) == before
-    r = sharecl("generate", text_store, "--task", "c", "x", check=False)
+    r = sharecl_in_process("generate", text_store, "--task", "c", "x", check=False)
     assert r.returncode == 1 and "sharecl predict" in r.stderr
-    r = sharecl("learn", tmp_path / "new", "--task", "g", "--data", gen_store / "alpha.jsonl", "--model", tiny_model_dir,
+    r = sharecl_in_process("learn", tmp_path / "new", "--task", "g", "--data", gen_store / "alpha.jsonl", "--model", tiny_model_dir,
                 "--no-progress", check=False)
     assert r.returncode == 1 and "is not a causal LM" in r.stderr and not (tmp_path / "new" / "manifest.json").exists()
 
 
-@pytest.mark.multiprocess
 def test_export_loads_in_peft_and_generates_the_same_tokens(gen_store, tmp_path, tiny_lm_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -91,7 +88,7 @@ def test_export_loads_in_peft_and_generates_the_same_tokens(gen_store, tmp_path,
     store = gen_store / "store"
     m = load_store(store)
     for task, word in (("alpha", "yes"), ("beta", "no")):
-        sharecl("export", store, tmp_path / task, "--task", task)
+        sharecl_in_process("export", store, tmp_path / task, "--task", task)
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), str(tmp_path / task)).eval()
         lm = CausalLM(peft, m.encoder.tokenizer, tiny_lm_dir, max_length=m.encoder.max_length, chat=True)
         prompts = [p for p, _ in tiny_generation_task(task, word).test_inputs]
@@ -100,7 +97,6 @@ def test_export_loads_in_peft_and_generates_the_same_tokens(gen_store, tmp_path,
         assert lm.generate_ids(prompts, max_new_tokens=6) == want  # token for token
 
 
-@pytest.mark.multiprocess
 def test_add_adapter_folds_a_subset_rslora_adapter_exactly(gen_store, tmp_path, tiny_lm_dir):
     """A PEFT LoRA trained elsewhere on the same base: rsLoRA scaling, another lora_alpha, on q_proj
     only. Folded where the basis has room, its ΔW is the adapter's own; v_proj gets none."""
@@ -115,7 +111,7 @@ def test_add_adapter_folds_a_subset_rslora_adapter_exactly(gen_store, tmp_path, 
     model.save_pretrained(tmp_path / "q-lora")
     cfg = json.loads((tmp_path / "q-lora" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == tiny_lm_dir
-    out = sharecl("add-adapter", store, tmp_path / "q-lora", "--task", "q-only", "--any-rank").stdout
+    out = sharecl_in_process("add-adapter", store, tmp_path / "q-lora", "--task", "q-only", "--any-rank").stdout
     assert "2 target layer(s) not in the adapter get no update" in out
     m = load_store(store)
     i = m.index("q-only")
@@ -128,7 +124,6 @@ def test_add_adapter_folds_a_subset_rslora_adapter_exactly(gen_store, tmp_path, 
             assert float(layer.delta_weight(i).abs().max()) == 0.0
 
 
-@pytest.mark.multiprocess
 def test_add_adapter_refuses_another_base_model(gen_store, tmp_path, tiny_lm_dir):
     from conftest import tiny_lm
 
@@ -139,15 +134,15 @@ def test_add_adapter_refuses_another_base_model(gen_store, tmp_path, tiny_lm_dir
     lm = tiny_lm(seed=1)  # same shapes, other weights
     lm.model.save_pretrained(other)
     lm.tokenizer.save_pretrained(other)
-    sharecl("export", store, tmp_path / "exp", "--task", "alpha")
+    sharecl_in_process("export", store, tmp_path / "exp", "--task", "alpha")
     cfg_path = tmp_path / "exp" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     for base, expect in ((str(other), "whose weights differ"), ("HuggingFaceTB/SmolLM2-135M-Instruct", "--trust-base")):
         cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": base}))
-        r = sharecl("add-adapter", store, tmp_path / "exp", "--task", "alpha2", "--any-rank", check=False)
+        r = sharecl_in_process("add-adapter", store, tmp_path / "exp", "--task", "alpha2", "--any-rank", check=False)
         assert r.returncode == 1 and expect in r.stderr, r.stderr
         assert _files(store) == before
-    out = sharecl("add-adapter", store, tmp_path / "exp", "--task", "alpha2", "--any-rank", "--trust-base").stdout
+    out = sharecl_in_process("add-adapter", store, tmp_path / "exp", "--task", "alpha2", "--any-rank", "--trust-base").stdout
     assert "folded" in out and load_store(store).task_names == ["alpha", "beta", "alpha2"]
 
 
