@@ -106,3 +106,12 @@ def test_temporary_directions_start_as_phi_init_says():
     assert (layer.U.T @ uni.U_plus).abs().max() > 1e-2  # and not kept outside the basis
     with pytest.raises(ValueError, match="phi_init must be one of"):
         layer.begin_task(seed_rank=4, phi=2, init="zero", generator=torch.Generator(), phi_init="orthogonal")
+
+
+def test_top_init_starts_a_at_the_top_basis_directions_with_zero_update():
+    layer = layer_with_tasks()
+    layer.begin_task(seed_rank=4, phi=2, init="top", generator=torch.Generator().manual_seed(0))
+    B, A = layer.trained_factors()
+    assert torch.count_nonzero(B) == 0  # ΔW = 0 at step 0
+    k = layer.V.shape[1]  # inside the basis, A_t's rows are the two top input directions (the rest lies in V⁺)
+    torch.testing.assert_close(A @ layer.V, torch.eye(2, k), atol=1e-5, rtol=0)

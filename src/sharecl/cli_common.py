@@ -81,7 +81,8 @@ POpt = Annotated[Optional[int], typer.Option(help="Share: pseudo-rank p, columns
 EOpt = Annotated[Optional[float], typer.Option(help="Share: choose k by kept energy fraction instead of a fixed k.")]
 PhiOpt = Annotated[Optional[int], typer.Option(help="Share: temporary directions per side while a task trains (φ; default: the "
                                                       "backbone family's, 2 for encoders).")]
-InitOpt = Annotated[str, typer.Option(help="Share: coefficient init, 'zero' (ΔW = 0) or 'previous' (warm start).")]
+InitOpt = Annotated[str, typer.Option(help="Share: coefficient init, 'zero' (ΔW = 0), 'previous' (warm start) or 'top' (ΔW = 0, "
+                                           "A starting as the top-p basis directions).")]
 FtOpt = Annotated[int, typer.Option(help="Share: steps fine-tuning the new task's coefficients after the merge.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (under torchrun, cuda is each rank's LOCAL_RANK GPU).")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 for a causal LM on a CPU or GPU with native bfloat16, else fp32), "

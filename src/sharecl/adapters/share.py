@@ -24,10 +24,13 @@ from sharecl.coeff_log import CoefficientLog
 from sharecl.routing import Router
 from sharecl.subspace import MergeGrams, MergeResult, orthonormal_complement
 
-__all__ = ["ShareLinear", "ShareTrainState", "PHI_INITS"]
+__all__ = ["ShareLinear", "ShareTrainState", "PHI_INITS", "INITS"]
 
 #: how the temporary directions ``U⁺``, ``V⁺`` start (:meth:`ShareLinear.begin_task`)
 PHI_INITS = ("complement", "top", "uniform")
+#: how a new task's coefficients start: ``zero`` (``C_B = 0``, ``C_A`` small random: ΔW = 0),
+#: ``previous`` (the last task's: ΔW_t = ΔW_{t−1}), ``top`` (``C_B = 0``, ``C_A`` the top-p basis directions)
+INITS = ("zero", "previous", "top")
 
 
 def _temporary_directions(basis: torch.Tensor, phi: int, how: str, generator: torch.Generator) -> torch.Tensor:
@@ -180,7 +183,7 @@ class ShareLinear(nn.Module):
         Args:
             seed_rank: rank r of the seeding LoRA when the subspace is empty (ignored otherwise).
             phi: number of temporary directions per side, ``φ``.
-            init: ``"zero"`` or ``"previous"`` (see :class:`ShareTrainState`).
+            init: ``"zero"``, ``"previous"`` or ``"top"`` (:data:`INITS`, :class:`ShareTrainState`).
             generator: CPU generator for the random parts, for reproducibility.
             phi_init: how ``U⁺``, ``V⁺`` start (see :data:`PHI_INITS`): ``"complement"`` [ours]
                 random orthonormal columns orthogonal to ``U``/``V``; ``"top"`` (the paper, §3.2)
@@ -212,8 +215,11 @@ class ShareLinear(nn.Module):
             elif init in ("zero", "previous"):
                 cB = w.new_zeros(kb, p)
                 cA = (torch.randn(ka, p, generator=generator) * std).to(w)
+            elif init == "top":  # A_t starts as the basis's top-p input directions (unit rows), B_t at zero
+                cB = w.new_zeros(kb, p)
+                cA = torch.eye(ka, p).to(w)
             else:
-                raise ValueError(f"init must be 'zero' or 'previous', got {init!r}")
+                raise ValueError(f"init must be one of {INITS}, got {init!r}")
             state = ShareTrainState("coeff", {
                 "coeff_B": cB,
                 "coeff_A": cA,

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from sharecl.adapters.share import PHI_INITS, ShareLinear
+from sharecl.adapters.share import INITS, PHI_INITS, ShareLinear
 from sharecl.backbone import Encoder, TaskHeads
 from sharecl.coeff_log import CoefficientLog
 from sharecl.data.tasks import Task, check_task_name
@@ -65,7 +65,8 @@ class ShareConfig:
         energy: keep the smallest k reaching this fraction of the stack's squared norm (k=None).
         k_max: cap on k under the energy rule.
         phi: temporary directions per side while a task trains (``φ``); None = family default.
-        init: "zero" (ΔW = 0 at step 0) or "previous" (warm start from the last task).
+        init: "zero" (ΔW = 0 at step 0), "previous" (warm start from the last task) or "top" (ΔW = 0,
+            ``A_t`` starting as the basis's top-p input directions); :data:`sharecl.adapters.share.INITS`.
         phi_init: how the temporary directions start: "complement" [ours] (random orthonormal,
             outside the basis), "top" (the paper: the top-φ basis directions) or "uniform" (the
             authors' code: U(−0.5, 0.5) entries); :data:`sharecl.adapters.share.PHI_INITS`.
@@ -126,8 +127,8 @@ class ShareConfig:
                 raise ValueError(f"ShareConfig.{name} must be a {'non-negative' if name == 'phi' else 'positive'} integer, got {v!r}")
         if self.p is not None and self.p > self.r:
             raise ValueError(f"ShareConfig: pseudo-rank p={self.p} cannot exceed the seed rank r={self.r}")
-        if self.init not in ("zero", "previous"):
-            raise ValueError(f"ShareConfig.init must be 'zero' or 'previous', got {self.init!r}")
+        if self.init not in INITS:
+            raise ValueError(f"ShareConfig.init must be one of {INITS}, got {self.init!r}")
         if self.phi_init not in PHI_INITS:
             raise ValueError(f"ShareConfig.phi_init must be one of {PHI_INITS}, got {self.phi_init!r}")
         for name in ("coeff_lr_ratio", "phi_lr_ratio"):
