@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from torch import nn
 
 __all__ = ["DEFAULT_TARGETS", "ALL_LINEAR", "default_targets", "match_target", "find_targets", "all_linear_targets",
            "wrap_targets", "set_submodule"]
+
+M = TypeVar("M", bound=nn.Module)
 
 #: PEFT's shorthand for every linear layer but the output layer (``LoraConfig(target_modules="all-linear")``).
 ALL_LINEAR = "all-linear"
@@ -120,11 +123,13 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def wrap_targets(model: nn.Module, target_modules: str | Sequence[str], factory: Callable[[nn.Linear], nn.Module]) -> dict[str, nn.Module]:
+def wrap_targets(model: nn.Module, target_modules: str | Sequence[str], factory: Callable[[nn.Linear], M]) -> dict[str, M]:
     """Replace every selected linear layer by ``factory(layer)``; returns ``{name: wrapper}``."""
-    wrapped = {}
+    wrapped: dict[str, M] = {}
     for name in find_targets(model, target_modules):
-        new = factory(model.get_submodule(name))
+        lin = model.get_submodule(name)
+        assert isinstance(lin, nn.Linear)  # find_targets returns nn.Linear modules only
+        new = factory(lin)
         set_submodule(model, name, new)
         wrapped[name] = new
     return wrapped

@@ -86,6 +86,8 @@ class InfLoRALinear(StatsLinear):
     task, :meth:`merge` folds ``B_t A_t`` into ``W`` and keeps the factors for storage.
     """
 
+    A: torch.Tensor | None  # a buffer: the designed down-projection while a task trains
+
     def __init__(self, base: nn.Linear, router: Router | None = None):
         super().__init__(base, router)
         self.register_buffer("A", None)
@@ -104,17 +106,19 @@ class InfLoRALinear(StatsLinear):
     @torch.no_grad()
     def merge(self) -> None:
         """``W ← W + B_t A_t`` (InfLoRA, after each task); the branch is removed."""
-        if self.A is None:
+        A, B = self.A, self.B
+        if A is None or B is None:
             return
-        self.base.weight += self.B @ self.A
-        self.merged.append((self.B.detach().clone(), self.A.clone()))
+        self.base.weight += B @ A
+        self.merged.append((B.detach().clone(), A.clone()))
         self.A, self.B = None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.observe(x)
         y = self.base(x)
-        if self.A is not None:
-            y = y + (x @ self.A.T) @ self.B.T
+        A, B = self.A, self.B
+        if A is not None and B is not None:
+            y = y + (x @ A.T) @ B.T
         return y
 
 
@@ -126,6 +130,9 @@ class SDLoRALinear(StatsLinear):
     from :attr:`magnitudes` at each forward. The current task's LoRA is not normalised while
     it trains (its ``B`` starts at zero, so its direction is undefined until it moves).
     """
+
+    A_old: torch.Tensor  # buffers: the stored unit-norm directions' factors, stacked
+    B_old: torch.Tensor
 
     def __init__(self, base: nn.Linear, scaling: float, router: Router | None = None):
         super().__init__(base, router)
@@ -147,12 +154,23 @@ class SDLoRALinear(StatsLinear):
 
     def current_norm(self) -> float:
         """``‖s B_t A_t‖_F`` of the current (unnormalised) update."""
-        return float(self.scaling * _lowrank_norm(self.B.detach(), self.A.detach()))
+        A, B = self._pair()
+        return float(self.scaling * _lowrank_norm(B.detach(), A.detach()))
+
+    def _pair(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """The training task's ``(A, B)``.
+
+        Raises:
+            RuntimeError: when no task is training in this layer."""
+        if self.A is None or self.B is None:
+            raise RuntimeError("no task is training in this layer (call begin_task first)")
+        return self.A, self.B
 
     @torch.no_grad()
     def freeze_current(self) -> None:
         """Store the current LoRA as a unit-norm direction and remove the trainable pair."""
-        B, A = self.B.detach().double(), self.A.detach().double()
+        A_t, B_t = self._pair()
+        B, A = B_t.detach().double(), A_t.detach().double()
         n = float(_lowrank_norm(B, A))
         scale = 1.0 / math.sqrt(n) if n > 0 else 0.0  # a zero update stays a zero "direction"
         self.A_old = torch.cat([self.A_old, (A * scale).float()], 0)
@@ -177,8 +195,9 @@ class SDLoRALinear(StatsLinear):
             alpha = torch.stack(self.magnitudes[: len(self.ranks)])
             cols = torch.repeat_interleave(alpha, torch.tensor(self.ranks, device=alpha.device))
             y = y + ((x @ self.A_old.T) * cols) @ self.B_old.T
-        if self.A is not None:
-            y = y + self.magnitudes[len(self.ranks)] * self.scaling * ((x @ self.A.T) @ self.B.T)
+        A, B = self.A, self.B
+        if A is not None and B is not None:
+            y = y + self.magnitudes[len(self.ranks)] * self.scaling * ((x @ A.T) @ B.T)
         return y
 
 
@@ -203,6 +222,9 @@ class DualLoRALinear(StatsLinear):
       temperature, where ``e_t(x)`` is the share of the sequence's input energy inside
       ``U_t`` (over its real tokens) and ``ē_t`` the same share on task t's training data.
     """
+
+    U: torch.Tensor  # buffers: the residual bases U_t and frozen up-projections R_t, stacked
+    R: torch.Tensor
 
     def __init__(self, base: nn.Linear, scaling: float, router: Router | None = None, temperature: float = 0.1):
         super().__init__(base, router)
@@ -245,16 +267,20 @@ class DualLoRALinear(StatsLinear):
         Parametrising through the projector (rather than projecting gradients, which Adam's
         per-coordinate scaling would undo) keeps every update exactly zero on ``M``.
         """
+        if self.A_O is None:
+            raise RuntimeError("no task is training in this layer (call begin_task first)")
         M = self.memory_basis
         return self.A_O if M.shape[1] == 0 else self.A_O - (self.A_O @ M) @ M.T
 
     @torch.no_grad()
     def end_task(self, energy_mean: float) -> None:
         """Merge the orthogonal adapter into ``W``; freeze ``R_t``; record ``ē_t``."""
-        A = self.orthogonal_down().detach()
-        self.base.weight += self.scaling * (self.B_O @ A)
-        self.merged.append((self.B_O.detach().clone(), A.clone()))
-        self.R = torch.cat([self.R, self.R_cur.detach()], 1)
+        A, B_O, R_cur = self.orthogonal_down().detach(), self.B_O, self.R_cur
+        if B_O is None or R_cur is None:
+            raise RuntimeError("no task is training in this layer (call begin_task first)")
+        self.base.weight += self.scaling * (B_O @ A)
+        self.merged.append((B_O.detach().clone(), A.clone()))
+        self.R = torch.cat([self.R, R_cur.detach()], 1)
         self.energy_mean.append(energy_mean)
         self.A_O = self.B_O = self.R_cur = None
 
@@ -274,7 +300,7 @@ class DualLoRALinear(StatsLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.observe(x)
         y = self.base(x)
-        if self.A_O is not None:
+        if self.A_O is not None and self.B_O is not None:
             y = y + self.scaling * ((x @ self.orthogonal_down().T) @ self.B_O.T)
         T = len(self.res_ranks)
         if T == 0:

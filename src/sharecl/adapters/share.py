@@ -59,6 +59,16 @@ class ShareTrainState(nn.Module):
     (forward transfer).
     """
 
+    # the parameters registered by __init__ (which of them exist depends on ``kind``)
+    lora_B: nn.Parameter
+    lora_A: nn.Parameter
+    coeff_B: nn.Parameter
+    coeff_A: nn.Parameter
+    U_plus: nn.Parameter
+    V_plus: nn.Parameter
+    E_B: nn.Parameter
+    E_A: nn.Parameter
+
     def __init__(self, kind: str, tensors: dict[str, torch.Tensor]):
         super().__init__()
         self.kind = kind
@@ -198,6 +208,8 @@ class ShareLinear(nn.Module):
         w = self.base.weight
         d_out, d_in = self.out_features, self.in_features
         if self.U.shape[1] == 0:
+            if seed_rank is None:
+                raise ValueError("the first task seeds the subspace with a LoRA: give its seed_rank")
             r = int(seed_rank)
             bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=√5) as PEFT initialises lora_A
             A = (torch.rand(r, d_in, generator=generator) * 2 - 1) * bound
@@ -249,6 +261,8 @@ class ShareLinear(nn.Module):
     def end_finetune(self) -> None:
         """Write the fine-tuned coefficients back and drop the training state."""
         st, i = self.train_state, self._finetune_index
+        if st is None or i is None:
+            raise RuntimeError("no fine-tuning is open in this layer (call begin_finetune first)")
         self.set_coefficients(i, st.coeff_B.detach(), st.coeff_A.detach())
         self.train_state = None
 
@@ -262,6 +276,9 @@ class ShareLinear(nn.Module):
     def apply_merge(self, result: MergeResult) -> None:
         """Take a merge's bases and log its change of basis and the new task's coefficients
         (cast to the layer dtype); the old tasks' coefficients follow from the log."""
+        if result.change_B is None or result.change_A is None:
+            raise ValueError("this merge result re-projected every task instead of returning its change of basis "
+                             "(merge_subspace(reproject=False) is what a layer logs)")
         dt = self.base.weight.dtype
         self.U = result.U.to(dt).contiguous()
         self.V = result.V.to(dt).contiguous()

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
@@ -114,7 +115,7 @@ class ContinualMethod(MixedTaskInference, ABC):
         self.task_classes: dict[str, list[str]] = {}  # [] for a generation task
         self.seed = seed
         self.num_tasks: int | None = None
-        self.layers: dict[str, nn.Module] = {}
+        self.layers: Mapping[str, nn.Module] = {}  # the adapted layers; each method narrows the type
         self.router = Router()  # handed to every layer the method wraps (sharecl.routing)
         self.class_stats: dict[str, tuple[torch.Tensor, ...]] = {}  # task → (means, covs) or (means, factors, diags), --align
         self._align_data: dict[str, Task] = {}  # only with TrainConfig.align_recompute (a measurement; keeps data)

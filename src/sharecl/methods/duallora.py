@@ -112,7 +112,7 @@ class DualLoRAMethod(ContinualMethod):
         super().__init__(encoder, seed)
         self.config = self.make_config(config, overrides, targets_from=encoder.model)
         cfg = self.config
-        self.layers = wrap_targets(encoder.model, cfg.target_modules,
+        self.layers: dict[str, DualLoRALinear] = wrap_targets(encoder.model, cfg.target_modules,
                                    lambda lin: DualLoRALinear(lin, cfg.lora_alpha / cfg.r, self.router, cfg.temperature))
         self.memory = {n: DualGPM(m.in_features) for n, m in self.layers.items()}
         self.last_task_prediction: tuple[torch.Tensor, torch.Tensor] | None = None

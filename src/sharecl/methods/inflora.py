@@ -94,7 +94,7 @@ class InfLoRAMethod(ContinualMethod):
     def __init__(self, encoder: Encoder, seed: int = 0, config: InfLoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
         self.config = self.make_config(config, overrides, targets_from=encoder.model)
-        self.layers = wrap_targets(encoder.model, self.config.target_modules, lambda lin: InfLoRALinear(lin, self.router))
+        self.layers: dict[str, InfLoRALinear] = wrap_targets(encoder.model, self.config.target_modules, lambda lin: InfLoRALinear(lin, self.router))
         self.groups: dict[str, list[str]] | None = None
         self.memory: dict[str, DualGPM] = {}
         self.thresholds: list[float] = []

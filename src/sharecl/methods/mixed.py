@@ -9,18 +9,25 @@ flag. Share overrides :meth:`MixedTaskInference.mixed_route` with its per-row co
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:  # the mixin's methods run on this class (mypy checks them as its methods)
-    from sharecl.methods.base import ContinualMethod
 
 
 class MixedTaskInference:
     """``mixed_route``, ``mixed_logits`` and ``mixed_generate`` for a continual method."""
 
-    def mixed_route(self: ContinualMethod, task_names: list[str]) -> contextlib.AbstractContextManager | None:
+    # what the mixin reads of the method it is mixed into (sharecl.methods.base.ContinualMethod)
+    encoder: Any
+    heads: Any
+    task_independent_backbone: bool
+    check_task: Callable[[str], None]
+    task: Callable[[str], contextlib.AbstractContextManager]
+    logits: Callable[..., torch.Tensor]
+    _features: Callable[[list], torch.Tensor]
+
+    def mixed_route(self, task_names: list[str]) -> contextlib.AbstractContextManager | None:
         """A context in which **one** forward computes every batch row for its own task
         (``task_names[i]`` for row ``i``), or None when the method needs a forward per task.
 
@@ -35,7 +42,7 @@ class MixedTaskInference:
         return contextlib.nullcontext() if self.task_independent_backbone else None
 
     @torch.no_grad()
-    def mixed_logits(self: ContinualMethod, inputs: list, task_names: list[str]) -> list[torch.Tensor]:
+    def mixed_logits(self, inputs: list, task_names: list[str]) -> list[torch.Tensor]:
         """Logits for a batch whose rows belong to different tasks: one ``(C_task,)`` vector per row.
 
         One forward in all where :meth:`mixed_route` gives a route (Share's per-row gather,
@@ -59,7 +66,7 @@ class MixedTaskInference:
         return out
 
     @torch.no_grad()
-    def mixed_generate(self: ContinualMethod, prompts: list, task_names: list[str], max_new_tokens: list[int]) -> list[list[int]]:
+    def mixed_generate(self, prompts: list, task_names: list[str], max_new_tokens: list[int]) -> list[list[int]]:
         """Greedy answers (new token ids, end-of-turn excluded) for a batch of prompts whose rows
         belong to different tasks; row ``i`` stops after ``max_new_tokens[i]`` tokens.
 

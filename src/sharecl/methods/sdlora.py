@@ -121,7 +121,7 @@ class SDLoRAMethod(ContinualMethod):
         super().__init__(encoder, seed)
         self.config = self.make_config(config, overrides, targets_from=encoder.model)  # a copy, with the variant's preset
         s = self.config.lora_alpha / self.config.r
-        self.layers = wrap_targets(encoder.model, self.config.target_modules, lambda lin: SDLoRALinear(lin, s, self.router))
+        self.layers: dict[str, SDLoRALinear] = wrap_targets(encoder.model, self.config.target_modules, lambda lin: SDLoRALinear(lin, s, self.router))
         self.magnitudes: list[nn.Parameter] = []
         for layer in self.layers.values():
             layer.magnitudes = self.magnitudes  # one list, shared by every layer

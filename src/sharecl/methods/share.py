@@ -21,7 +21,7 @@ from sharecl.backbone import Encoder, TaskHeads
 from sharecl.coeff_log import CoefficientLog
 from sharecl.data.tasks import Task, check_task_name
 from sharecl.inject import default_targets, set_submodule, wrap_targets
-from sharecl.methods.base import ContinualMethod, register
+from sharecl.methods.base import register
 from sharecl.methods.share_cil import CIL_SCORES, MAHALANOBIS_SHRINK, ShareClassIncremental  # noqa: F401 (re-exported)
 from sharecl.subspace import merge_subspace
 from sharecl.train import PeakRSS, TrainConfig, train_steps
@@ -179,7 +179,7 @@ def _align_to_layers(factors: dict, layers: list[str]) -> dict:
 
 
 @register
-class ShareMethod(ShareClassIncremental, ContinualMethod):
+class ShareMethod(ShareClassIncremental):
     """Share on any transformers encoder: coefficients chosen by task id (TIL), or by the most
     confident task in one mixed-task forward (CIL, :meth:`cil_logits`).
 

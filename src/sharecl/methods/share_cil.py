@@ -11,15 +11,14 @@ the statistics they keep; :class:`ShareClassIncremental` is mixed into ``ShareMe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
 
+from sharecl.backbone import TaskHeads
 from sharecl.data.tasks import Task
-
-if TYPE_CHECKING:  # the mixin's methods run on this class (mypy checks them as its methods)
-    from sharecl.methods.share import ShareMethod
+from sharecl.methods.base import ContinualMethod
 
 __all__ = ["CIL_SCORES", "MAHALANOBIS_SHRINK", "ShareClassIncremental", "set_top_tasks"]
 
@@ -46,12 +45,16 @@ def set_top_tasks(method, m: int | None) -> None:
     method.config.cil_top_tasks = m
 
 
-class ShareClassIncremental:
-    """Class-incremental scoring for Share (a mixin: needs ``ShareMethod``'s ``task``, ``router``,
-    ``heads``, ``taskid_heads``, ``prototypes``, ``class_stats``, ``config``, ``_features`` and ``batched``)."""
+class ShareClassIncremental(ContinualMethod):
+    """Class-incremental scoring for Share: the base of :class:`~sharecl.methods.share.ShareMethod`,
+    which builds the state declared here."""
+
+    config: Any  # a ShareConfig
+    prototypes: dict[str, torch.Tensor]
+    taskid_heads: TaskHeads
 
     @torch.no_grad()
-    def task_class_statistics(self: ShareMethod, task: Task, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    def task_class_statistics(self, task: Task, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """Class means ``(C, hidden)`` and covariances ``(C, hidden, hidden)`` (float32) of
         ``task``'s training features under the task's own coefficients, for the Mahalanobis
         task-identification score (:meth:`cil_logits`); kept as computed, like the prototypes."""
@@ -62,7 +65,7 @@ class ShareClassIncremental:
         return class_statistics(feats, torch.tensor(task.train_labels), task.num_classes)
 
     @torch.no_grad()
-    def class_prototypes(self: ShareMethod, task: Task, batch_size: int = 64) -> torch.Tensor:
+    def class_prototypes(self, task: Task, batch_size: int = 64) -> torch.Tensor:
         """Class-mean pooled features of ``task``'s training inputs under the task's own (merged)
         coefficients: float32 ``(num_classes, hidden)`` on the CPU [ours; the nearest-class-mean
         rule, Rebuffi et al. 2017 §2.1, used here to identify the task in class-incremental inference].
@@ -86,7 +89,7 @@ class ShareClassIncremental:
         return (sums / counts.clamp_min(1.0)[:, None]).float()
 
     @torch.no_grad()
-    def cil_features(self: ShareMethod, inputs: list) -> torch.Tensor:
+    def cil_features(self, inputs: list) -> torch.Tensor:
         """The **base model's** pooled features ``(N, hidden)`` float32 (no task's coefficients).
 
         Share never changes the pretrained weights ``W0`` (every task lives in its coefficients),
@@ -95,7 +98,7 @@ class ShareClassIncremental:
         with self.router.nowhere():
             return self._features(inputs)
 
-    def align_classifier(self: ShareMethod, task: Task, cfg) -> dict:
+    def align_classifier(self, task: Task, cfg) -> dict:
         """``--align`` for Share [ours]: keep ``task``'s class statistics on the base model's
         features (:meth:`cil_features`), add a task-identification head for it (``C`` classes on
         ``hidden`` base features, PyTorch's default init), then re-train every task's
@@ -133,13 +136,13 @@ class ShareClassIncremental:
         self.config.cil_score = "aligned"
         return {**info, "classes": sum(len(self.task_classes[t]) for t in names)}
 
-    def taskid_tensors(self: ShareMethod) -> dict[str, torch.Tensor]:
+    def taskid_tensors(self) -> dict[str, torch.Tensor]:
         """``taskid.<task>.weight`` / ``.bias`` of every task-identification head (all of them:
         every alignment re-trains every one)."""
         return {f"taskid.{t}.{k}": v.detach().contiguous() for t in self.task_names if t in self.taskid_heads
                 for k, v in self.taskid_heads.heads[t].state_dict().items()}
 
-    def load_taskid(self: ShareMethod, tensors: dict[str, torch.Tensor], tasks: list[dict]) -> None:
+    def load_taskid(self, tensors: dict[str, torch.Tensor], tasks: list[dict]) -> None:
         """Inverse of :meth:`taskid_tensors`."""
         for t in tasks:
             if f"taskid.{t['name']}.weight" in tensors:
@@ -148,7 +151,7 @@ class ShareClassIncremental:
                 head.load_state_dict({"weight": w, "bias": tensors[f"taskid.{t['name']}.bias"]})
 
     @torch.no_grad()
-    def cil_logits(self: ShareMethod, inputs: list, score: str | None = None) -> torch.Tensor:
+    def cil_logits(self, inputs: list, score: str | None = None) -> torch.Tensor:
         """Class-incremental scores ``(N, total classes)``: Share's task-identification rule [ours].
 
         The Share paper selects coefficients by task id. Without one, every input is run under
@@ -252,7 +255,7 @@ class ShareClassIncremental:
         return torch.cat(out, -1)
 
     @torch.no_grad()
-    def _aligned_top_tasks(self: ShareMethod, inputs: list, log_task: torch.Tensor, m: int) -> torch.Tensor:
+    def _aligned_top_tasks(self, inputs: list, log_task: torch.Tensor, m: int) -> torch.Tensor:
         """The aligned score run under each input's ``m`` most likely tasks only [ours].
 
         ``log_task`` ``(N, T)`` is ``log p(t | x)``; row ``j·N + i`` of one mixed-task forward runs
