@@ -95,7 +95,7 @@ def _cholesky(covs: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.cholesky(c + ridge * scale[:, None, None] * eye)
 
 
-def sample_features(means: torch.Tensor, covs: torch.Tensor, per_class: int, generator: torch.Generator,
+def sample_features(means: torch.Tensor, covs: torch.Tensor | None, per_class: int, generator: torch.Generator,
                     ridge: float = 1e-3, chol: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``per_class`` features from each class's Gaussian ``N(μ_c, Σ_c + ridge·tr(Σ_c)/h·I)``.
 
@@ -137,7 +137,7 @@ def align_heads(heads: list[nn.Linear], stats: list[tuple[torch.Tensor, torch.Te
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
     def loss_on_sample() -> torch.Tensor:
-        z, y = sample_features(means, None, per_class, generator, chol=chol)
+        z, y = sample_features(means, None, per_class, generator, chol=chol)  # the Cholesky factors replace covs
         z, y = z.to(device), y.to(device)
         return nn.functional.cross_entropy(torch.cat([h(z) for h in heads], -1), y)
 

@@ -14,11 +14,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-__all__ = ["Encoder", "TaskHeads", "default_model_path", "load_encoder", "sha256_files", "weights_hash"]
+__all__ = ["Backbone", "Encoder", "TaskHeads", "default_model_path", "load_encoder", "sha256_files", "weights_hash"]
 
 
 def default_model_path() -> str:
@@ -72,6 +73,22 @@ def weights_hash(path: str | os.PathLike) -> str:
     return _HASHES[key]
 
 
+class Backbone(Protocol):
+    """What a continual method needs of its backbone, whoever built it: :class:`Encoder` (text and
+    vision encoders), :class:`sharecl.generation.lm.CausalLM`, or a model the user wrapped
+    (:func:`sharecl.wrap`)."""
+
+    model: Any
+    device: torch.device
+    hidden_size: int
+    path: str
+    max_length: int
+
+    def tokenize(self, inputs: list) -> dict[str, torch.Tensor]: ...
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+
 @dataclass
 class Encoder:
     """A transformers backbone, its tokenizer and a pooling rule.
@@ -80,15 +97,15 @@ class Encoder:
     ``model(**batch)`` and pools ``last_hidden_state``.
     """
 
-    model: nn.Module
-    tokenizer: object
+    model: Any  # a transformers PreTrainedModel (dynamically typed)
+    tokenizer: Any  # a transformers tokenizer, or None for a vision backbone
     pooling: str
     hidden_size: int
     path: str
     max_length: int = 128
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
-    images: object | None = None  # a sharecl.vision.transforms.ImagePipeline for vision backbones
+    images: Any = None  # a sharecl.vision.transforms.ImagePipeline for vision backbones
 
     @property
     def image_size(self) -> int | None:

@@ -40,7 +40,7 @@ class CoefficientLog:
         self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._new64: list[torch.Tensor] = []  # each step's new coefficients in float64 (what left_multiply reads)
         self.epoch = 0  # how many times the log was folded: a store appends only onto the same checkpoint
-        self._comp = None  # what _composed keeps between merges
+        self._comp: tuple | None = None  # what _composed keeps between merges
 
     @property
     def p(self) -> int:

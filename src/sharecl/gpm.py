@@ -185,18 +185,21 @@ class DualGPM:
         if self.kind == "remove":
             k = _energy_count(sq, total - float((R**2).sum()), total, eps, self.d - before)
             M = U[:, :k] if self.basis is None else torch.cat([self.basis, U[:, :k]], 1)
-            self.basis, _ = torch.linalg.qr(M) if M.shape[1] else (M, None)
-            if self.basis.shape[1] > self.d // 2:  # store the smaller complement from now on
-                self.basis, self.kind = complement(self.basis, self.d - self.basis.shape[1]), "retain"
+            basis = torch.linalg.qr(M)[0] if M.shape[1] else M
+            if basis.shape[1] > self.d // 2:  # store the smaller complement from now on
+                basis, self.kind = complement(basis, self.d - basis.shape[1]), "retain"
+            self.basis = basis
         else:
             # outside energy must fall to ≤ 1 − eps: move the top-k directions of QQᵀC into M
+            basis = self.basis
+            assert basis is not None  # a "retain" memory always holds its complement
             outside = float((R**2).sum())
-            k = _need_removed(sq, outside, total, eps, self.basis.shape[1])
+            k = _need_removed(sq, outside, total, eps, basis.shape[1])
             if k:
                 Uk = U[:, :k]
-                rest = self.basis - Uk @ (Uk.T @ self.basis)
+                rest = basis - Uk @ (Uk.T @ basis)
                 Ur, _, _ = torch.linalg.svd(rest, full_matrices=False)
-                self.basis = Ur[:, : self.basis.shape[1] - k]
+                self.basis = Ur[:, : basis.shape[1] - k]
         return self.dim - before
 
 

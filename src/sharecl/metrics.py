@@ -18,7 +18,8 @@ def _check(R: list[list[float | None]]) -> int:
         raise ValueError("the accuracy matrix must be square, one row and one column per task")
     for i in range(T):
         for j in range(i + 1):
-            if R[i][j] is None or not 0.0 <= R[i][j] <= 1.0:
+            v = R[i][j]
+            if v is None or not 0.0 <= v <= 1.0:
                 raise ValueError(f"R[{i}][{j}] = {R[i][j]!r} must be a fraction in [0, 1]")
     return T
 

@@ -83,6 +83,7 @@ def choose_rank(s: torch.Tensor, *, k: int | None, energy: float | None, k_max: 
             raise ValueError(f"k must be >= 1, got {k}")
         chosen = k
     else:
+        assert energy is not None  # exactly one of the two is given (checked above)
         if not 0 < energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
         e = s.to(_F) ** 2

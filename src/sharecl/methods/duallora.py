@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sharecl.adapters.branches import DualLoRALinear
-from sharecl.backbone import Encoder
+from sharecl.backbone import Backbone
 from sharecl.data.tasks import Task
 from sharecl.gpm import DualGPM, inflora_threshold, load_memories, memory_tensors, memory_threshold
 from sharecl.inject import wrap_targets
@@ -108,7 +108,7 @@ class DualLoRAMethod(ContinualMethod):
     storable = True
     needs_data = True  # designs its adapter from the task's input covariances
 
-    def __init__(self, encoder: Encoder, seed: int = 0, config: DualLoRAConfig | None = None, **overrides):
+    def __init__(self, encoder: Backbone, seed: int = 0, config: DualLoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
         self.config = self.make_config(config, overrides, targets_from=encoder.model)
         cfg = self.config

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sharecl.adapters.branches import InfLoRALinear
-from sharecl.backbone import Encoder
+from sharecl.backbone import Backbone
 from sharecl.data.tasks import Task
 from sharecl.gpm import DualGPM, inflora_threshold, load_memories, memory_tensors, memory_threshold
 from sharecl.inject import wrap_targets
@@ -91,7 +91,7 @@ class InfLoRAMethod(ContinualMethod):
     needs_data = True  # designs its adapter from the task's input covariances
     task_independent_backbone = True  # every task's B_t A_t is merged into W
 
-    def __init__(self, encoder: Encoder, seed: int = 0, config: InfLoRAConfig | None = None, **overrides):
+    def __init__(self, encoder: Backbone, seed: int = 0, config: InfLoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
         self.config = self.make_config(config, overrides, targets_from=encoder.model)
         self.layers: dict[str, InfLoRALinear] = wrap_targets(encoder.model, self.config.target_modules, lambda lin: InfLoRALinear(lin, self.router))

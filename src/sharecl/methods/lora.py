@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sharecl.backbone import Encoder
+from sharecl.backbone import Backbone
 from sharecl.data.tasks import Task
 from sharecl.inject import find_targets
 from sharecl.methods.base import ContinualMethod, register
@@ -52,7 +52,7 @@ class _PeftLoRA(ContinualMethod):
 
     config_class = LoRAConfig
 
-    def __init__(self, encoder: Encoder, seed: int = 0, config: LoRAConfig | None = None, **overrides):
+    def __init__(self, encoder: Backbone, seed: int = 0, config: LoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
         self.config = self.make_config(config, overrides, targets_from=encoder.model)
         targets = find_targets(encoder.model, self.config.target_modules)

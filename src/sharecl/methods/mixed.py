@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -21,7 +21,7 @@ class MixedTaskInference:
     # what the mixin reads of the method it is mixed into (sharecl.methods.base.ContinualMethod)
     encoder: Any
     heads: Any
-    task_independent_backbone: bool
+    task_independent_backbone: ClassVar[bool]
     check_task: Callable[[str], None]
     task: Callable[[str], contextlib.AbstractContextManager]
     logits: Callable[..., torch.Tensor]
@@ -63,7 +63,7 @@ class MixedTaskInference:
             idx = [i for i, n in enumerate(task_names) if n == t]
             for i, row in zip(idx, self.logits([inputs[i] for i in idx], t)):
                 out[i] = row
-        return out
+        return [row for row in out if row is not None]  # every row was filled: each belongs to a task
 
     @torch.no_grad()
     def mixed_generate(self, prompts: list, task_names: list[str], max_new_tokens: list[int]) -> list[list[int]]:
@@ -95,7 +95,7 @@ class MixedTaskInference:
             with route:
                 ids = lm.generate_ids(list(prompts), max_new_tokens=max(max_new_tokens))
         else:
-            ids = [None] * len(prompts)
+            ids: list = [None] * len(prompts)
             for t in dict.fromkeys(task_names):
                 idx = [i for i, n in enumerate(task_names) if n == t]
                 with self.task(t):

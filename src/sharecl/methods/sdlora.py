@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from sharecl.adapters.branches import SDLoRALinear
-from sharecl.backbone import Encoder
+from sharecl.backbone import Backbone
 from sharecl.data.tasks import Task
 from sharecl.inject import wrap_targets
 from sharecl.methods.base import ContinualMethod, register
@@ -117,7 +117,7 @@ class SDLoRAMethod(ContinualMethod):
     task_independent_backbone = True  # every direction with its current magnitude, whatever the task
     _variant: dict = {}
 
-    def __init__(self, encoder: Encoder, seed: int = 0, config: SDLoRAConfig | None = None, **overrides):
+    def __init__(self, encoder: Backbone, seed: int = 0, config: SDLoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
         self.config = self.make_config(config, overrides, targets_from=encoder.model)  # a copy, with the variant's preset
         s = self.config.lora_alpha / self.config.r

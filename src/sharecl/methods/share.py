@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sharecl.adapters.share import INITS, PHI_INITS, ShareLinear
-from sharecl.backbone import Encoder, TaskHeads
+from sharecl.backbone import Backbone, TaskHeads
 from sharecl.coeff_log import CoefficientLog
 from sharecl.data.tasks import Task, check_task_name
 from sharecl.inject import default_targets, set_submodule, wrap_targets
@@ -204,7 +204,7 @@ class ShareMethod(ShareClassIncremental):
     aligns = True  # on the base model's features, for task identification (ShareClassIncremental.align_classifier)
     storable = True
 
-    def __init__(self, encoder: Encoder, seed: int = 0, config: ShareConfig | None = None, **overrides):
+    def __init__(self, encoder: Backbone, seed: int = 0, config: ShareConfig | None = None, **overrides):
         super().__init__(encoder, seed)
         given = self.make_config(config, overrides)  # a copy: the caller's stays as given
         self.config = given.resolved("lm" if self.modality == "lm" else "encoder")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sharecl.backbone import Encoder
+from sharecl.backbone import Backbone
 from sharecl.data.tasks import Task
 from sharecl.methods.base import register
 from sharecl.methods.share import ShareConfig, ShareMethod
@@ -43,7 +43,7 @@ class ShareFullMethod(ShareMethod):
     config_class = ShareFullConfig
     storable = False
 
-    def __init__(self, encoder: Encoder, seed: int = 0, config: ShareFullConfig | None = None, **overrides):
+    def __init__(self, encoder: Backbone, seed: int = 0, config: ShareFullConfig | None = None, **overrides):
         super().__init__(encoder, seed, self.make_config(config, overrides))
         self._seen: dict[str, Task] = {}  # every learned task with its data (what makes it not strict)
 

@@ -7,7 +7,9 @@ import concurrent.futures
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,7 +46,8 @@ def _generate(method, inputs: list, tasks: list[str], options: list) -> list:
 
 #: What a batch runs, by kind: ``(run(method, inputs, tasks, options) -> one result per row,
 #: finish(a request's rows) -> its answer)``.
-KINDS = {"classify": (_classify, _probabilities), "generate": (_generate, list)}
+KINDS: dict[str, tuple[Callable[..., list], Callable[[list], Any]]] = {"classify": (_classify, _probabilities),
+                                                                      "generate": (_generate, list)}
 
 
 class MicroBatcher:

@@ -70,7 +70,7 @@ def decode_image(source: str | Path | bytes | io.BytesIO, max_side: int | None =
                 img = im.convert("RGB")
                 if max_side and min(img.size) > max_side:
                     s = max_side / min(img.size)
-                    img = img.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.BILINEAR,
+                    img = img.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.Resampling.BILINEAR,
                                      reducing_gap=3.0)
                 return np.asarray(img, dtype=np.uint8).copy()
     except ImageRefused:

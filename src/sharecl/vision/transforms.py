@@ -53,7 +53,7 @@ def resize(img: Image.Image, size: int) -> Image.Image:
     if min(w, h) == size:
         return img
     s = size / min(w, h)
-    return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR)
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -75,13 +75,13 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, s
         cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < cw <= w and 0 < ch <= h:
             left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            return img.resize((size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+            return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
     return center_crop(resize(img, size), size)
 
 
 def hflip(img: Image.Image, rng: np.random.Generator, p: float = 0.5) -> Image.Image:
     """Mirror left-right with probability ``p``."""
-    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < p else img
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < p else img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
