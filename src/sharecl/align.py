@@ -17,6 +17,8 @@ factor-analysis form), and :func:`full_covariances` expands either form where Σ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -102,14 +104,16 @@ def sample_features(means: torch.Tensor, covs: torch.Tensor | None, per_class: i
     Returns:
         ``z (C·per_class, hidden)`` float32 and labels ``(C·per_class,)`` int64 (class-major).
     """
-    L = _cholesky(covs, ridge) if chol is None else chol
+    if chol is None and covs is None:
+        raise ValueError("give the class covariances, or their Cholesky factors as chol")
+    L = _cholesky(covs, ridge) if chol is None else chol  # type: ignore[arg-type]  # covs is given when chol is not
     C, h = means.shape
     eps = torch.randn(C, per_class, h, generator=generator, dtype=torch.float64)
     z = means.to(torch.float64)[:, None, :] + eps @ L.transpose(1, 2)
     return z.reshape(C * per_class, h).float(), torch.arange(C).repeat_interleave(per_class)
 
 
-def align_heads(heads: list[nn.Linear], stats: list[tuple[torch.Tensor, torch.Tensor]], *, steps: int, per_class: int,
+def align_heads(heads: Sequence[nn.Module], stats: Sequence[tuple[torch.Tensor, ...]], *, steps: int, per_class: int,
                 lr: float, generator: torch.Generator, ridge: float = 1e-3) -> dict:
     """Re-train the concatenated heads on features sampled from every seen class's Gaussian.
 
@@ -132,7 +136,7 @@ def align_heads(heads: list[nn.Linear], stats: list[tuple[torch.Tensor, torch.Te
     stats = [full_covariances(st) for st in stats]
     means = torch.cat([m for m, _ in stats])
     chol = torch.cat([_cholesky(c, ridge) for _, c in stats])
-    device = heads[0].weight.device
+    device = next(heads[0].parameters()).device
     params = [p for h in heads for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 

@@ -80,9 +80,11 @@ class Backbone(Protocol):
 
     model: Any
     device: torch.device
-    hidden_size: int
     path: str
     max_length: int
+
+    @property
+    def hidden_size(self) -> int: ...
 
     def tokenize(self, inputs: list) -> dict[str, torch.Tensor]: ...
 

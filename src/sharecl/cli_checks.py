@@ -67,7 +67,7 @@ _OS_FIXES = {
 def os_error_message(exc: OSError) -> str:
     """One sentence for an ``OSError``: what failed, on which path, and what to do."""
     path = f" {exc.filename}" if exc.filename else ""
-    fix = _OS_FIXES.get(exc.errno, "check the path and the disk")
+    fix = _OS_FIXES.get(exc.errno or 0, "check the path and the disk")
     return f"{exc.strerror or exc}:{path}; {fix}. A store keeps its previous version (writes are atomic)"
 
 

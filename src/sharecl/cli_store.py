@@ -187,7 +187,7 @@ def learn(
         score, what = _held_out(method, t)
         dist.barrier()  # every rank finished: a rank lost before this point leaves the store untouched
         manifest = save_store(method, store) if dist.is_main() else None
-    if not dist.is_main():
+    if not dist.is_main() or manifest is None:
         return
     size = f"{t.num_classes} classes, " if modality != "lm" else ""
     console.print(f"learned [bold]{task}[/] ({size}{len(t.train_inputs)} train): held-out {what} {100 * score:.1f}% "
@@ -292,7 +292,7 @@ def predict(
     if headless:
         raise ValueError(f"task(s) {headless[:3]} were added as adapters only and have no classification head; they can be "
                          "exported, not predicted" + ("; pass --task with a task that has one" if task is None else ""))
-    xs = list(inputs)
+    xs: list = list(inputs)
     if method.encoder.images is not None:
         from sharecl.data.image_files import read_image
 

@@ -41,7 +41,7 @@ METRICS = [
 ]
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
         return None, None

@@ -56,7 +56,7 @@ _NOWHERE = Route()
 class Router:
     """A per-model routing context. Layers hold a reference; methods enter routes with :meth:`use`."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._var: contextvars.ContextVar[Route] = contextvars.ContextVar(f"sharecl-route-{next(_ids)}", default=_NOWHERE)
 
     def __deepcopy__(self, memo) -> Router:

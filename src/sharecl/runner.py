@@ -9,16 +9,18 @@ each one (the accuracy matrix), and write ``OUT/<method>/results.json`` and
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sharecl import distributed as dist
 from sharecl.backbone import load_encoder
-from sharecl.data.tasks import Stream
+from sharecl.data.tasks import Stream, Task
 from sharecl.methods.base import build_method
 from sharecl.metrics import forward_transfer, summarize
 from sharecl.objectives import objective_of
@@ -49,8 +51,8 @@ def _rows(method, stream: Stream, upto: int, cfg: TrainConfig, samples: dict | N
     seen = stream.tasks[: upto + 1]
     if stream.scenario == "cil" and method.one_forward_til_and_cil:
         offsets = method.class_offsets()  # one backbone forward gives both scores
-        both = [evaluate_many(lambda xs, n=t.name: method.til_and_cil_logits(xs, n), t, cfg.eval_batch_size, [0, offsets[t.name]])
-                for t in seen]
+        both = [evaluate_many(functools.partial(method.til_and_cil_logits, task_name=t.name), t, cfg.eval_batch_size,
+                              [0, offsets[t.name]]) for t in seen if isinstance(t, Task)]  # class-incremental: classification
         return [b[0] for b in both], [b[1] for b in both]
     til = [_score(method, t, cfg, samples) for t in seen]
     if stream.scenario != "cil":
@@ -110,12 +112,15 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
     T = len(stream)
     R: list[list[float | None]] = [[None] * T for _ in range(T)]
     R_til: list[list[float | None]] = [[None] * T for _ in range(T)]
-    seconds, infos, stored, samples = [], [], [], {}
+    seconds: list[float] = []
+    infos: list[dict] = []
+    stored: list[float] = []
+    samples: dict[str, list] = {}
     steps = [(T - 1, None)] if getattr(method, "joint", False) else [(i, t) for i, t in enumerate(stream)]
     for i, task in steps:
         t0 = time.perf_counter()
         if task is None:
-            info = method.learn_all(stream.tasks, cfg, stream.scenario, rss=rss, progress=progress)
+            info = method.learn_all(stream.tasks, cfg, stream.scenario, rss=rss, progress=progress)  # type: ignore[attr-defined]  # a joint method
         else:
             info = method.learn(task, cfg, rss=rss, progress=progress)
         seconds.append(time.perf_counter() - t0)
@@ -130,8 +135,8 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
         rss.sample()
         R_til[i][: i + 1] = til
         R[i][: i + 1] = cil if cil is not None else til
-        log(f"{method_name} · after {label}: " + "  ".join(f"{100 * a:.1f}" for a in R[i][: i + 1]) + f"   ({seconds[-1]:.0f} s)")
-    results = {
+        log(f"{method_name} · after {label}: " + "  ".join(f"{100 * (a or 0):.1f}" for a in R[i][: i + 1]) + f"   ({seconds[-1]:.0f} s)")
+    results: dict[str, Any] = {
         "method": method_name, "stream": stream.name, "scenario": stream.scenario,
         "tasks": [t.name for t in stream], "accuracy_matrix": R, **summarize(R),
     }

@@ -292,6 +292,7 @@ def save_store(method, path: str | Path, *, extra: dict | None = None, compact: 
         tensors = None
         if compact is not True and _can_append(method, key, previous):
             start = _LINKS[method][3]
+            assert previous is not None  # _can_append checked it
             tensors, new = method.log_tensors(start)
             steps = method.log_steps() - start
             kinds = {n: method.task_origin(n) for n in new}
@@ -302,6 +303,7 @@ def save_store(method, path: str | Path, *, extra: dict | None = None, compact: 
             if compact is None and _outgrows(previous["files"], tensors, method):
                 tensors = None  # fold the log into a checkpoint instead
         if tensors is not None:
+            assert previous is not None
             name = f"log-v{version}-{token}.safetensors"
             files = {"state": previous["files"]["state"], "log": list(previous["files"].get("log", []))}
         else:
@@ -355,7 +357,7 @@ def load_store(path: str | Path, *, model_path: str | None = None, device: str |
         StoreError: see :func:`read_manifest`; a damaged state file; a base model whose
             weights differ from the one the store was built on.
     """
-    from sharecl.backbone import load_encoder, weights_hash
+    from sharecl.backbone import Backbone, load_encoder, weights_hash
 
     p = Path(path)
     manifest = read_manifest(p)
@@ -368,12 +370,13 @@ def load_store(path: str | Path, *, model_path: str | None = None, device: str |
         raise StoreError(f"base model at {base} differs from the one this store was built on (sha256 mismatch); "
                          f"use the original base model")
     tensors, tasks, meta = _read_all(p, manifest)
+    encoder: Backbone
     if manifest.get("modality") == "lm":  # a causal LM with generation tasks
         from sharecl.generation.lm import load_causal_lm
 
-        encoder = load_causal_lm(base, max_length=manifest.get("max_length", 256), device=device, precision=precision,
+        encoder = lm = load_causal_lm(base, max_length=manifest.get("max_length", 256), device=device, precision=precision,
                                  chat=manifest.get("chat"))
-        _check_tokenizer(p, manifest["base_model"].get("tokenizer"), encoder.identity())
+        _check_tokenizer(p, manifest["base_model"].get("tokenizer"), lm.identity())
     else:
         encoder = load_encoder(base, max_length=manifest.get("max_length", 128), device=device, precision=precision,
                                image_size=manifest.get("image_size") or 56)

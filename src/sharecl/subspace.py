@@ -12,8 +12,12 @@ Conventions (PEFT's): ``B`` is the up-projection ``(d_out, r)``, ``A`` the down-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sharecl.coeff_log import CoefficientLog
 
 __all__ = [
     "balanced_factors",
@@ -258,8 +262,8 @@ def _choose_basis(w, s, s_full, shape, tail, k, energy, k_max, store_dtype):
 def merge_subspace(
     U: torch.Tensor | None,
     V: torch.Tensor | None,
-    coeff_B: torch.Tensor | None,
-    coeff_A: torch.Tensor | None,
+    coeff_B: torch.Tensor | CoefficientLog | None,
+    coeff_A: torch.Tensor | CoefficientLog | None,
     new_B: torch.Tensor,
     new_A: torch.Tensor,
     *,
@@ -326,6 +330,7 @@ def merge_subspace(
         V = na.new_zeros(d_in, 0)
         coeff_B = nb.new_zeros(0, 0, p)
         coeff_A = na.new_zeros(0, 0, p)
+    assert V is not None and coeff_B is not None and coeff_A is not None, "an old basis comes with V and its tasks' coefficients"
     U, V, cB, cA = U.to(_F), V.to(_F), coeff_B, coeff_A  # coefficients: read where needed (_full / _left)
     kb, ka = U.shape[1], V.shape[1]
 

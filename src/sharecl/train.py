@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sharecl import distributed as dist
-from sharecl.data.tasks import Task
+from sharecl.data.tasks import Task, TaskLike
 
 __all__ = ["DEFAULT_LR", "TrainConfig", "NonFiniteLossError", "train_steps", "predict_logits", "evaluate", "evaluate_many", "PeakRSS"]
 
@@ -157,7 +157,7 @@ def _ddp(forward: Callable, params: list[nn.Parameter], some_unused: bool) -> Ca
                                    find_unused_parameters=some_unused)
 
 
-def train_steps(forward: Callable, param_groups: Sequence[dict], task: Task, cfg: TrainConfig,
+def train_steps(forward: Callable, param_groups: Sequence[dict], task: TaskLike, cfg: TrainConfig,
                 *, steps: int | None = None, desc: str = "", generator: torch.Generator | None = None,
                 rss: PeakRSS | None = None, progress: bool = True, some_unused: bool = False) -> list[float]:
     """Train on ``task``'s training split; returns the loss of every step (the mean over the global

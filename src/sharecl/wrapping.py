@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -261,15 +262,16 @@ def wrap(model: nn.Module | str | Path, config, *, method: str | None = None, se
     name = method or method_for_config(config)
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
+    method_cls: Any = METHODS[name]  # every registered method takes (backbone, seed=, config=)
     if isinstance(model, (str, Path)):
         from sharecl.backbone import load_encoder
         from sharecl.generation.lm import is_causal_lm_dir, load_causal_lm
 
         loaded = load_causal_lm(model) if is_causal_lm_dir(model) else load_encoder(str(model))
-        return ContinualModel(loaded.model, METHODS[name](loaded, seed=seed, config=config))
+        return ContinualModel(loaded.model, method_cls(loaded, seed=seed, config=config))
     for p in model.parameters():
         p.requires_grad_(False)
     causal = any(a.endswith("ForCausalLM") for a in getattr(getattr(model, "config", None), "architectures", None) or []) \
         or hasattr(model, "generate") and hasattr(model, "lm_head")
     backbone = _ModelBackbone(model, "lm" if causal else "text")
-    return ContinualModel(model, METHODS[name](backbone, seed=seed, config=config))
+    return ContinualModel(model, method_cls(backbone, seed=seed, config=config))

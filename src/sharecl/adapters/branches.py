@@ -140,7 +140,7 @@ class SDLoRALinear(StatsLinear):
         self.register_buffer("A_old", base.weight.new_zeros(0, self.in_features))
         self.register_buffer("B_old", base.weight.new_zeros(self.out_features, 0))
         self.ranks: list[int] = []  # rank of each old direction
-        self.magnitudes: list[torch.Tensor] = []  # set by the method: α_k (0-dim) per old task, then α_t
+        self.magnitudes: list[nn.Parameter] = []  # set by the method: α_k (0-dim) per old task, then α_t
         self.A: nn.Parameter | None = None
         self.B: nn.Parameter | None = None
 
@@ -192,7 +192,7 @@ class SDLoRALinear(StatsLinear):
         self.observe(x)
         y = self.base(x)
         if self.ranks:
-            alpha = torch.stack(self.magnitudes[: len(self.ranks)])
+            alpha = torch.stack(list(self.magnitudes[: len(self.ranks)]))
             cols = torch.repeat_interleave(alpha, torch.tensor(self.ranks, device=alpha.device))
             y = y + ((x @ self.A_old.T) * cols) @ self.B_old.T
         A, B = self.A, self.B

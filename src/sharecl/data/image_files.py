@@ -80,8 +80,9 @@ def load_image_folder(root: str | Path, *, max_side: int | None = 256) -> ImageD
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory; expected root/<class>/<image files>")
     if (root / "train").is_dir() and (root / "test").is_dir():
-        train = load_image_folder(root / "train", max_side=max_side)
-        test = load_image_folder(root / "test", max_side=max_side)
+        train, test = load_image_folder(root / "train", max_side=max_side), load_image_folder(root / "test", max_side=max_side)
+        if isinstance(train, tuple) or isinstance(test, tuple):
+            raise ValueError(f"{root}/train and {root}/test must each hold <class>/<image> directories, not train/ and test/ again")
         unknown = sorted(set(test.classes) - set(train.classes))
         if unknown:
             raise ValueError(f"{root}/test has classes {unknown[:5]} that {root}/train lacks")

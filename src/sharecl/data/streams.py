@@ -208,7 +208,7 @@ def fmnist_then_mnist(seed: int = 0, train_per_class: int = 200, test_per_class:
     """Task-incremental: the 5 Fashion-MNIST tasks, then the 5 MNIST tasks (a domain shift half-way)."""
     a = fmnist_cil(seed, train_per_class, test_per_class, image_size)
     b = mnist_cil(seed, train_per_class, test_per_class, image_size)
-    return Stream("fmnist-then-mnist", a.tasks + b.tasks, seed, "til", modality="image", image_size=image_size)
+    return Stream("fmnist-then-mnist", [*a.tasks, *b.tasks], seed, "til", modality="image", image_size=image_size)
 
 
 def images20(seed: int = 0, train_per_class: int = 100, test_per_class: int = 50, image_size: int = 56) -> Stream:

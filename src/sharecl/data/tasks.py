@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
 
 from sharecl.objectives import CLASSIFICATION
+
+if TYPE_CHECKING:
+    from sharecl.generation.tasks import GenerationTask
+
+#: a task of any objective: classification (:class:`Task`) or generation (``GenerationTask``)
+TaskLike = Union["Task", "GenerationTask"]
 
 __all__ = ["Task", "Stream", "split_task", "check_task_name", "validation_stream"]
 
@@ -92,7 +100,7 @@ class Stream:
     """An ordered sequence of tasks."""
 
     name: str
-    tasks: list[Task]
+    tasks: Sequence[TaskLike]
     seed: int
     scenario: str = "til"
     modality: str = "text"  # "text", "image" or "lm" (generation tasks): which default backbone reads it

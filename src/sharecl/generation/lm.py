@@ -334,7 +334,7 @@ def tokenizer_identity(tokenizer, chat: bool) -> dict:
             "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest() if chat else None}
 
 
-def load_causal_lm(path: str | os.PathLike | None = None, *, max_length: int = 256, device: str | None = "cpu",
+def load_causal_lm(path: str | os.PathLike | None = None, *, max_length: int = 256, device: str | torch.device | None = "cpu",
                    precision: str = "fp32", chat: bool | None = None) -> CausalLM:
     """Load a causal LM with ``AutoModelForCausalLM.from_pretrained`` (offline), frozen, in eval mode.
 

@@ -63,6 +63,7 @@ class ContinualMethod(MixedTaskInference, ABC):
     config_class: ClassVar[type | None] = None
     #: the kinds of task the method learns: ``classification`` (a head) and/or ``generation`` (a causal LM)
     task_kinds: ClassVar[tuple[str, ...]] = ("classification", "generation")
+    config: Any  #: the method's options, an instance of :attr:`config_class` (set by ``__init__``)
     #: how tables and plots name the method (default: its registered name)
     label: ClassVar[str] = ""
     #: its place in ``sharecl compare --methods all`` (None: run only when named)
@@ -394,11 +395,12 @@ class ContinualMethod(MixedTaskInference, ABC):
         are added over ranks before dividing, so every rank gets the covariance of all of ``inputs``.
         """
         from sharecl import distributed as dist
+        from sharecl.adapters.branches import StatsLinear
 
-        layers = self.layers
+        layers = {n: m for n, m in self.layers.items() if isinstance(m, StatsLinear)}
         for m in layers.values():
             m.reset_stats()
-        mine = dist.shard(inputs)
+        mine = list(dist.shard(inputs))
         with self.router.use(collect=True):
             for i in range(0, len(mine), batch_size):
                 self._features(mine[i: i + batch_size])

@@ -99,7 +99,7 @@ class InfLoRAMethod(ContinualMethod):
         self.memory: dict[str, DualGPM] = {}
         self.thresholds: list[float] = []
 
-    def _group_inputs(self, covs: dict[str, torch.Tensor]) -> None:
+    def _group_inputs(self, covs: dict[str, torch.Tensor]) -> dict[str, list[str]]:
         """Group modules with bitwise-equal input covariances (one input) and give each group a memory."""
         groups: dict[str, list[str]] = {}
         for n in self.layers:
@@ -107,6 +107,7 @@ class InfLoRAMethod(ContinualMethod):
             groups.setdefault(rep, []).append(n)
         self.groups = groups
         self.memory = {g: DualGPM(self.layers[g].in_features) for g in groups}
+        return groups
 
     def memory_for(self, module: str) -> DualGPM:
         """The memory of ``module``'s input group.
@@ -122,10 +123,9 @@ class InfLoRAMethod(ContinualMethod):
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
         head = self._add_task(task)
         covs = self.input_covariances(task.train_inputs, cfg.eval_batch_size)
-        if self.groups is None:
-            self._group_inputs(covs)
+        groups = self.groups if self.groups is not None else self._group_inputs(covs)
         params = []
-        for g, members in self.groups.items():
+        for g, members in groups.items():
             A = self.memory[g].design(covs[g], self.config.r).T * self.config.down_scale
             params += [self.layers[n].begin_task(A) for n in members]
         return [{"params": params, "lr": self.config.lr or cfg.lr}, *self._head_groups(head, cfg)]
@@ -134,6 +134,8 @@ class InfLoRAMethod(ContinualMethod):
         covs = self.input_covariances(task.train_inputs, cfg.eval_batch_size)
         eps_t = memory_threshold(self.config.eps, len(self.task_names) - 1, self.num_tasks)
         self.thresholds.append(eps_t)
+        if self.groups is None:
+            raise RuntimeError("end_task before begin_task: InfLoRA designs its memory groups when a task begins")
         for g in self.groups:
             self.memory[g].update(covs[g], eps_t)
         for layer in self.layers.values():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ class _PeftLoRA(ContinualMethod):
         targets = find_targets(encoder.model, self.config.target_modules)
         dims = [encoder.model.get_submodule(n) for n in targets]
         self._adapter_numbers = self.config.r * sum(m.in_features + m.out_features for m in dims)
-        self.peft_model = None
+        self.peft_model: Any = None  # a peft.PeftModel once the first adapter exists
 
     def _lora_config(self):
         from peft import LoraConfig
@@ -200,7 +201,7 @@ class JointLoRAMethod(_PeftLoRA):
             inputs += [(i, x) for x in t.train_inputs]
             labels += [offsets[t.name] + y for y in t.train_labels]
             classes += [f"{t.name}/{c}" for c in t.classes]
-        union = Task("joint", classes, inputs, labels, [], [])
+        joint = Task("joint", classes, inputs, labels, [], [])
         bounds = [(offsets[t.name], offsets[t.name] + t.num_classes) for t in tasks]
 
         def forward(batch: list, ys: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,8 +214,8 @@ class JointLoRAMethod(_PeftLoRA):
             return torch.nn.functional.cross_entropy(logits, ys, reduction=reduction), torch.tensor(float(len(batch)))
 
         groups = [{"params": params, "lr": self.config.lr or cfg.lr},
-                  {"params": [p for h in heads for p in h.parameters()], "lr": cfg.head_lr}]
-        losses = train_steps(forward, groups, union, cfg, steps=cfg.steps * len(tasks), desc=f"{self.name} · all tasks",
+                  {"params": [p for h in heads if h is not None for p in h.parameters()], "lr": cfg.head_lr}]
+        losses = train_steps(forward, groups, joint, cfg, steps=cfg.steps * len(tasks), desc=f"{self.name} · all tasks",
                              generator=self.generator(11), rss=rss, progress=progress, some_unused=True)
         for p in self.peft_model.parameters():
             p.requires_grad_(False)

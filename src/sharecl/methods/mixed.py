@@ -91,11 +91,12 @@ class MixedTaskInference:
         if min(max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {min(max_new_tokens)}")
         route = self.mixed_route(task_names)
+        ids: list
         if route is not None:
             with route:
                 ids = lm.generate_ids(list(prompts), max_new_tokens=max(max_new_tokens))
         else:
-            ids: list = [None] * len(prompts)
+            ids = [None] * len(prompts)
             for t in dict.fromkeys(task_names):
                 idx = [i for i, n in enumerate(task_names) if n == t]
                 with self.task(t):

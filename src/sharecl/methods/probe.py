@@ -8,6 +8,7 @@ forget (heads are per task and the backbone never changes).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 from sharecl.data.tasks import Task
 from sharecl.methods.base import ContinualMethod, register
@@ -33,8 +34,8 @@ class HeadOnlyMethod(ContinualMethod):
     label = "head-only"
     all_order = 7
     config_class = HeadOnlyConfig
-    scenarios = ("til", "cil")
-    task_kinds = ("classification",)  # without a head it is the zero-shot model: see ZeroShotMethod
+    scenarios: ClassVar[tuple[str, ...]] = ("til", "cil")
+    task_kinds: ClassVar[tuple[str, ...]] = ("classification",)  # without a head it is the zero-shot model: see ZeroShotMethod
     task_independent_backbone = True  # the backbone never changes
 
     def __init__(self, encoder, seed: int = 0, **overrides):
@@ -62,9 +63,9 @@ class ZeroShotMethod(HeadOnlyMethod):
     name = "zero-shot"
     label = "zero-shot"
     all_order = 8
-    scenarios = ("til",)
+    scenarios: ClassVar[tuple[str, ...]] = ("til",)
     trains = False
-    task_kinds = ("generation",)
+    task_kinds: ClassVar[tuple[str, ...]] = ("generation",)  # the zero-shot model answers generation tasks only
 
     def begin_task(self, task: Task, cfg: TrainConfig) -> list[dict]:
         if objective_of(task) is not GENERATION:

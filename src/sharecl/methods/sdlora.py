@@ -29,6 +29,7 @@ tasks (HEAD of the official code re-initialises them each task).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -109,7 +110,7 @@ class SDLoRAMethod(ContinualMethod):
 
     name = "sd-lora"
     label = "SD-LoRA"
-    all_order = 2
+    all_order: ClassVar[int | None] = 2
     config_class = SDLoRAConfig
     scenarios = ("til", "cil")
     official_optimizer = "sgd"
@@ -150,7 +151,7 @@ class SDLoRAMethod(ContinualMethod):
             layer.freeze_current()
         for a in self.magnitudes:
             a.requires_grad_(False)
-        info = {"magnitude": float(alpha_t), "update_norm_mean": sum(norms) / len(norms), "rank": layers[0].ranks[-1]}
+        info: dict[str, Any] = {"magnitude": float(alpha_t), "update_norm_mean": sum(norms) / len(norms), "rank": layers[0].ranks[-1]}
         fit = self._kd_fold() if self.config.kd and len(layers[0].ranks) > 1 else None
         self.folded.append(fit)
         if fit is not None:
@@ -218,7 +219,7 @@ class SDLoRARRMethod(SDLoRAMethod):
 
     name = "sd-lora-rr"
     label = "SD-LoRA-RR"
-    all_order = None
+    all_order: ClassVar[int | None] = None
     _variant = {"rr": True}
 
 
@@ -228,5 +229,5 @@ class SDLoRAKDMethod(SDLoRAMethod):
 
     name = "sd-lora-kd"
     label = "SD-LoRA-KD"
-    all_order = None
+    all_order: ClassVar[int | None] = None
     _variant = {"kd": True}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -196,7 +197,7 @@ class ShareMethod(ShareClassIncremental):
 
     name = "share"
     label = "Share"
-    all_order = 0
+    all_order: ClassVar[int | None] = 0
     folds_adapters = True
     exports_peft = True
     config_class = ShareConfig
@@ -254,6 +255,8 @@ class ShareMethod(ShareClassIncremental):
     def _lr(self, cfg: TrainConfig, coefficients: bool = False) -> float:
         """``config.lr`` (else the run's), × ``coeff_lr_ratio`` for coefficients."""
         lr = self.config.lr or cfg.lr
+        if lr is None:
+            raise ValueError("no learning rate: give ShareConfig.lr or TrainConfig.lr (ContinualMethod.learn resolves the run's)")
         return lr * self.config.coeff_lr_ratio if coefficients else lr
 
     def _merge_new(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], task_name: str) -> dict:

@@ -83,7 +83,7 @@ class ShareClassIncremental(ContinualMethod):
         with self.task(task.name):
             for i in range(0, len(xs), batch_size):
                 y = torch.tensor(ys[i: i + batch_size])
-                sums.index_add_(0, y, self._features(xs[i: i + batch_size]).double().cpu())
+                sums.index_add_(0, y, self._features(list(xs[i: i + batch_size])).double().cpu())
                 counts += torch.bincount(y, minlength=C).double()
         sums, counts = dist.all_reduce_sum(sums), dist.all_reduce_sum(counts)
         return (sums / counts.clamp_min(1.0)[:, None]).float()
@@ -96,7 +96,7 @@ class ShareClassIncremental(ContinualMethod):
         so these features, and the class statistics taken on them, never go stale: the one
         feature space in which Share's classes can be aligned across tasks [ours]."""
         with self.router.nowhere():
-            return self._features(inputs)
+            return self._features(list(inputs))
 
     def align_classifier(self, task: Task, cfg) -> dict:
         """``--align`` for Share [ours]: keep ``task``'s class statistics on the base model's
@@ -228,7 +228,8 @@ class ShareClassIncremental(ContinualMethod):
                                  "cil_score='mahalanobis' (--set share.cil_score=mahalanobis); use 'prototype'")
             from sharecl.align import max_class_log_likelihood, pooled_gaussian
 
-            gauss = {t: pooled_gaussian(*self.class_stats[t], shrink=MAHALANOBIS_SHRINK) for t in self.task_names}
+            gauss = {t: pooled_gaussian(self.class_stats[t][0], self.class_stats[t][1], shrink=MAHALANOBIS_SHRINK)
+                     for t in self.task_names}
         T, N = len(self.task_names), len(inputs)
         rows = torch.arange(T, device=self.encoder.device).repeat_interleave(N)
         with self.router.use(task_index=None, row_tasks=rows):

@@ -15,6 +15,7 @@ it depends on is not part of one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from sharecl.backbone import Backbone
 from sharecl.data.tasks import Task
@@ -37,7 +38,7 @@ class ShareFullConfig(ShareConfig):
 class ShareFullMethod(ShareMethod):
     name = "share-full"
     label = "Share-full"
-    all_order = None
+    all_order: ClassVar[int | None] = None
     folds_adapters = False
     exports_peft = False
     config_class = ShareFullConfig

@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Loaded", "StoreWatcher"]
 
@@ -17,7 +18,7 @@ class Loaded:
     """One loaded store version: the method and what the API needs to know about its tasks."""
 
     version: int
-    method: object
+    method: Any  # a ContinualMethod
     classes: dict[str, list[str]]
     kinds: dict[str, str]
     has_head: frozenset[str]

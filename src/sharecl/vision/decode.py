@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class ImageTooLarge(ImageRefused):
     """An image whose declared size is over the limits (refused before decoding)."""
 
 
-def decode_image(source: str | Path | bytes | io.BytesIO, max_side: int | None = 256, *, what: str = "image") -> np.ndarray:
+def decode_image(source: str | Path | bytes | io.BytesIO | BinaryIO, max_side: int | None = 256, *, what: str = "image") -> np.ndarray:
     """Decode one image to RGB uint8 ``(H, W, 3)``, its shorter side cut to ``max_side`` pixels.
 
     Args:
