@@ -243,3 +243,26 @@ def test_wrap_takes_a_local_path(llama_dir, tiny_model_dir):
     assert cl.method.modality == "lm" and len(cl.method.layers) == 4 and cl.model is cl.method.encoder.model
     enc = sharecl.wrap(tiny_model_dir, InfLoRAConfig(r=2))
     assert enc.method.modality == "text" and enc.method.encoder.tokenizer is not None
+
+
+def test_a_mixed_task_batch_through_the_users_model(llama_dir):
+    """``with cl.mixed(names)``: one forward of the user's model computes each row for its own task."""
+    from transformers import AutoModelForCausalLM
+
+    lm = tiny_lm()
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    cl = sharecl.wrap(model, ShareConfig(k=8, p=2, r=2))
+    for name, answer in (("ask", "yes"), ("tell", "no")):
+        batches = _batches(lm, tiny_generation_task(name, answer))
+        _train(model, cl.begin_task(name), batches, steps=10)
+        cl.end_task()
+    batch = lm.tokenize(tiny_generation_task("ask", "yes").test_inputs[:2] + tiny_generation_task("tell", "no").test_inputs[:2])
+    names = ["ask", "ask", "tell", "tell"]
+    with cl.mixed(names), torch.no_grad():
+        mixed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for i, t in enumerate(names):
+        with cl.task(t), torch.no_grad():
+            alone = model(input_ids=batch["input_ids"][i:i + 1], attention_mask=batch["attention_mask"][i:i + 1]).logits[0]
+        torch.testing.assert_close(mixed[i], alone, atol=1e-4, rtol=1e-4)
+    with pytest.raises(KeyError):
+        cl.mixed(["nope"])

@@ -178,6 +178,21 @@ class ContinualModel:
         """
         return self.method.task(name)
 
+    def mixed(self, names: list[str]) -> contextlib.AbstractContextManager:
+        """``with cl.mixed(["a", "b", "a"]): model(**batch)`` computes row ``i`` of the batch for task
+        ``names[i]`` in **one** forward (Share gathers each row's coefficients, METHODS.md §1;
+        methods whose tasks share merged weights need no routing).
+
+        Raises:
+            KeyError: for an unknown task; ValueError: for a method that answers a mixed batch only
+                one task at a time (DualLoRA: use ``cl.method.mixed_generate`` or ``mixed_logits``).
+        """
+        route = self.method.mixed_route(list(names))
+        if route is None:
+            raise ValueError(f"{self.method.name} computes a batch for one task at a time; group the rows by task "
+                             "(with cl.task(name)), or use cl.method.mixed_generate / mixed_logits")
+        return route
+
     def save_pretrained(self, path: str | Path) -> dict:
         """Write the learned tasks as the next version of a store at ``path`` (atomic, versioned:
         :func:`sharecl.store.save_store`), usable by ``sharecl generate/predict/serve/export`` and
