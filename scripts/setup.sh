@@ -10,14 +10,15 @@
 #     $XDG_CACHE_HOME/sharecl/models (python -m sharecl.generation.lm)
 #   - the ViT converted once to a HF Dinov2Model and verified against the ONNX model, cached in
 #     $XDG_CACHE_HOME/sharecl/models (python -m sharecl.vision.convert)
-#   - Debian data packages (WordNet, fortunes, Fashion-MNIST) unpacked without installing into
+#   - Debian data packages (WordNet, fortunes, Fashion-MNIST; for the long generation stream the dictd
+#     dictionaries elements, VERA, Jargon and FOLDOC, iso-codes and miscfiles) unpacked without installing into
 #     $XDG_CACHE_HOME/sharecl/debian (default ~/.cache/sharecl/debian)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${SHARECL_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 DEB_DIR="${SHARECL_DEBIAN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sharecl/debian}"
-DEBS="wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br dataset-fashion-mnist"
+DEBS="wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br dataset-fashion-mnist dict-elements dict-vera dict-jargon dict-foldoc iso-codes miscfiles"
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)

@@ -124,7 +124,7 @@ def run(
 def compare(
     stream: Annotated[str, typer.Option(help="Task stream: text5, text20, text-pairs, fmnist-then-mnist, images20 "
                                              "(task-incremental); wordnet-cil, text20-cil, fmnist-cil, mnist-cil "
-                                             "(class-incremental); gen5 (generation, causal LM).")] = "text5",
+                                             "(class-incremental); gen5, gen30 (generation, causal LM).")] = "text5",
     methods: Annotated[str, typer.Option(help="'all' or comma-separated methods.")] = "all",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (splits, class order, inits, batches).")] = "0,1,2",
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default runs/compare-<stream>).")] = None,

@@ -249,8 +249,16 @@ def gen5(seed: int = 0, train_size: int = 160, test_size: int = 200, val_size: i
     return build(seed, train_size, test_size, val_size)
 
 
+def gen30(seed: int = 0, train_size: int = 120, test_size: int = 24, val_size: int | None = None,
+          tasks: int | None = None) -> Stream:
+    """The long generation stream, 36 tasks from packaged data: :func:`sharecl.generation.long_stream.gen30`."""
+    from sharecl.generation.long_stream import gen30 as build
+
+    return build(seed, train_size, test_size, val_size, tasks)
+
+
 STREAMS: dict[str, Callable[..., Stream]] = {"text5": text5, "wordnet-cil": wordnet_cil, "fmnist-cil": fmnist_cil,
-                                             "mnist-cil": mnist_cil, "fmnist-then-mnist": fmnist_then_mnist, "gen5": gen5,
+                                             "mnist-cil": mnist_cil, "fmnist-then-mnist": fmnist_then_mnist, "gen5": gen5, "gen30": gen30,
                                              "text20": text20, "text20-cil": functools.partial(text20, scenario="cil"),
                                              "text-pairs": text_pairs, "images20": images20}
 
