@@ -29,7 +29,7 @@ from _common import write
 
 STEPS, BATCH, LR = 60, 8, 1e-3  # gen5's budget as the committed compare ran it
 #: the starting setting: Share's encoder defaults as gen5 ran them before issue 30
-BASE = {"k": 10, "p": 2, "phi": 2, "init": "zero", "r": 8}
+BASE = {"k": 10, "p": 2, "phi": 2, "init": "zero", "r": 8, "coeff_lr_ratio": 1.0, "phi_lr_ratio": 1.0}
 
 #: trial name → (method, method options on top of BASE for Share, training options)
 TRIALS: dict[str, tuple[str, dict, dict]] = {

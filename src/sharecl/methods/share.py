@@ -35,7 +35,7 @@ __all__ = ["ShareConfig", "ShareMethod", "SHARE_DEFAULTS", "LOG_STEPS_MAX", "DRI
 #: METHODS.md §1 "Defaults").
 SHARE_DEFAULTS: dict[str, dict] = {
     "encoder": {"k": 10, "p": 2, "phi": 2, "coeff_lr_ratio": 1.0},
-    "lm": {"k": 10, "p": 2, "phi": 2, "coeff_lr_ratio": 1.0},
+    "lm": {"k": 10, "p": 4, "phi": 2, "coeff_lr_ratio": 10.0},
 }
 
 #: Merges kept in the coefficient logs before they are folded into a checkpoint
