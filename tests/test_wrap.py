@@ -86,6 +86,32 @@ def test_wrap_errors_are_clear():
             pass
 
 
+def test_param_groups_train_each_group_at_its_methods_rate():
+    """``cl.param_groups()``: an optimiser built from it gives Share's coefficients on a causal LM
+    their 10x rate (SHARE_DEFAULTS["lm"]); the flat list of ``begin_task`` trains all at one rate.
+    Adam's first step moves each element with a gradient by exactly its rate (m / sqrt(v) = ±1)."""
+    tasks = [tiny_generation_task("ask", "yes"), tiny_generation_task("tell", "no")]
+
+    def first_step_sizes(use_groups: bool) -> set[float]:
+        lm = tiny_lm()
+        cl = sharecl.wrap(lm.model, ShareConfig(k=8, r=2))
+        with pytest.raises(RuntimeError, match="begin_task"):
+            cl.param_groups()
+        _train(lm.model, cl.begin_task(tasks[0].name), _batches(lm, tasks[0]), steps=5)
+        cl.end_task()
+        params = cl.begin_task(tasks[1].name, lr=1e-3)
+        groups = cl.param_groups()
+        assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in params}
+        opt = torch.optim.AdamW(groups if use_groups else params, lr=1e-3, weight_decay=0.0)
+        before = [p.detach().clone() for p in params]
+        lm.model(**_batches(lm, tasks[1])[0]).loss.backward()
+        opt.step()
+        return {round(float((p.detach() - b).abs().max()), 6) for p, b in zip(params, before)} - {0.0}
+
+    assert first_step_sizes(use_groups=True) == {1e-2}  # the new directions' first gradient comes at step 2
+    assert first_step_sizes(use_groups=False) == {1e-3}
+
+
 def test_wrap_trains_through_hf_trainer(tmp_path):
     """Share wrapped around a tiny Llama, each task trained by ``transformers.Trainer``."""
     from transformers import Trainer, TrainingArguments

@@ -130,6 +130,7 @@ class ContinualModel:
         self.model = model
         self.method = method
         self._current: _UserTask | None = None
+        self._groups: list[dict] = []
 
     @property
     def tasks(self) -> list[str]:
@@ -138,7 +139,9 @@ class ContinualModel:
 
     def begin_task(self, name: str, data: Iterable[Mapping] | None = None, *, lr: float = 1e-3) -> list[nn.Parameter]:
         """Start learning task ``name``; returns the parameters to train (adapter only: the user's
-        loop owns the loss). ``lr`` is only recorded for methods that read it.
+        loop owns the loss). ``lr`` is the base rate of :meth:`param_groups`: build the optimiser
+        from those groups to train each group at the method's rate (Share's coefficients at
+        ``coeff_lr_ratio × lr``); an optimiser built from this flat list trains all at one rate.
 
         Raises:
             RuntimeError: if a task is already open (call :meth:`end_task` first).
@@ -154,7 +157,22 @@ class ContinualModel:
         task = _UserTask(name, batches)
         groups = self.method.begin_task(task, TrainConfig(lr=lr, head_lr=lr, eval_batch_size=1))
         self._current = task
-        return list({id(p): p for g in groups for p in g["params"] if p.requires_grad}.values())
+        self._groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+        self._groups = [g for g in self._groups if g["params"]]
+        return list({id(p): p for g in self._groups for p in g["params"]}.values())
+
+    def param_groups(self) -> list[dict]:
+        """The open task's optimiser parameter groups, ``[{"params": [...], "lr": float, ...}]``,
+        each at the rate the method trains it with (the ``lr`` given to :meth:`begin_task` times
+        the group's ratio: Share's coefficients ``coeff_lr_ratio``, its new directions
+        ``phi_lr_ratio``; METHODS.md §1): ``torch.optim.AdamW(cl.param_groups())``.
+
+        Raises:
+            RuntimeError: if no task is open.
+        """
+        if self._current is None:
+            raise RuntimeError("no task is being learned; call begin_task(name) first")
+        return [dict(g) for g in self._groups]
 
     def end_task(self) -> dict:
         """Finish the open task (the method's between-task work); returns its JSON-ready info.
