@@ -700,7 +700,9 @@ def _summary() -> str:
         sb, lb = mean(share[2]["bytes_per_task"]), mean(lora[2]["bytes_per_task"]) if lora else None
         cell = lambda t: (f"{pm(t[2]['final_average_accuracy']) if len(t[2]['seeds']) > 1 else one(t[2]['final_average_accuracy'])}"  # noqa: E731
                           f" ({_variant(t[1])})")
-        body.append([stream, f"**{cell(share)}**", f"{label(peer[0])} {cell(peer)}", cell(ref),
+        seeds = share[2]["seeds"]
+        row = stream if "seed" in stream or len(seeds) == 3 else f"{stream}, seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+        body.append([row, f"**{cell(share)}**", f"{label(peer[0])} {cell(peer)}" if peer else "not run on these splits yet", cell(ref),
                      f"{num(sb)} ({pct_of(sb, lb)} of LoRA)" if lb else num(sb)])
     header = ["stream", "Share, final %", "best peer (InfLoRA, SD-LoRA, DualLoRA)", "LoRA per task (task-incremental) or joint LoRA "
               "(class-incremental ceiling)", "Share adapter bytes / task"]
