@@ -638,7 +638,7 @@ def _faults() -> str:
         body.append([f"fuzzed requests to `sharecl serve`, {name}", num(srv["requests"]), "", "", srv["5xx"], srv["connection_errors"],
                      f"{srv['peak_rss_mb']:.0f} MB"])
     return md(["part", "count", "unloadable stores", "tasks lost", "5xx", "connection errors", "peak server RSS"], body) + "\n\n" + bench_source(
-        "faults.json", f"python benchmarks/bench_faults.py --kills {d['args']['kills']} --requests {d['args']['requests']}")
+        "faults.json", f"python benchmarks/bench_faults.py --kills {d['args']['kills']} --requests {d['args']['requests']} --steps {d['args']['steps']}")
 
 
 @table("vit-stability")
