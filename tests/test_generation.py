@@ -132,7 +132,7 @@ def test_joint_lora_learns_generation_tasks_at_once():
 
 def test_share_folded_generation_equals_routed_generation():
     lm = tiny_lm()
-    m = build_method("share", lm, seed=0, k=8, p=2, r=4)
+    m = build_method("share", lm, seed=0, k=8, p=2, r=4, coeff_lr_ratio=1.0)  # ratio 1 at CFG's rate (see above)
     for t in (tiny_generation_task("ask", "yes"), tiny_generation_task("tell", "no")):
         m.learn(t, CFG, progress=False)
     prompts = ["ask abcd?", "tell ffff?", "something else"]
@@ -169,7 +169,7 @@ def test_routing_is_per_thread():
     import threading
 
     lm = tiny_lm()
-    m = build_method("share", lm, seed=0, k=8, p=2, r=4)
+    m = build_method("share", lm, seed=0, k=8, p=2, r=4, coeff_lr_ratio=1.0)  # ratio 1 at CFG's rate (see above)
     for t in (tiny_generation_task("ask", "yes"), tiny_generation_task("tell", "no")):
         m.learn(t, CFG, progress=False)
     prompts = ["ask qqqq?"] * 4
