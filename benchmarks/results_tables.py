@@ -457,6 +457,20 @@ def _images20_seeds() -> str:
     return compare_table([(label(m), f, m) for m in ("share", "lora-per-task")], lora_ref=(f, "lora-per-task"))
 
 
+@table("gen5-tuned")
+def _gen5_tuned() -> str:
+    c = compare_json("compare-gen5-tuned")
+    rows = all_rows("compare-gen5-tuned")
+    tasks = [t["name"] for t in json.loads((RESULTS / "compare-gen5-tuned" / f"seed-{c['methods'][rows[0][2]]['seeds'][0]}" / "manifest.json")
+                                          .read_text())["tasks"]]
+    per_task = md(["method (first seed)", *tasks], [[lab, *(f"{100 * v:.1f}" for v in run(f, compare_json(f)["methods"][m]["seeds"][0], m)
+                                                            ["accuracy_matrix"][-1])] for lab, f, m in rows])
+    grid = "; ".join(f"{label(m)} **{t['lr']:g}** (" + ", ".join(f"{k}: {100 * v:.1f}" for k, v in t["validation_final_accuracy"].items()) + ")"
+                     for m, t in c.get("tuned_lr", {}).items())
+    return (compare_table(rows, lora_ref=("compare-gen5-tuned", "lora-per-task")) + "\n\nEach task's score after the last task:\n\n"
+            + per_task + f"\n\nLearning rates chosen on the validation split of seed 0 (validation score %): {grid}.")
+
+
 @table("gen5-untuned")
 def _gen5_untuned() -> str:
     order = ["zero-shot", "share", "inflora", "sd-lora", "dual-lora", "lora-per-task", "seq-lora", "joint-lora"]
@@ -638,7 +652,7 @@ def _faults() -> str:
         body.append([f"fuzzed requests to `sharecl serve`, {name}", num(srv["requests"]), "", "", srv["5xx"], srv["connection_errors"],
                      f"{srv['peak_rss_mb']:.0f} MB"])
     return md(["part", "count", "unloadable stores", "tasks lost", "5xx", "connection errors", "peak server RSS"], body) + "\n\n" + bench_source(
-        "faults.json", f"python benchmarks/bench_faults.py --kills {d['args']['kills']} --requests {d['args']['requests']} --steps {d['args']['steps']}")
+        "faults.json", "python benchmarks/bench_faults.py " + " ".join(f"--{k} {d['args'][k]}" for k in ("kills", "requests", "steps")))
 
 
 @table("vit-stability")
