@@ -204,7 +204,7 @@ def test_runner_writes_score_matrix_for_a_generation_stream(tmp_path, monkeypatc
     lm.tokenizer.save_pretrained(tmp_path / "model")
     lm.path = str(tmp_path / "model")
     monkeypatch.setattr(runner, "load_backbone", lambda *a, **k: lm)
-    res = runner.run_stream(stream, ["share", "zero-shot"], CFG, tmp_path, method_configs={"share": {"k": 8, "p": 2, "r": 4}},
+    res = runner.run_stream(stream, ["share", "zero-shot"], CFG, tmp_path, method_configs={"share": {"k": 8, "p": 2, "r": 4, "coeff_lr_ratio": 1.0}},
                             progress=False, log=lambda *a: None)
     share = json.loads((tmp_path / "share" / "results.json").read_text())
     assert share["metrics"] == {"ask": "exact-match", "tell": "exact-match"}
