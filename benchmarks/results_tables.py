@@ -372,6 +372,7 @@ def _seed_table(rows: list[tuple[str, str, str]], kind: str, ref: float | None, 
         return "—" if x is None else (f"{100 * x:+.2f}".replace("-", "−") if signed else f"{100 * x:.2f}")
 
     header = (["method", "final CIL acc %", "avg incr CIL %", "CIL forgetting", "TIL final %", "adapter bytes / task"] if kind == "cil"
+              else ["method", "final score %", "avg incr %", "forgetting", "BWT", "adapter bytes / task", "bytes stored once"] if kind == "lm"
               else ["method", "final acc %", "avg incr acc %", "forgetting", "BWT", "adapter bytes / task", "bytes stored once"])
     body = []
     for lab, folder, m in rows:
@@ -467,7 +468,9 @@ def _gen5_tuned() -> str:
                                                             ["accuracy_matrix"][-1])] for lab, f, m in rows])
     grid = "; ".join(f"{label(m)} **{t['lr']:g}** (" + ", ".join(f"{k}: {100 * v:.1f}" for k, v in t["validation_final_accuracy"].items()) + ")"
                      for m, t in c.get("tuned_lr", {}).items())
-    return (compare_table(rows, lora_ref=("compare-gen5-tuned", "lora-per-task")) + "\n\nEach task's score after the last task:\n\n"
+    seeds = {tuple(c["methods"][m]["seeds"]) for _, _, m in rows}
+    one_seed = next(iter(seeds))[0] if seeds == {next(iter(seeds))} and len(next(iter(seeds))) == 1 else None
+    return (compare_table(rows, lora_ref=("compare-gen5-tuned", "lora-per-task"), seed=one_seed) + "\n\nEach task's score after the last task:\n\n"
             + per_task + f"\n\nLearning rates chosen on the validation split of seed 0 (validation score %): {grid}.")
 
 
