@@ -231,14 +231,13 @@ def test_share_aligns_task_identification_on_the_base_models_features(tiny_model
         m.cil_logits(xs, score="mahalanobis")
 
 
-@pytest.mark.multiprocess
 def test_align_on_a_task_incremental_stream_is_refused(tmp_path):
-    from conftest import sharecl
+    from conftest import sharecl_in_process
 
-    res = sharecl("run", "--stream", "text5", "--methods", "inflora", "--align", "--out", str(tmp_path / "r"), check=False)
+    res = sharecl_in_process("run", "--stream", "text5", "--methods", "inflora", "--align", "--out", str(tmp_path / "r"), check=False)
     assert res.returncode != 0 and "task-incremental" in res.stdout + res.stderr
-    res = sharecl("compare", "--stream", "wordnet-cil", "--methods", "inflora", "--align-rank", "4", "--out", str(tmp_path / "r"),
-                  check=False)
+    res = sharecl_in_process("compare", "--stream", "wordnet-cil", "--methods", "inflora", "--align-rank", "4", "--out", str(tmp_path / "r"),
+                             check=False)
     assert res.returncode != 0 and "pass --align too" in res.stdout + res.stderr
 
 

@@ -17,29 +17,31 @@ from sharecl.store import load_store, read_manifest, store_class_statistics, sto
 
 @pytest.mark.multiprocess
 def test_learn_predict_info_export(cli_store, tmp_path):
+    """Every store command in process (typer's CliRunner), and one `predict` through a fresh interpreter."""
     store = tmp_path / "store"
     shutil.copytree(cli_store / "store", store)
-    out = sharecl(*learn_b(store, tmp_path))
+    out = sharecl_in_process(*learn_b(store, tmp_path))
     assert "learned b" in out.stdout and "store version 2" in out.stdout
-    pred = sharecl("predict", store, "--task", "b", "--json", "the apple", "a violin")
+    pred = sharecl_in_process("predict", store, "--task", "b", "--json", "the apple", "a violin")
     rows = [json.loads(line) for line in pred.stdout.strip().splitlines()]
     assert len(rows) == 2 and all(r["label"] in make_task("b", seed=1).classes for r in rows)
-    info = sharecl("info", store).stdout
+    info = sharecl_in_process("info", store).stdout
     assert "2 task(s)" in info and "largest old-task drift" in info and "own truncation of a task to p=" in info
-    sharecl("export", store, tmp_path / "exp", "--task", "a")
+    sharecl_in_process("export", store, tmp_path / "exp", "--task", "a")
     assert (tmp_path / "exp" / "adapter_model.safetensors").exists()
-    refused = sharecl("add-adapter", store, tmp_path / "exp", "--task", "a2", check=False)
+    refused = sharecl_in_process("add-adapter", store, tmp_path / "exp", "--task", "a2", check=False)
     assert refused.returncode == 1 and "has rank 2" in refused.stderr and "--any-rank" in refused.stderr
-    folded = sharecl("add-adapter", store, tmp_path / "exp", "--task", "a2", "--any-rank").stdout
+    folded = sharecl_in_process("add-adapter", store, tmp_path / "exp", "--task", "a2", "--any-rank").stdout
     assert "its own truncation to p" in folded
     assert [t["kind"] for t in store_tasks(store)] == ["data", "data", "adapter"]
     asked = ("predict", store, "--task", "b", "--json", "the apple", "a violin")
-    before, version = sharecl(*asked).stdout, read_manifest(store)["version"]
-    out = sharecl("compact", store).stdout
+    before, version = sharecl_in_process(*asked).stdout, read_manifest(store)["version"]
+    out = sharecl_in_process("compact", store).stdout
     m = read_manifest(store)
     assert m["files"]["log"] == [] and m["version"] == version + ("folded" in out)
-    assert sharecl(*asked).stdout == before  # folding the log changes no prediction
-    no_head = sharecl("predict", store, "--task", "a2", "x", check=False)
+    # folding the log changes no prediction, and `sharecl` in a fresh interpreter answers as the in-process runs did
+    assert sharecl(*asked).stdout == before
+    no_head = sharecl_in_process("predict", store, "--task", "a2", "x", check=False)
     assert no_head.returncode == 1 and "no classification head" in no_head.stderr
 
 
@@ -97,7 +99,7 @@ def test_killed_learn_leaves_a_loadable_store(cli_store, tmp_path):
         # the next writer is not hindered by debris
         if version == 1 and not relearned:
             relearned = True
-            sharecl(*learn_b(store, tmp_path))
+            sharecl_in_process(*learn_b(store, tmp_path))
             assert load_store(store).task_names == ["a", "b"]
     assert 1 in seen
 
@@ -114,65 +116,63 @@ def test_compare_rejects_bad_seeds_and_methods(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.multiprocess
 def test_inflora_store_from_the_command_line(tmp_path, tiny_model_dir, cli_store):
     a = write_csv(tmp_path / "a.csv", make_task("a"))
     b = write_csv(tmp_path / "b.csv", make_task("b", seed=1))
     store = tmp_path / "inf"
-    sharecl("learn", store, "--task", "a", "--data", a, "--model", tiny_model_dir, "--steps", 4, "-r", 4,
+    sharecl_in_process("learn", store, "--task", "a", "--data", a, "--model", tiny_model_dir, "--steps", 4, "-r", 4,
             "--method", "inflora", "--no-progress")
-    sharecl("learn", store, "--task", "b", "--data", b, "--steps", 4, "--no-progress")
+    sharecl_in_process("learn", store, "--task", "b", "--data", b, "--steps", 4, "--no-progress")
     assert read_manifest(store)["method"] == "inflora" and load_store(store).task_names == ["a", "b"]
-    out = sharecl("predict", store, "--task", "b", "--json", "x y z").stdout
+    out = sharecl_in_process("predict", store, "--task", "b", "--json", "x y z").stdout
     assert json.loads(out.splitlines()[0])["label"] in make_task("b", seed=1).classes
-    r = sharecl("export", store, tmp_path / "exp", "--task", "a", check=False)
+    r = sharecl_in_process("export", store, tmp_path / "exp", "--task", "a", check=False)
     assert r.returncode == 1 and "holds method 'inflora'" in r.stderr
-    r = sharecl("learn", tmp_path / "x", "--task", "a", "--data", a, "--method", "seq-lora", check=False)
+    r = sharecl_in_process("learn", tmp_path / "x", "--task", "a", "--data", a, "--method", "seq-lora", check=False)
     assert r.returncode == 1 and "cannot be stored" in r.stderr and not (tmp_path / "x").exists()
 
 
-@pytest.mark.multiprocess
 def test_learn_with_align_keeps_aligning_and_a_plain_store_refuses_it(tmp_path, tiny_model_dir, cli_store):
     import torch
 
     a = write_csv(tmp_path / "a.csv", make_task("a"))
     b = write_csv(tmp_path / "b.csv", make_task("b", seed=1))
     store = tmp_path / "aligned"
-    sharecl("learn", store, "--task", "a", "--data", a, "--model", tiny_model_dir, "--steps", 4, "-r", 4,
+    sharecl_in_process("learn", store, "--task", "a", "--data", a, "--model", tiny_model_dir, "--steps", 4, "-r", 4,
             "--align", "--align-rank", "2", "--no-progress")
     m = load_store(store)
     assert m.config.cil_score == "aligned" and set(m.class_stats) == {"a"} and m.kept_align_rank() == 2
     head_a = m.taskid_heads.heads["a"].weight.clone()
-    sharecl("learn", store, "--task", "b", "--data", b, "--steps", 4, "--no-progress")  # no --align: the store keeps aligning
+    sharecl_in_process("learn", store, "--task", "b", "--data", b, "--steps", 4, "--no-progress")  # no --align: the store keeps aligning
     m = load_store(store)
     assert set(m.class_stats) == {"a", "b"} and m.kept_align_rank() == 2 and m.class_stats["b"][1].shape[-1] == 2
     assert not torch.equal(m.taskid_heads.heads["a"].weight, head_a)  # task a's identification head re-aligned beside b's
     assert store_class_statistics(store) == {"a": "rank 2 + diagonal", "b": "rank 2 + diagonal"}  # read from the files' headers
-    assert "classifier alignment: on" in sharecl("info", store).stdout
+    assert "classifier alignment: on" in sharecl_in_process("info", store).stdout
     xs = make_task("a").test_inputs[:3] + make_task("b", seed=1).test_inputs[:3]
-    rows = [json.loads(line) for line in sharecl("predict", store, "--json", *xs).stdout.strip().splitlines()]  # no task id
+    rows = [json.loads(line) for line in sharecl_in_process("predict", store, "--json", *xs).stdout.strip().splitlines()]  # no task id
     assert len(rows) == 6 and all(r["label"] in make_task(r["task"], seed="ab".index(r["task"])).classes for r in rows)
     with torch.no_grad():
         want = m.cil_logits(xs).softmax(-1).amax(-1)
     assert [r["probability"] for r in rows] == pytest.approx(want.tolist(), abs=1e-5)
-    top1 = [json.loads(line) for line in sharecl("predict", store, "--json", "--top-tasks", "1", *xs).stdout.strip().splitlines()]
+    top1 = [json.loads(line) for line in sharecl_in_process("predict", store, "--json", "--top-tasks", "1", *xs).stdout.strip().splitlines()]
     with torch.no_grad():
         likeliest = m.cil_logits(xs).exp().reshape(len(xs), 2, 3).sum(-1).argmax(-1)  # p(t | x) from the full joint
     assert [r["task"] for r in top1] == ["ab"[int(t)] for t in likeliest]
     assert {r["tasks_scored"] for r in top1} == {1} and "tasks_scored" not in rows[0]
-    text_out = sharecl("predict", store, "--top-tasks", "5", *xs[:1])
+    text_out = sharecl_in_process("predict", store, "--top-tasks", "5", *xs[:1])
     assert "under its 2 likeliest of 2 tasks" in text_out.stderr  # more than the store has: every task ran
-    r = sharecl("predict", store, "--task", "a", "--top-tasks", "1", *xs, check=False)
+    r = sharecl_in_process("predict", store, "--task", "a", "--top-tasks", "1", *xs, check=False)
     assert r.returncode == 1 and "drop --task" in r.stderr
     plain = tmp_path / "plain"
     shutil.copytree(cli_store / "store", plain)
     version = read_manifest(plain)["version"]
-    assert store_class_statistics(plain) == {} and "classifier alignment" not in sharecl("info", plain).stdout
-    r = sharecl("predict", plain, "--top-tasks", "1", "some text", check=False)
+    assert store_class_statistics(plain) == {} and "classifier alignment" not in sharecl_in_process("info", plain).stdout
+    r = sharecl_in_process("predict", plain, "--top-tasks", "1", "some text", check=False)
     assert r.returncode == 1 and "cil_top_tasks" in r.stderr
-    r = sharecl("learn", plain, "--task", "c", "--data", b, "--align", "--no-progress", check=False)
+    r = sharecl_in_process("learn", plain, "--task", "c", "--data", b, "--align", "--no-progress", check=False)
     assert r.returncode == 1 and "learned without --align" in r.stderr and read_manifest(plain)["version"] == version
-    r = sharecl("learn", plain, "--task", "c", "--data", b, "--align-rank", "2", "--no-progress", check=False)
+    r = sharecl_in_process("learn", plain, "--task", "c", "--data", b, "--align-rank", "2", "--no-progress", check=False)
     assert r.returncode == 1 and "pass --align too" in r.stderr
 
 
@@ -206,14 +206,13 @@ def test_learn_refuses_options_that_contradict_the_store(cli_store, tmp_path, ti
     assert (store / "manifest.json").read_bytes() == before
 
 
-@pytest.mark.multiprocess
 def test_learn_accepts_the_store_own_options_and_its_model_at_a_new_place(cli_store, tmp_path, tiny_model_dir):
     store, moved = tmp_path / "store", tmp_path / "moved-model"
     shutil.copytree(cli_store / "store", store)
     shutil.copytree(tiny_model_dir, moved)
     args = learn_b(store, tmp_path)
     args[args.index("--steps") + 1] = 3
-    out = sharecl(*args, "--method", "share", "--k", 4, "--p", 2, "-r", 4, "--model", moved)
+    out = sharecl_in_process(*args, "--method", "share", "--k", 4, "--p", 2, "-r", 4, "--model", moved)
     assert "store version 2" in out.stdout
     assert read_manifest(store)["base_model"]["path"] == str(moved)  # the manifest follows the model
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_task, serving, sharecl, sharecl_in_process, tiny_generation_task, write_csv, write_jsonl
+from conftest import make_task, serving, sharecl_in_process, tiny_generation_task, write_csv, write_jsonl
 from sharecl.store import load_store, read_manifest
 
 
@@ -153,7 +153,7 @@ def test_sharecl_serve_generates_over_http(gen_store):
     store = gen_store / "store"
     prompts = [p for p, _ in tiny_generation_task("beta", "no").test_inputs[:2]]
     want = [json.loads(line)["text"] for line in
-            sharecl("generate", store, "--task", "beta", "--max-new-tokens", 5, "--json", *prompts).stdout.strip().splitlines()]
+            sharecl_in_process("generate", store, "--task", "beta", "--max-new-tokens", 5, "--json", *prompts).stdout.strip().splitlines()]
     with serving(store) as url:
         r = httpx.post(f"{url}/generate", json={"task": "beta", "inputs": prompts, "max_new_tokens": 5}, timeout=30)
         assert r.status_code == 200 and [g["text"] for g in r.json()["generations"]] == want

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_task, sharecl, write_csv
+from conftest import make_task, sharecl_in_process, write_csv
 from sharecl.store import STORABLE, load_store, read_manifest, save_store
 
 CONFIGS = {
@@ -60,20 +60,19 @@ def test_learn_save_load_three_times(name, tiny_model_dir, fast_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["dual-lora", "sd-lora-kd"])
-@pytest.mark.multiprocess
 def test_the_command_line_round_trip(name, tiny_model_dir, tmp_path):
-    """`sharecl learn` three times on one store, then `predict` answers for every task
-    exactly as the store loaded in Python does."""
+    """`sharecl learn` three times on one store (typer's CliRunner, in process), and after each,
+    `sharecl predict` answers for every task exactly as the store loaded in Python does."""
     store = tmp_path / "s"
     for i, task in enumerate(TASKS):
         data = write_csv(tmp_path / f"{task.name}.csv", task)
         extra = ["--model", tiny_model_dir, "--method", name, "-r", 4] if i == 0 else []
-        out = sharecl("learn", store, "--task", task.name, "--data", data, "--steps", 3, "--no-progress", *extra)
+        out = sharecl_in_process("learn", store, "--task", task.name, "--data", data, "--steps", 3, "--no-progress", *extra)
         assert f"store version {i + 1}" in out.stdout
         loaded = load_store(store)
         assert loaded.task_names == [t.name for t in TASKS[: i + 1]]
         for t in TASKS[: i + 1]:
-            p = sharecl("predict", store, "--task", t.name, "--json", *t.test_inputs[:2])
+            p = sharecl_in_process("predict", store, "--task", t.name, "--json", *t.test_inputs[:2])
             import json
 
             labels = [json.loads(line)["label"] for line in p.stdout.strip().splitlines()]

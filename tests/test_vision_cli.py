@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_task, sharecl, write_csv
+from conftest import make_task, sharecl_in_process, write_csv
 from sharecl.data.image_files import image_source_kind, load_image_task
 from sharecl.vision.transforms import augment_array
 
@@ -55,7 +55,6 @@ def test_image_source_kind_tells_images_from_text(tmp_path):
         load_image_task(tmp_path / "s.yaml", "nope")
 
 
-@pytest.mark.multiprocess
 def test_learn_and_predict_images_from_a_folder_a_dataset_and_a_stream_file(tiny_vit_dir, tmp_path):
     from datasets import ClassLabel, Dataset, DatasetDict, Features
     from datasets import Image as HFImage
@@ -63,7 +62,7 @@ def test_learn_and_predict_images_from_a_folder_a_dataset_and_a_stream_file(tiny
     store = tmp_path / "store"
     folder = _folder(tmp_path / "shades")
     common = ["--steps", 30, "--batch-size", 8, "--lr", 1e-2, "-r", 4, "--k", 4, "--no-progress"]
-    out = sharecl("learn", store, "--task", "shades", "--data", folder, "--model", tiny_vit_dir, "--image-size", 28, *common).stdout
+    out = sharecl_in_process("learn", store, "--task", "shades", "--data", folder, "--model", tiny_vit_dir, "--image-size", 28, *common).stdout
     assert "learned shades (2 classes" in out and "store version 1" in out
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["image_size"] == 28
@@ -74,34 +73,33 @@ def test_learn_and_predict_images_from_a_folder_a_dataset_and_a_stream_file(tiny
         imgs = [Image.fromarray(_shade(rng, i % 2 == 0)) for i in range(n)]
         return Dataset.from_dict({"image": imgs, "label": [i % 2 for i in range(n)]}, features=feats)
     DatasetDict({"train": split(24), "test": split(6)}).save_to_disk(str(tmp_path / "hf"))
-    out = sharecl("learn", store, "--task", "sky", "--data", tmp_path / "hf", *common).stdout
+    out = sharecl_in_process("learn", store, "--task", "sky", "--data", tmp_path / "hf", *common).stdout
     assert "learned sky (2 classes, 24 train)" in out and "on 6 examples" in out
 
     (tmp_path / "pets.yaml").write_text("name: pets\ndataset: {format: image-folder, path: shades}\nclasses_per_task: 2\n"
                                         "scenario: til\nimage_size: 28\n")
-    sharecl("learn", store, "--task", "pets-1", "--data", tmp_path / "pets.yaml", "--augment", *common)
+    sharecl_in_process("learn", store, "--task", "pets-1", "--data", tmp_path / "pets.yaml", "--augment", *common)
 
     probe = _folder(tmp_path / "probe", n=2, seed=9)
     files = sorted(str(p) for p in probe.rglob("*.png"))  # bright/0, bright/1, dark/0, dark/1
-    got = [json.loads(line) for line in sharecl("predict", store, *files, "--task", "shades", "--json").stdout.splitlines()]
+    got = [json.loads(line) for line in sharecl_in_process("predict", store, *files, "--task", "shades", "--json").stdout.splitlines()]
     assert [g["image"] for g in got] == files and [g["label"] for g in got] == ["bright", "bright", "dark", "dark"]
-    got = [json.loads(line) for line in sharecl("predict", store, *files, "--task", "sky", "--json").stdout.splitlines()]
+    got = [json.loads(line) for line in sharecl_in_process("predict", store, *files, "--task", "sky", "--json").stdout.splitlines()]
     assert [g["label"] for g in got] == ["light", "light", "night", "night"]
 
     before = (store / "manifest.json").read_bytes()
-    bad = sharecl("learn", store, "--task", "words", "--data", write_csv(tmp_path / "w.csv", make_task("w")), *common, check=False)
+    bad = sharecl_in_process("learn", store, "--task", "words", "--data", write_csv(tmp_path / "w.csv", make_task("w")), *common, check=False)
     assert bad.returncode == 1 and "holds text classification data but" in bad.stderr and "image classification tasks" in bad.stderr
-    bad = sharecl("learn", store, "--task", "pets-9", "--data", tmp_path / "pets.yaml", *common, check=False)
+    bad = sharecl_in_process("learn", store, "--task", "pets-9", "--data", tmp_path / "pets.yaml", *common, check=False)
     assert bad.returncode == 1 and "declares tasks pets-1" in bad.stderr
-    bad = sharecl("predict", store, str(tmp_path / "nope.png"), "--task", "shades", check=False)
+    bad = sharecl_in_process("predict", store, str(tmp_path / "nope.png"), "--task", "shades", check=False)
     assert bad.returncode == 1 and "does not exist" in bad.stderr
     assert (store / "manifest.json").read_bytes() == before  # refused input changed nothing
 
 
-@pytest.mark.multiprocess
 def test_images_into_a_text_store_are_refused(cli_store, tmp_path):
     before = (cli_store / "store" / "manifest.json").read_bytes()
-    bad = sharecl("learn", cli_store / "store", "--task", "pics", "--data", _folder(tmp_path / "pics"), "--no-progress", check=False)
+    bad = sharecl_in_process("learn", cli_store / "store", "--task", "pics", "--data", _folder(tmp_path / "pics"), "--no-progress", check=False)
     assert bad.returncode == 1 and "holds image classification data but" in bad.stderr and "--model" in bad.stderr
     assert (cli_store / "store" / "manifest.json").read_bytes() == before
 
@@ -149,7 +147,7 @@ def test_learn_from_a_folder_of_real_fashion_mnist_pngs_with_the_packaged_vit(tm
         for j, i in enumerate(np.flatnonzero(y == label)[:40]):
             Image.fromarray(x[i]).save(tmp_path / "shop" / name / f"{j}.png")
     store = tmp_path / "store"
-    out = sharecl("learn", store, "--task", "shop", "--data", tmp_path / "shop", "--steps", 30, "--augment", "--no-progress").stdout
+    out = sharecl_in_process("learn", store, "--task", "shop", "--data", tmp_path / "shop", "--steps", 30, "--augment", "--no-progress").stdout
     acc = float(out.split("held-out accuracy ")[1].split("%")[0])
     assert "(2 classes, 64 train)" in out and acc >= 90.0, out
     manifest = json.loads((store / "manifest.json").read_text())
@@ -161,5 +159,5 @@ def test_learn_from_a_folder_of_real_fashion_mnist_pngs_with_the_packaged_vit(tm
             probe.append(tmp_path / f"probe-{i}.png")
             Image.fromarray(xt[i]).save(probe[-1])
             truth.append(name)
-    got = [json.loads(line)["label"] for line in sharecl("predict", store, *probe, "--task", "shop", "--json").stdout.splitlines()]
+    got = [json.loads(line)["label"] for line in sharecl_in_process("predict", store, *probe, "--task", "shop", "--json").stdout.splitlines()]
     assert sum(g == t for g, t in zip(got, truth)) >= 7, (got, truth)
