@@ -46,26 +46,19 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+import _folds
 from _common import RESULTS, table, write
+from _folds import LorashareFold, VloraFold, gauge, lorashare_compress, plot, regauge_file, rel_error, vlora_weights
 
 R, ALPHA, MAXLEN, BATCH = 8, 16, 64, 16
 SCALE = ALPHA / R
 TARGETS = ["query", "value"]
-
-
-def gauge(B: torch.Tensor, A: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B R, R⁻¹ A)`` for a random R = Q diag(e^u), u ~ U(−1, 1): same ΔW, condition number ≤ e²."""
-    Q = torch.linalg.qr(torch.randn(B.shape[1], B.shape[1], generator=g, dtype=torch.float64))[0]
-    u = torch.rand(B.shape[1], generator=g, dtype=torch.float64) * 2 - 1
-    Rm = Q * u.exp()
-    return (B.double() @ Rm).float().contiguous(), torch.linalg.solve(Rm, A.double()).float().contiguous()
 
 
 def train_adapters(tasks, workdir: Path, steps: int, lr: float, seed: int, frozen_head: bool = False) -> list[dict]:
@@ -73,7 +66,7 @@ def train_adapters(tasks, workdir: Path, steps: int, lr: float, seed: int, froze
     ``frozen_head`` the head keeps its random init and only the LoRA trains."""
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from sharecl.backbone import load_encoder
@@ -105,12 +98,7 @@ def train_adapters(tasks, workdir: Path, steps: int, lr: float, seed: int, froze
             train_s, loss = time.perf_counter() - t0, loss.detach()
             model.save_pretrained(str(d))
             if i % 2:  # another trainer's gauge: rewrite the factors, same ΔW
-                f = d / "adapter_model.safetensors"
-                sd = load_file(str(f))
-                for key in [k for k in sd if k.endswith("lora_A.weight")]:
-                    kb = key.replace("lora_A", "lora_B")
-                    sd[kb], sd[key] = gauge(sd[kb], sd[key], g)
-                save_file(sd, str(f), metadata={"format": "pt"})
+                regauge_file(d / "adapter_model.safetensors", g)
             save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(d / "head.safetensors"),
                       metadata={"train_s": f"{train_s:.3f}", "loss": f"{loss.item():.4f}"})
         from safetensors import safe_open
@@ -146,101 +134,19 @@ class Scorer:
                 self.lin[n].weight.copy_(w)
 
 
-def rel_error(approx: dict, exact: dict) -> float:
-    num = sum(float((approx[n] - exact[n]).double().pow(2).sum()) for n in exact)
-    den = sum(float(exact[n].double().pow(2).sum()) for n in exact)
-    return math.sqrt(num / den)
-
-
-# ------------------------------------------------------------------ methods
-class ShareFold:
-    name = "Share"
-
+class ShareFold(_folds.ShareFold):
     def __init__(self, k: int, p: int):
         from sharecl.backbone import load_encoder
-        from sharecl.methods.share import ShareMethod
 
-        self.m = ShareMethod(load_encoder(max_length=MAXLEN), seed=0, r=R, lora_alpha=ALPHA, k=k, p=p)
-
-    def add(self, name, lora, state_dict):
-        self.m.add_adapter(name, lora.factors, lora.scaling)
-
-    def delta(self, name):
-        i = self.m.index(name)
-        return {n: layer.delta_weight(i) for n, layer in self.m.layers.items()}
-
-
-class LorashareFold:
-    name = "lorashare 0.1.3"
-
-    def __init__(self, k: int):
-        self.k, self.sd, self.model = k, {}, None
-
-    def add(self, name, lora, state_dict):
-        self.sd[name] = state_dict
-        self.model = lorashare_compress(self.sd, self.k)
-
-    def delta(self, name):
-        from lorashare.compression import parse_lora_key, reconstruct_adapter_weights
-
-        comps, loadings = self.model
-        rec = {parse_lora_key(key): w for key, w in reconstruct_adapter_weights(comps, loadings[name]).items()}
-        return {layer: SCALE * rec[(layer, "B")] @ rec[(layer, "A")] for (layer, side) in rec if side == "A"}
-
-
-def lorashare_compress(sd: dict, k: int):
-    from lorashare.compression import combine_adapter_weights, compute_adapter_loadings, compute_shared_components
-
-    comps, _, _ = compute_shared_components(combine_adapter_weights(sd), num_components=k, device="cpu")
-    return comps, {n: compute_adapter_loadings(comps, w) for n, w in sd.items()}
-
-
-def vlora_weights(lora):
-    from vlora import LoRAWeights
-
-    names = sorted(lora.factors)
-    return LoRAWeights(layer_names=names, lora_a={n: lora.factors[n][1] for n in names},
-                       lora_b={n: lora.factors[n][0] for n in names}, rank=lora.rank)
-
-
-class VloraFold:
-    name = "vlora-dev 1.0.0"
-
-    def __init__(self, k: int):
-        self.k, self.pending, self.sub = k, [], None
-
-    def add(self, name, lora, state_dict):
-        from vlora import SharedSubspace
-
-        w = vlora_weights(lora)
-        if self.sub is not None:
-            self.sub.absorb_incremental(w, name)
-            return
-        self.pending.append((name, w))  # from_adapters needs k + 1 adapters for k centred components
-        if len(self.pending) == self.k + 1:
-            self.sub = SharedSubspace.from_adapters([x for _, x in self.pending], task_ids=[n for n, _ in self.pending],
-                                                    num_components=self.k)
-
-    def delta(self, name):
-        from vlora import SharedSubspace
-
-        sub = self.sub or SharedSubspace.from_adapters([x for _, x in self.pending], task_ids=[n for n, _ in self.pending],
-                                                       num_components=self.k)
-        rec = sub.reconstruct(name)
-        return {n: SCALE * rec.lora_b[n] @ rec.lora_a[n] for n in rec.layer_names}
+        super().__init__(load_encoder(max_length=MAXLEN), R, ALPHA, k, p)
 
 
 def stored_numbers(method: str, k: int, shapes, n: int) -> int:
-    """Numbers lorashare (bases + k·r loadings per side) or vlora (k + 1 flattened-factor rows,
-    with the mean, + k loadings per side) stores for ``n`` tasks, heads excluded."""
-    d = sum(o + i for o, i in shapes)
-    return d * k + n * len(shapes) * 2 * k * R if method == "lorashare" else (k + 1) * R * d + n * len(shapes) * 2 * k
+    return _folds.stored_numbers(method, k, shapes, n, R)
 
 
 def equal_bytes(share_total: int, shapes: list[tuple[int, int]], n: int) -> tuple[int, int]:
-    """Largest k for lorashare and vlora whose stored numbers at ``n`` tasks fit in ``share_total`` (at least 1)."""
-    return tuple(max([1] + [k for k in range(1, 4096) if stored_numbers(m, k, shapes, n) <= share_total])
-                 for m in ("lorashare", "vlora"))
+    return _folds.equal_bytes(share_total, shapes, n, R)
 
 
 # ------------------------------------------------------------------ main
@@ -296,9 +202,9 @@ def main() -> None:
     share = ShareFold(args.k, args.p)
     shapes = [(layer.out_features, layer.in_features) for layer in share.m.layers.values()]
     N = len(tasks)
-    share_total = share.m.config.k * sum(o + i for o, i in shapes) + N * len(shapes) * 2 * args.k * args.p
+    share_total = _folds.share_numbers(share.m.config.k, args.p, shapes, N)
     k_ls, k_vl = equal_bytes(share_total, shapes, N)
-    folds = [share, LorashareFold(k_ls), VloraFold(k_vl)]
+    folds = [share, LorashareFold(k_ls, SCALE), VloraFold(k_vl, SCALE)]
     curves = {f.name: [] for f in folds}
     for f in folds:
         for n, t in enumerate(tqdm(tasks, desc=f"folding · {f.name}"), 1):
@@ -362,7 +268,7 @@ def main() -> None:
                             "accuracy_without_adapter": statistics.mean(bare_acc.values()),
                             "adapters": info, "curves": curves, "timing": {m: {str(n): s for n, s in v.items()} for m, v in timing.items()},
                             "routed_check": routed_check})
-    plot(curves, bare, RESULTS / f"{args.out}.png")
+    plot(curves, bare, RESULTS / f"{args.out}.png", bare_label="head without its adapter")
     print(f"wrote {path}")
 
 
@@ -378,7 +284,7 @@ def timing_only(args) -> None:
     loras = {t.name: SimpleNamespace(factors={n: (torch.randn(o, R, generator=g) * 0.02, torch.randn(R, i, generator=g) * 0.02)
                                               for n, (o, i) in shapes.items()}, scaling=SCALE, rank=R) for t in tasks}
     N = len(tasks)
-    share_total = share.m.config.k * sum(o + i for o, i in shapes.values()) + N * len(shapes) * 2 * args.k * args.p
+    share_total = _folds.share_numbers(share.m.config.k, args.p, list(shapes.values()), N)
     k_ls, k_vl = equal_bytes(share_total, list(shapes.values()), N)
     first = {}
     for n, t in enumerate(tasks, 1):
@@ -440,27 +346,6 @@ def timing_runs(share: ShareFold, loras, sds, tasks, ns: list[int], k_ls: int, k
             sub.absorb_incremental(vlora_weights(extra[n - 1]), f"a{n - 1}")
             out["vlora-dev 1.0.0"][n] = time.perf_counter() - t0
     return out
-
-
-def plot(curves: dict, bare: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, pts in curves.items():
-        pts = [p for p in pts if "retention" in p]
-        a1.plot([p["n"] for p in pts], [p["retention"] for p in pts], marker="o", label=name)
-        a2.plot([p["n"] for p in pts], [p["dW_rel_error"] for p in pts], marker="o", label=name)
-    a1.axhline(bare, color="grey", ls=":", label="head without its adapter")
-    a1.axhline(0.97, color="black", ls="--", lw=0.8, label="0.97 (paper)")
-    a1.set(xlabel="adapters folded", ylabel="score retained (folded ÷ original)", title="Task score retained")
-    a2.set(xlabel="adapters folded", ylabel="‖ΔŴ − ΔW‖ / ‖ΔW‖ (mean over tasks)", title="ΔW error, equal stored bytes")
-    a1.legend(fontsize=8)
-    a2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
