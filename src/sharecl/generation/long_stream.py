@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from sharecl.data.tasks import Stream
 from sharecl.generation.tasks import GenerationTask, split_pairs
 
-__all__ = ["GEN30_TASKS", "TaskSource", "gen30", "task_pairs", "unambiguous"]
+__all__ = ["GEN30_EXTRA_TASKS", "GEN30_TASKS", "TaskSource", "gen30", "task_pairs", "unambiguous"]
 
 Pairs = list[tuple[str, str]]
 
@@ -176,8 +176,7 @@ def _unicode_names() -> Pairs:
 
 
 def _html_entities() -> Pairs:
-    return [(f"Which character does the HTML entity &{name} stand for?", ch)
-            for name, ch in html.entities.html5.items() if name.endswith(";") and len(ch) == 1 and ch.isalpha() and 0x80 <= ord(ch) < 0x400]
+    return [(f"Which character does the HTML entity &{name} stand for?", ch) for name, ch in _html_entity_table()]
 
 
 # ------------------------------------------------------------------------ dictionaries
@@ -214,15 +213,20 @@ def _dict_definitions(name: str, package: str, what: str) -> Pairs:
     return out
 
 
-def _acronyms() -> Pairs:
+def _acronym_table() -> list[tuple[str, str]]:
+    """``(ACRONYM, expansion)`` from VERA, expansions of at most eight words."""
     from sharecl.data.reference import dictd_entries
 
     out = []
     for head, body in dictd_entries("vera", "dict-vera"):
         expansion = re.sub(r"\s*\([^)]*\)", "", " ".join(body.split())).split('"')[0].strip(' ,.')
         if head.isascii() and expansion and len(expansion.split()) <= 8:
-            out.append((f"What does the acronym {head.upper()} stand for?", expansion))
+            out.append((head.upper(), expansion))
     return out
+
+
+def _acronyms() -> Pairs:
+    return [(f"What does the acronym {a} stand for?", e) for a, e in _acronym_table()]
 
 
 # --------------------------------------------------------------------------- ISO, misc
@@ -302,6 +306,66 @@ GEN30_TASKS: tuple[TaskSource, ...] = (
     TaskSource("adj-from-gloss", _adj_from_gloss, "exact-match", 6, f"{_W} data.adj: definition → adjective"),
 )
 
+
+def _reverse(pairs: Pairs, template: str) -> Pairs:
+    """``(template.format(answer), the prompt's own subject)`` of ``(subject, answer)`` pairs."""
+    return [(template.format(b), a) for a, b in pairs]
+
+
+#: fourteen more mappings from the same packaged sources, most of them a GEN30_TASKS mapping read backwards:
+#: for experiments that need more than 36 tasks (``gen30(sources=GEN30_TASKS + GEN30_EXTRA_TASKS)``: fifty
+#: LoRAs folded without data, ``benchmarks/bench_lm_adapters.py``); not part of the ``gen30`` stream
+GEN30_EXTRA_TASKS: tuple[TaskSource, ...] = (
+    TaskSource("country-of-capital", lambda: _misc("countries", 4, 3, "Which country has the capital {}?"), "exact-match", 8,
+               "Debian miscfiles countries: capital → country"),
+    TaskSource("alpha2-of-country", lambda: _iso("3166-1", "alpha_2", "What is the ISO 3166 alpha-2 code of {}?", reverse=True),
+               "exact-match", 4, "Debian iso-codes ISO 3166-1: country name → alpha-2 code"),
+    TaskSource("code-of-currency", lambda: _iso("4217", "alpha_3", "What is the ISO 4217 code of the {}?", reverse=True),
+               "exact-match", 4, "Debian iso-codes ISO 4217: currency name → code"),
+    TaskSource("code-of-language", lambda: _iso("639-2", "alpha_2", "What is the ISO 639-1 code of {}?", reverse=True),
+               "exact-match", 4, "Debian iso-codes ISO 639-2 records with an alpha-2 code: language name → code"),
+    TaskSource("symbol-of-element", lambda: [(f"What is the chemical symbol of {n}?", s) for n, s, _ in _elements()],
+               "exact-match", 4, "Debian dict-elements: element name → symbol"),
+    TaskSource("element-of-number", lambda: [(f"Which chemical element has atomic number {z}?", n) for n, _, z in _elements()],
+               "exact-match", 6, "Debian dict-elements: atomic number → element name"),
+    TaskSource("code-of-script", lambda: _iso("15924", "alpha_4", "What is the ISO 15924 code of the {} script?", reverse=True),
+               "exact-match", 4, "Debian iso-codes ISO 15924: script name → code"),
+    TaskSource("noun-plural", lambda: [(f'What is the plural of the noun "{b}"? Answer with one word.', a)
+                                       for a, b in _exceptions_raw("noun")], "exact-match", 6, f"{_W} noun.exc: singular → plural"),
+    TaskSource("char-of-unicode-name", lambda: _reverse([(ch, n) for ch, n in _unicode_chars()],
+                                                        "Which character has the Unicode name {}? Answer with the character only."),
+               "exact-match", 2, "Python unicodedata (Unicode 15): a Latin or Greek letter's name → the letter"),
+    TaskSource("entity-of-char", lambda: [(f"Which HTML entity stands for the character {ch}?", f"&{name}")
+                                          for name, ch in _html_entity_table()], "exact-match", 6,
+               "Python html.entities (HTML5): letter → entity"),
+    TaskSource("airport-of-city", lambda: _misc("airport", 4, 0, "What is the IATA code of the airport of {}?"), "exact-match", 4,
+               "Debian miscfiles airport: city → IATA code (cities with one airport)"),
+    TaskSource("noun-from-gloss", lambda: _word_from_gloss("noun"), "exact-match", 6, f"{_W} data.noun: definition → noun"),
+    TaskSource("verb-from-gloss", lambda: _word_from_gloss("verb"), "exact-match", 6, f"{_W} data.verb: definition → verb"),
+    TaskSource("acronym-of", lambda: _reverse(_acronym_table(),
+                                              "Which acronym stands for {}? Answer with the acronym only."), "exact-match", 8,
+               "Debian dict-vera: expansion → acronym"),
+)
+
+
+def _exceptions_raw(pos: str) -> list[tuple[str, str]]:
+    from sharecl.data.reference import wordnet_exceptions
+
+    return [(a, b) for a, b in wordnet_exceptions(pos) if a != b and _one_word(a) and _one_word(b)]
+
+
+def _unicode_chars() -> list[tuple[str, str]]:
+    return [(p.rsplit(" ", 1)[-1].rstrip("?"), n) for p, n in _unicode_names()]
+
+
+def _html_entity_table() -> list[tuple[str, str]]:
+    return [(name, ch) for name, ch in html.entities.html5.items()
+            if name.endswith(";") and len(ch) == 1 and ch.isalpha() and 0x80 <= ord(ch) < 0x400]
+
+
+def _word_from_gloss(pos: str) -> Pairs:
+    return [(f"Which {_POS_WORD[pos]} means: {s.definition}? Answer with the {_POS_WORD[pos]} only.", s.lemmas[0])
+            for s in _wn(pos).values() if _one_word(s.lemmas[0]) and s.definition and len(s.definition.split()) <= 16]
 
 def _pairs(t: TaskSource) -> Pairs:
     pairs = t.build()
