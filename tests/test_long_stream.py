@@ -9,7 +9,7 @@ import json
 import pytest
 
 from sharecl.data.tasks import check_task_name
-from sharecl.generation.long_stream import GEN30_TASKS, TaskSource, gen30, task_pairs, unambiguous
+from sharecl.generation.long_stream import GEN30_EXTRA_TASKS, GEN30_TASKS, TaskSource, gen30, task_pairs, unambiguous
 from sharecl.generation.scoring import METRICS
 
 
@@ -63,6 +63,11 @@ def test_catalogue_has_thirty_plus_named_tasks_with_both_metrics():
     assert em >= len(names) / 3 and len(names) - em >= len(names) / 3
     with pytest.raises(KeyError, match="unknown gen30 task 'nope'"):
         task_pairs("nope")
+    extra = [t.name for t in GEN30_EXTRA_TASKS]
+    assert len(names) + len(extra) >= 50 and not set(extra) & set(names) and len(set(extra)) == len(extra)
+    for t in GEN30_EXTRA_TASKS:
+        check_task_name(t.name)
+        assert t.metric in METRICS and t.max_new_tokens >= 2 and t.source
 
 
 # ------------------------------------------------------------ readers on synthetic Debian files
@@ -139,6 +144,11 @@ def test_task_builders_follow_wordnet_word_numbers(debian):
     assert task_pairs("element-number") == [("What is the atomic number of Iron?", "26")]
     assert task_pairs("country-code") == [("Which country has the ISO code FR?", "France")]
     assert task_pairs("capital") == [("What is the capital of France?", "Paris")]
+    # the extra tasks read the same records backwards
+    assert task_pairs("symbol-of-element") == [("What is the chemical symbol of Iron?", "Fe")]
+    assert task_pairs("element-of-number") == [("Which chemical element has atomic number 26?", "Iron")]
+    assert task_pairs("alpha2-of-country") == [("What is the ISO 3166 alpha-2 code of France?", "FR")]
+    assert task_pairs("country-of-capital") == [("Which country has the capital Paris?", "France")]
 
 
 @pytest.mark.slow
@@ -155,3 +165,7 @@ def test_gen30_builds_every_task_from_the_packaged_data():
     assert dict(task_pairs("country-code"))["Which country has the ISO code FR?"] == "France"
     assert dict(task_pairs("capital"))["What is the capital of France?"] == "Paris"
     assert all(len(v) >= 112 for v in facts.values())
+    extra = gen30(0, sources=GEN30_EXTRA_TASKS, val_size=0)  # what bench_lm_adapters.py trains on, beyond the 36
+    assert [t.name for t in extra] == [t.name for t in GEN30_EXTRA_TASKS]
+    assert all(len(t.test_inputs) == 24 and len(t.train_inputs) >= 64 for t in extra)
+    assert dict(task_pairs("noun-plural"))['What is the plural of the noun "goose"? Answer with one word.'] == "geese"

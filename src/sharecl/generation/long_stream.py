@@ -373,13 +373,13 @@ def _pairs(t: TaskSource) -> Pairs:
 
 
 def task_pairs(name: str) -> Pairs:
-    """The ``(prompt, completion)`` pairs of one task of :data:`GEN30_TASKS`, before any split
+    """The ``(prompt, completion)`` pairs of one task of :data:`GEN30_TASKS` or :data:`GEN30_EXTRA_TASKS`, before any split
     (without ambiguous prompts where the task is scored by exact match).
 
     Raises:
         KeyError: an unknown task name; FileNotFoundError: its data package is missing.
     """
-    by_name = {t.name: t for t in GEN30_TASKS}
+    by_name = {t.name: t for t in GEN30_TASKS + GEN30_EXTRA_TASKS}
     if name not in by_name:
         raise KeyError(f"unknown gen30 task {name!r}; known: {', '.join(by_name)}")
     return _pairs(by_name[name])
