@@ -9,7 +9,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # how tables and plots name the methods: each method's class declares its label (the registry is the one list)
 def _labels() -> dict[str, str]:
     from sharecl.methods import METHODS
-    from sharecl.methods.base import method_label
+    from sharecl.methods.registry import method_label
 
     return {name: method_label(name) for name in METHODS}
 

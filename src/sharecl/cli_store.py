@@ -238,7 +238,7 @@ def add_adapter(
 
     with store_lock(store):
         manifest = read_manifest(store)
-        from sharecl.methods.base import methods_where
+        from sharecl.methods.registry import methods_where
 
         folding = methods_where(folds_adapters=True)
         if manifest.get("method") not in folding:
@@ -360,7 +360,7 @@ def export(
     from sharecl.store import load_store
 
     method = load_store(store)
-    from sharecl.methods.base import methods_where
+    from sharecl.methods.registry import methods_where
 
     if not method.exports_peft:
         raise ValueError(f"{store} holds method {method.name!r}; export writes tasks of {', '.join(methods_where(exports_peft=True))} "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sharecl import distributed as dist
 from sharecl.data.streams import get_stream
-from sharecl.methods.base import METHODS
+from sharecl.methods.registry import METHODS
 from sharecl.train import TrainConfig
 
 __all__ = ["METRICS", "all_methods", "compare", "aggregate", "write_report"]
@@ -27,7 +27,7 @@ def all_methods(modality: str) -> list[str]:
     """What ``--methods all`` runs on a stream of ``modality``'s tasks: every registered method with
     an :attr:`~sharecl.methods.base.ContinualMethod.all_order` that learns them (``lm``: generation,
     where the zero-shot model is the floor; else classification, where head-only is)."""
-    from sharecl.methods.base import all_methods as registered
+    from sharecl.methods.registry import all_methods as registered
 
     return registered("generation" if modality == "lm" else "classification")
 

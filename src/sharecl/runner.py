@@ -21,7 +21,7 @@ import torch
 from sharecl import distributed as dist
 from sharecl.backbone import load_encoder
 from sharecl.data.tasks import Stream, Task
-from sharecl.methods.base import build_method
+from sharecl.methods.registry import build_method
 from sharecl.metrics import forward_transfer, summarize
 from sharecl.objectives import objective_of
 from sharecl.plots import accuracy_heatmap

@@ -75,7 +75,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "storable_methods", "StoreError", "StoreL
 #: Methods a store can hold.
 def storable_methods() -> tuple[str, ...]:
     """The registered methods with a store format (``storable = True`` on the class)."""
-    from sharecl.methods.base import methods_where
+    from sharecl.methods.registry import methods_where
 
     return tuple(methods_where(storable=True))
 

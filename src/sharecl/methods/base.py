@@ -1,4 +1,4 @@
-"""What every continual method provides, and the registry of methods.
+"""What every continual method provides (the registry of methods is :mod:`sharecl.methods.registry`).
 
 A method wraps one backbone (an :class:`~sharecl.backbone.Encoder`, a
 :class:`~sharecl.generation.lm.CausalLM`, or any HF model through :func:`sharecl.wrap`, :mod:`sharecl.wrapping`). For
@@ -24,14 +24,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sharecl.backbone import Backbone, Encoder, TaskHeads
+from sharecl.backbone import Backbone, TaskHeads
 from sharecl.data.tasks import Task
 from sharecl.methods.mixed import MixedTaskInference
 from sharecl.objectives import objective_of
 from sharecl.routing import Router
 from sharecl.train import PeakRSS, TrainConfig, train_steps
 
-__all__ = ["ContinualMethod", "METHODS", "register", "build_method", "UnsupportedScenarioError"]
+__all__ = ["ContinualMethod", "UnsupportedScenarioError"]
 
 
 class UnsupportedScenarioError(ValueError):
@@ -42,7 +42,7 @@ class ContinualMethod(MixedTaskInference, ABC):
     """Base class: one backbone, per-task heads, a task list.
 
     Class attributes:
-        name: registry name (``share``, ``lora-per-task``, …).
+        name: registry name (``share``, ``lora-per-task``, …; :func:`~sharecl.methods.registry.register`).
         scenarios: supported scenarios, a subset of ``("til", "cil")``.
         storable: whether :mod:`sharecl.store` can save this method.
     """
@@ -456,51 +456,3 @@ class ContinualMethod(MixedTaskInference, ABC):
     def check_task(self, task_name: str) -> None:
         if task_name not in self.task_classes:
             raise KeyError(f"unknown task {task_name!r}; known tasks: {self.task_names}")
-
-
-METHODS: dict[str, type[ContinualMethod]] = {}
-
-
-def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
-    """Class decorator adding a method to :data:`METHODS` under ``cls.name``: the only list of
-    methods; what a method offers (stores, ``--methods all``, labels, adapters, export, scenarios,
-    task kinds) is declared on its class and read from here (:func:`methods_where`)."""
-    METHODS[cls.name] = cls
-    return cls
-
-
-def methods_where(**flags) -> list[str]:
-    """Registered method names whose class attributes equal ``flags`` (e.g. ``storable=True``),
-    in registration order."""
-    return [n for n, c in METHODS.items() if all(getattr(c, k) == v for k, v in flags.items())]
-
-
-def all_methods(kind: str | None = None) -> list[str]:
-    """What ``--methods all`` runs, in :attr:`ContinualMethod.all_order`; only those learning
-    ``kind`` tasks (``classification`` or ``generation``) when given."""
-    order = {n: c.all_order for n, c in METHODS.items() if c.all_order is not None}
-    names = sorted(order, key=order.__getitem__)
-    return [n for n in names if kind is None or kind in METHODS[n].task_kinds]
-
-
-def method_label(name: str) -> str:
-    """How tables and plots name a registered method (its class's :attr:`~ContinualMethod.label`)."""
-    cls = METHODS.get(name)
-    return (cls.label if cls is not None else "") or name
-
-
-def build_method(name: str, encoder: Encoder, seed: int = 0, **config) -> ContinualMethod:
-    """Instantiate a registered method.
-
-    Raises:
-        KeyError: for an unknown name (the message lists the known ones).
-        ValueError: for an option the method's config does not have.
-    """
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
-    try:
-        return METHODS[name](encoder, seed=seed, **config)
-    except TypeError as exc:
-        if "unexpected keyword argument" not in str(exc):
-            raise
-        raise ValueError(f"method {name!r}: {exc}; valid options are the fields of its config class") from exc

@@ -38,7 +38,8 @@ from sharecl.backbone import Backbone
 from sharecl.data.tasks import Task
 from sharecl.gpm import DualGPM, inflora_threshold, load_memories, memory_tensors, memory_threshold
 from sharecl.inject import wrap_targets
-from sharecl.methods.base import ContinualMethod, register
+from sharecl.methods.base import ContinualMethod
+from sharecl.methods.registry import register
 from sharecl.train import PeakRSS, TrainConfig
 
 __all__ = ["InfLoRAConfig", "InfLoRAMethod"]

@@ -19,7 +19,8 @@ import torch
 from sharecl.backbone import Backbone
 from sharecl.data.tasks import Task
 from sharecl.inject import find_targets
-from sharecl.methods.base import ContinualMethod, register
+from sharecl.methods.base import ContinualMethod
+from sharecl.methods.registry import register
 from sharecl.objectives import GENERATION, objective_of
 from sharecl.train import PeakRSS, TrainConfig
 

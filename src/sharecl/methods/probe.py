@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from sharecl.data.tasks import Task
-from sharecl.methods.base import ContinualMethod, register
+from sharecl.methods.base import ContinualMethod
+from sharecl.methods.registry import register
 from sharecl.objectives import GENERATION, objective_of
 from sharecl.train import PeakRSS, TrainConfig
 

@@ -38,7 +38,8 @@ from sharecl.adapters.branches import SDLoRALinear
 from sharecl.backbone import Backbone
 from sharecl.data.tasks import Task
 from sharecl.inject import wrap_targets
-from sharecl.methods.base import ContinualMethod, register
+from sharecl.methods.base import ContinualMethod
+from sharecl.methods.registry import register
 from sharecl.train import PeakRSS, TrainConfig
 
 __all__ = ["SDLoRAConfig", "SDLoRAMethod", "SDLoRARRMethod", "SDLoRAKDMethod", "gram_of_directions"]

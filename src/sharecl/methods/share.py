@@ -22,7 +22,7 @@ from sharecl.backbone import Backbone, TaskHeads
 from sharecl.coeff_log import CoefficientLog
 from sharecl.data.tasks import Task, check_task_name
 from sharecl.inject import default_targets, set_submodule, wrap_targets
-from sharecl.methods.base import register
+from sharecl.methods.registry import register
 from sharecl.methods.share_cil import CIL_SCORES, MAHALANOBIS_SHRINK, ShareClassIncremental  # noqa: F401 (re-exported)
 from sharecl.subspace import merge_subspace
 from sharecl.train import PeakRSS, TrainConfig, train_steps

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from sharecl.backbone import Backbone
 from sharecl.data.tasks import Task
-from sharecl.methods.base import register
+from sharecl.methods.registry import register
 from sharecl.methods.share import ShareConfig, ShareMethod
 from sharecl.train import PeakRSS, TrainConfig
 
