@@ -62,23 +62,22 @@ def bbc_news() -> dict[str, list[str]]:
 
 
 def wordnet_supersenses(pos: str) -> dict[str, list[str]]:
-    """WordNet synsets of ``pos`` ("noun" or "verb") as ``{lexfile: ["lemma: gloss"]}``.
+    """WordNet synsets of ``pos`` ("noun" or "verb") as ``{lexfile: ["lemma: gloss"]}``, in file order.
 
-    The text is the synset's first lemma and its gloss; the label is its lexicographer file
-    (its supersense, e.g. ``noun.animal``).
+    The text is the synset's first lemma and its whole gloss; the label is its lexicographer file
+    (its supersense, e.g. ``noun.animal``). Read through :func:`sharecl.data.reference.wordnet_synsets`
+    (``data.<pos>`` parsed once per process).
+
+    Raises:
+        ValueError: another part of speech; FileNotFoundError: WordNet not unpacked.
     """
+    from sharecl.data.reference import wordnet_synsets  # reference.py imports this module
+
     if pos not in ("noun", "verb"):
         raise ValueError(f"pos must be 'noun' or 'verb', got {pos!r}")
-    path = debian_root("usr/share/wordnet") / f"data.{pos}"
     out: dict[str, list[str]] = defaultdict(list)
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if line.startswith("  "):  # licence header
-                continue
-            head, _, gloss = line.partition(" | ")
-            fields = head.split()
-            lemma = fields[4].replace("_", " ")
-            out[LEXNAMES[int(fields[1])]].append(f"{lemma}: {gloss.strip()}")
+    for s in wordnet_synsets(pos).values():
+        out[s.lexfile].append(f"{s.lemmas[0]}: {s.gloss}")
     return dict(out)
 
 

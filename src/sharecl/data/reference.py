@@ -43,6 +43,7 @@ class Synset:
         pointers: ``(symbol, target offset, target pos, source/target word numbers)``.
         definition: the gloss up to its first ``;`` or example.
         examples: the quoted example sentences of the gloss.
+        gloss: the whole gloss as the file has it (definition, examples), white space stripped.
     """
 
     offset: int
@@ -52,6 +53,7 @@ class Synset:
     pointers: list[tuple[str, int, str, str]] = field(default_factory=list)
     definition: str = ""
     examples: list[str] = field(default_factory=list)
+    gloss: str = ""
 
 
 def _parse_gloss(gloss: str) -> tuple[str, list[str]]:
@@ -87,8 +89,9 @@ def _read_synsets(path: Path) -> dict[int, Synset]:
             i = 4 + 2 * n_words
             n_ptr = int(f[i])
             ptrs = [(f[i + 1 + 4 * j], int(f[i + 2 + 4 * j]), f[i + 3 + 4 * j], f[i + 4 + 4 * j]) for j in range(n_ptr)]
-            definition, examples = _parse_gloss(gloss.strip())
-            out[int(f[0])] = Synset(int(f[0]), f[2], LEXNAMES[int(f[1])], lemmas, ptrs, definition, examples)
+            gloss = gloss.strip()
+            definition, examples = _parse_gloss(gloss)
+            out[int(f[0])] = Synset(int(f[0]), f[2], LEXNAMES[int(f[1])], lemmas, ptrs, definition, examples, gloss)
     return out
 
 
