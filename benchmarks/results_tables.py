@@ -471,7 +471,22 @@ def _gen5_tuned() -> str:
     seeds = {tuple(c["methods"][m]["seeds"]) for _, _, m in rows}
     one_seed = next(iter(seeds))[0] if seeds == {next(iter(seeds))} and len(next(iter(seeds))) == 1 else None
     return (compare_table(rows, lora_ref=("compare-gen5-tuned", "lora-per-task"), seed=one_seed) + "\n\nEach task's score after the last task:\n\n"
-            + per_task + f"\n\nLearning rates chosen on the validation split of seed 0 (validation score %): {grid}.")
+            + per_task + f"\n\nLearning rates chosen on the validation split of seed 0 (validation score %): {grid}."
+            + untested_trials("compare-gen5-tuned", set(c.get("tuned_lr", {}))))
+
+
+def untested_trials(folder: str, tested: set[str]) -> str:
+    """A sentence listing the validation trials under ``folder/tune/`` of methods not yet run on the
+    test split (their rows come when they are), or "" when there are none."""
+    trials: dict[str, dict[float, float]] = {}
+    for f in sorted((RESULTS / folder / "tune").glob("lr-*/*/results.json")):
+        method, lr = f.parent.name, f.parent.parent.name.removeprefix("lr-")
+        if method not in tested and "-" not in lr:  # AdamW trials (an SGD trial's folder is lr-X-sgd)
+            trials.setdefault(method, {})[float(lr)] = json.loads(f.read_text())["final_average_accuracy"]
+    if not trials:
+        return ""
+    said = "; ".join(f"{label(m)} " + ", ".join(f"{lr:g}: {100 * v:.1f}" for lr, v in sorted(t.items())) for m, t in trials.items())
+    return f" Validation trials of methods not yet run on the test split (seed 0, validation score %): {said}."
 
 
 @table("gen5-untuned")
