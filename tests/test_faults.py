@@ -14,6 +14,8 @@ import pytest
 from conftest import learn_b, sharecl
 from sharecl.store import StoreError, load_store, read_manifest
 
+pytestmark = pytest.mark.multiprocess  # every test here starts `sharecl` in a fresh interpreter
+
 # `sharecl learn`, unchanged, with two markers on stdout and a slower fsync, so that kills can be
 # aimed at the merge (ShareMethod.end_task) and at every step of the atomic write.
 CHILD = r"""
@@ -22,7 +24,6 @@ import sharecl.store as store
 from sharecl.methods.share import ShareMethod
 
 end_task = ShareMethod.end_task
-pytestmark = pytest.mark.multiprocess  # every test here starts `sharecl` (or a server) in a fresh interpreter
 
 def marked_end_task(self, *args, **kwargs):
     print("MERGE", flush=True)
@@ -51,13 +52,25 @@ def _env():
 
 
 def _kill_at(store, data_dir, marker: str | None, delay: float) -> None:
+    """SIGKILL the marked `sharecl learn` ``delay`` seconds after it prints ``marker`` (None: after start).
+
+    Raises:
+        AssertionError: the child ended without printing ``marker`` (it crashed: the kill would test nothing).
+    """
+    err = open(data_dir / "child-stderr.txt", "w+")  # a file, not a pipe: a full pipe would stall the child
     proc = subprocess.Popen([sys.executable, "-u", "-c", CHILD, *map(str, learn_b(store, data_dir))],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=err, text=True, env=_env())
     try:
         if marker is not None:
+            seen = False
             for line in proc.stdout:
                 if line.strip() == marker:
+                    seen = True
                     break
+            if not seen:
+                proc.wait()
+                err.seek(0)
+                raise AssertionError(f"the child exited ({proc.returncode}) before printing {marker}: {err.read()[-2000:]}")
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -65,6 +78,7 @@ def _kill_at(store, data_dir, marker: str | None, delay: float) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.stdout.close()
+        err.close()
 
 
 def test_learn_killed_during_training_merge_and_write_leaves_the_previous_or_the_new_version(cli_store, tmp_path):
