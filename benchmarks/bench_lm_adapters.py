@@ -177,7 +177,7 @@ def main() -> None:
         row["original"] = orig[t.name] = scorer.score(t, exact[t.name])
         row["zero_shot"] = zero[t.name] = scorer.score(t, None)
 
-    r, scaling = args.rank, 2.0
+    r, scaling = args.rank, next(iter(loras.values())).scaling  # lora_alpha / r, as the adapters' configs say
     share = ShareFold(load_causal_lm(args.model, max_length=192, precision=precision), r, 2 * r, args.k, args.p,
                       target_modules=TARGETS)
     shapes = [(layer.out_features, layer.in_features) for layer in share.m.layers.values()]

@@ -53,11 +53,15 @@ def _wn(pos: str):
     return wordnet_synsets(pos)
 
 
-def _exceptions(pos: str, kind: str) -> Pairs:
+def _exceptions_raw(pos: str) -> list[tuple[str, str]]:
+    """``(inflected, base)`` one-word pairs of WordNet's ``<pos>.exc``."""
     from sharecl.data.reference import wordnet_exceptions
 
-    return [(f'What is the base form of the {kind} "{a}"? Answer with one word.', b) for a, b in wordnet_exceptions(pos)
-            if a != b and _one_word(a) and _one_word(b)]
+    return [(a, b) for a, b in wordnet_exceptions(pos) if a != b and _one_word(a) and _one_word(b)]
+
+
+def _exceptions(pos: str, kind: str) -> Pairs:
+    return [(f'What is the base form of the {kind} "{a}"? Answer with one word.', b) for a, b in _exceptions_raw(pos)]
 
 
 def _lexical(pos: str, symbol: str, target_pos: str | None = None) -> list[tuple[str, str]]:
@@ -165,14 +169,19 @@ def _fortune_continue() -> Pairs:
 
 
 # ----------------------------------------------------------------------- Unicode and HTML
-def _unicode_names() -> Pairs:
+def _unicode_letters() -> list[tuple[str, str]]:
+    """``(letter, its Unicode name in lower case)`` for the Latin and Greek letters."""
     out = []
     for cp in list(range(0xC0, 0x250)) + list(range(0x391, 0x3CA)):
         ch = chr(cp)
         name = unicodedata.name(ch, "")
         if name and unicodedata.category(ch).startswith("L"):
-            out.append((f"What is the Unicode name of the character {ch}?", name.lower()))
+            out.append((ch, name.lower()))
     return out
+
+
+def _unicode_names() -> Pairs:
+    return [(f"What is the Unicode name of the character {ch}?", name) for ch, name in _unicode_letters()]
 
 
 def _html_entities() -> Pairs:
@@ -332,7 +341,7 @@ GEN30_EXTRA_TASKS: tuple[TaskSource, ...] = (
                "exact-match", 4, "Debian iso-codes ISO 15924: script name → code"),
     TaskSource("noun-plural", lambda: [(f'What is the plural of the noun "{b}"? Answer with one word.', a)
                                        for a, b in _exceptions_raw("noun")], "exact-match", 6, f"{_W} noun.exc: singular → plural"),
-    TaskSource("char-of-unicode-name", lambda: _reverse([(ch, n) for ch, n in _unicode_chars()],
+    TaskSource("char-of-unicode-name", lambda: _reverse(_unicode_letters(),
                                                         "Which character has the Unicode name {}? Answer with the character only."),
                "exact-match", 2, "Python unicodedata (Unicode 15): a Latin or Greek letter's name → the letter"),
     TaskSource("entity-of-char", lambda: [(f"Which HTML entity stands for the character {ch}?", f"&{name}")
@@ -348,14 +357,6 @@ GEN30_EXTRA_TASKS: tuple[TaskSource, ...] = (
 )
 
 
-def _exceptions_raw(pos: str) -> list[tuple[str, str]]:
-    from sharecl.data.reference import wordnet_exceptions
-
-    return [(a, b) for a, b in wordnet_exceptions(pos) if a != b and _one_word(a) and _one_word(b)]
-
-
-def _unicode_chars() -> list[tuple[str, str]]:
-    return [(p.rsplit(" ", 1)[-1].rstrip("?"), n) for p, n in _unicode_names()]
 
 
 def _html_entity_table() -> list[tuple[str, str]]:
