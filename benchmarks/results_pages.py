@@ -23,6 +23,7 @@ import re
 import sys
 from pathlib import Path
 
+import results_bench_tables  # noqa: F401  (registers the benchmark tables)
 from results_tables import TABLES
 
 ROOT = Path(__file__).resolve().parent.parent
