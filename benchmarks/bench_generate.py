@@ -21,6 +21,7 @@ request with ``max_new_tokens = --http-new-tokens``: generated tokens/s, p50/p99
 single-task and mixed-task traffic.
 
     python benchmarks/bench_generate.py [--threads 2] [--precision fp32|bf16] [--skip-http]
+    python benchmarks/bench_generate.py --store STORE --peft-adapters DIR --out generate-lm-adapters  # trained tasks
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ class PeftGenerator:
 
     name = "peft-lora"
 
-    def __init__(self, store: Path, precision: str = "fp32"):
-        from peft import LoraConfig, get_peft_model
+    def __init__(self, store: Path, precision: str = "fp32", adapters: Path | None = None):
+        from peft import LoraConfig, PeftModel, get_peft_model
 
         from sharecl.generation.lm import load_causal_lm
         from sharecl.store import load_store
@@ -76,7 +77,14 @@ class PeftGenerator:
         p, s = share.config.p, share.config.scaling
         cfg = LoraConfig(r=p, lora_alpha=s * p, target_modules=list(share.layers), lora_dropout=0.0)
         model = None
-        for t in share.task_names:
+        for t in share.task_names if adapters is not None else ():  # the original adapters, one folder per task
+            if not (adapters / t / "adapter_config.json").exists():
+                raise SystemExit(f"--peft-adapters {adapters}: no PEFT adapter for task {t!r} ({adapters / t})")
+            if model is None:
+                model = PeftModel.from_pretrained(lm.model, str(adapters / t), adapter_name=t)
+            else:
+                model.load_adapter(str(adapters / t), adapter_name=t)
+        for t in share.task_names if adapters is None else ():
             if model is None:
                 model = get_peft_model(lm.model, cfg, adapter_name=t)
             else:
@@ -88,6 +96,7 @@ class PeftGenerator:
                     mod = model.base_model.model.get_submodule(lname)
                     mod.lora_A[t].weight.copy_(A)
                     mod.lora_B[t].weight.copy_(B)
+        assert model is not None, "a store holds at least one task"
         lm.model = model.eval()
         self.encoder, self.task_names, self.task_classes = lm, list(share.task_names), dict(share.task_classes)
         self.heads = share.heads
@@ -98,7 +107,7 @@ class PeftGenerator:
         return [row[:n] for row, n in zip(ids, max_new_tokens)]
 
 
-def serve_process(backend: str, store: str, port: int, precision: str, threads: int) -> None:
+def serve_process(backend: str, store: str, port: int, precision: str, threads: int, adapters: Path | None = None) -> None:
     """Run the HTTP server (the same app and batcher for both backends)."""
     import uvicorn
 
@@ -109,7 +118,7 @@ def serve_process(backend: str, store: str, port: int, precision: str, threads: 
     cur = watcher.current
     cur.method.encoder.precision = precision
     if backend == "peft":
-        watcher._current = Loaded(cur.version, PeftGenerator(Path(store), precision), cur.classes, cur.kinds, cur.has_head,
+        watcher._current = Loaded(cur.version, PeftGenerator(Path(store), precision, adapters), cur.classes, cur.kinds, cur.has_head,
                                   cur.signature)
     cfg = ServeConfig(port=port, max_batch_size=16, max_inputs=16, max_wait_ms=5, max_new_tokens=64)
     uvicorn.run(create_app(watcher, cfg), host="127.0.0.1", port=port, log_level="error")
@@ -121,7 +130,7 @@ def bench_decode(store: Path, prompts: list[str], args) -> list[dict]:
     from sharecl.store import load_store
 
     share = load_store(store, precision=args.precision)
-    peft = PeftGenerator(store, args.precision)
+    peft = PeftGenerator(store, args.precision, args.peft_adapters)
     tasks = share.task_names
     rng = random.Random(0)
     xs = [prompts[i % len(prompts)] for i in range(args.rows)]
@@ -214,8 +223,9 @@ def bench_server(backend: str, store: Path, prompts: list[str], args) -> list[di
     from bench_serve import _free_port
 
     port = _free_port()
+    extra = ["--peft-adapters", str(args.peft_adapters)] if args.peft_adapters else []
     proc = subprocess.Popen([sys.executable, __file__, "--serve", backend, "--store", str(store), "--port", str(port),
-                             "--precision", args.precision, "--threads", str(args.threads)],
+                             "--precision", args.precision, "--threads", str(args.threads), *extra],
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -245,26 +255,35 @@ def main():
     ap.add_argument("--http-new-tokens", type=int, default=16)
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--store", type=Path, default=None,
+                    help="benchmark this Share store alone instead of the random-factor ones (e.g. the store of fifty "
+                         "folded trained LoRAs that bench_lm_adapters.py writes)")
+    ap.add_argument("--peft-adapters", type=Path, default=None,
+                    help="with --store: PEFT serves these original adapters (DIR/<task>/adapter_config.json) instead of "
+                         "the store's tasks exported exactly")
+    ap.add_argument("--out", default=None, help="results/<out>.json (default generate-<precision>)")
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     if a.serve:
-        return serve_process(a.serve, a.store, a.port, a.precision, a.threads)
+        return serve_process(a.serve, str(a.store), a.port, a.precision, a.threads, a.peft_adapters)
     from _common import table, write
     from sharecl.data.streams import get_stream
 
     torch.set_num_threads(a.threads)
     prompts = [p for t in get_stream("gen5", seed=0) for p, _ in t.test_inputs[:8]]
+    if a.peft_adapters and not a.store:
+        raise SystemExit("--peft-adapters names the originals of a --store's tasks; give --store too")
+    stores = [a.store] if a.store else [store_with_tasks(n) for n in COUNTS]
     decode = []
-    for n in COUNTS:
-        decode += bench_decode(store_with_tasks(n), prompts, a)
+    for store in stores:
+        decode += bench_decode(store, prompts, a)
         print(table(decode[-6:], ["backend", "tasks", "load", "generate_s", "tokens_per_s", "ms_per_step", "over_base",
                                   "this_over_share_mixed"]), flush=True)
     rows = []
-    for n in () if a.skip_http else COUNTS:
+    for store in () if a.skip_http else stores:
         for backend in ("share", "peft"):
-            rows += bench_server(backend, store_with_tasks(n), prompts, a)
+            rows += bench_server(backend, store, prompts, a)
     for r in rows:
         same = {x["backend"]: x for x in rows if x["tasks"] == r["tasks"] and x["load"] == r["load"]}
         own_single = next(x for x in rows if x["tasks"] == r["tasks"] and x["backend"] == r["backend"] and x["load"] == "single")
@@ -275,10 +294,12 @@ def main():
     if rows:
         print(table(rows, ["backend", "tasks", "load", "tokens_per_s", "requests_per_s", "p50_ms", "p99_ms", "vs_own_single",
                            "share_over_peft", "errors"]))
-    print(write(f"generate-{a.precision}", {"threads": a.threads, "precision": a.precision, "rows": a.rows,
+    tasks = (f"the tasks of {a.store}" + (f"; PEFT serves the original adapters of {a.peft_adapters}" if a.peft_adapters else "")
+             if a.store else "adapter-only, random rank-8 LoRA factors (none trained)")
+    print(write(a.out or f"generate-{a.precision}", {"threads": a.threads, "precision": a.precision, "rows": a.rows,
                                             "new_tokens": a.new_tokens, "reps": a.reps, "requests": a.requests,
                                             "clients": a.clients, "http_new_tokens": a.http_new_tokens,
-                                            "tasks": "adapter-only, random rank-8 LoRA factors (none trained)",
+                                            "tasks": tasks,
                                             "decode": decode, "http": rows}))
 
 

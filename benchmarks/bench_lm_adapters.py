@@ -28,7 +28,10 @@ Needs the two packages, which sharecl itself does not use::
     python benchmarks/bench_lm_adapters.py --train-only --shard 1/2 ; wait
     python benchmarks/bench_lm_adapters.py [--tasks 50] [--k 24] [--p 4] [--eval-every 10] [--threads 1]
 
-Writes ``results/lm-adapters.json`` and ``results/lm-adapters.png``.
+Writes ``results/lm-adapters.json`` and ``results/lm-adapters.png``, and saves Share's folded store
+under the work directory (its path in the JSON's ``config.share_store``) for serving::
+
+    python benchmarks/bench_generate.py --store STORE --peft-adapters WORKDIR --out generate-lm-adapters
 """
 
 from __future__ import annotations
@@ -204,6 +207,12 @@ def main() -> None:
                     point["per_task"] = {x: {"score": acc[x], "dW_rel_error": e} for x, e in zip(names, errs)}
             curves[f.name].append(point)
 
+    store = None
+    if share in folds:  # the folded store, for serving (bench_generate.py --store … --peft-adapters …)
+        from sharecl.store import save_store
+
+        store = workdir / f"share-store-k{args.k}-p{args.p}-n{N}"
+        save_store(share.m, store)
     rows = []
     for f in folds:
         last = curves[f.name][-1]
@@ -221,7 +230,8 @@ def main() -> None:
     print(table(rows, list(rows[0])))
     path = write(args.out, {"config": {**vars(args), "workdir": str(args.workdir), "lora_alpha": 2 * r, "targets": TARGETS,
                                        "precision": precision, "k_lorashare": k_ls, "k_vlora": k_vl, "model": lm.path,
-                                       "share_numbers": share_total, "lora_numbers": lora_total},
+                                       "share_numbers": share_total, "lora_numbers": lora_total,
+                                       "share_store": str(store) if store else None, "adapters_dir": str(workdir)},
                             "summary": rows, "adapters": info, "curves": curves})
     zero_ret = statistics.mean(zero[x["task"]] / x["original"] for x in learned) if learned else 0.0
     plot(curves, zero_ret, RESULTS / f"{args.out}.png", bare_label="zero-shot (no adapter)")
