@@ -51,6 +51,61 @@ def _adapters_timing() -> str:
         "adapters-timing.json", "python benchmarks/bench_adapters.py --timing-only")
 
 
+LM_ADAPTERS_COMMAND = "python benchmarks/bench_lm_adapters.py --tasks 50 --k 24 --p 4 --eval-every 10"
+
+
+def _ratio(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+LEARNED = 0.2  # a task its own LoRA clearly learned (24 test prompts: 0.05 is one or two right answers)
+
+
+@table("lm-adapters")
+def _lm_adapters() -> str:
+    """Fifty PEFT LoRAs of SmolLM2 folded without data (``bench_lm_adapters.py``): one row per method,
+    after the last fold. Retention on the well-learned tasks is computed here from the per-task scores."""
+    d = load("lm-adapters.json")
+    c = d["config"]
+    orig = {a["task"]: a["original"] for a in d["adapters"]}
+    header = ["after the last fold", "k", "numbers stored (÷ the LoRAs')", "score retained, tasks ≥ 0.05", f"score retained, tasks ≥ {LEARNED}",
+              "worst task (ratio)", "gain over zero-shot kept", "ΔW rel. error", "add the last adapter (s)"]
+    body = []
+    for r in d["summary"]:
+        per = d["curves"][r["method"]][-1]["per_task"]
+        good = [t for t in per if orig[t] >= LEARNED]
+        kept = sum(per[t]["score"] / orig[t] for t in good) / len(good)
+        body.append([r["method"], r["k"], f"{num(r['stored_numbers'])} ({100 * r['bytes_vs_loras']:.1f} %)", _ratio(r["retention"]),
+                     f"{kept:.3f} (median {_median([per[t]['score'] / orig[t] for t in good]):.3f})",
+                     f"{r['worst_task']} ({_ratio(r['worst'])})" if r.get("worst_task") else "—", _ratio(r["gain_kept"]),
+                     f"{r['dW_rel_error']:.3f}", secs(r["add_s_last"])])
+    n05 = sum(v >= 0.05 for v in orig.values())
+    n_good = sum(v >= LEARNED for v in orig.values())
+    mean = sum(orig.values()) / len(orig)
+    zero = sum(a["zero_shot"] for a in d["adapters"]) / len(d["adapters"])
+    return (md(header, body) + f"\n\n{c['tasks']} rank-{c['rank']} LoRAs ({num(c['lora_numbers'])} numbers), mean score {mean:.3f} "
+            f"with their own LoRA and {zero:.3f} zero-shot; score retained = mean over tasks of folded ÷ original, over the {n05} "
+            f"tasks whose own LoRA scores ≥ 0.05 and the {n_good} that score ≥ {LEARNED}. " + bench_source("lm-adapters.json", LM_ADAPTERS_COMMAND))
+
+
+def _median(v: list[float]) -> float:
+    v = sorted(v)
+    return (v[len(v) // 2] + v[(len(v) - 1) // 2]) / 2
+
+
+@table("lm-adapters-per-task")
+def _lm_adapters_per_task() -> str:
+    """Every task's score (exact match or ROUGE-L, in [0, 1]) zero-shot, with its own LoRA and after the last fold."""
+    d = load("lm-adapters.json")
+    methods = [r["method"] for r in d["summary"]]
+    finals = {m: d["curves"][m][-1].get("per_task", {}) for m in methods}
+    body = [[a["task"], a["metric"], f"{a['zero_shot']:.2f}", f"{a['original']:.2f}"]
+            + [f"{finals[m][a['task']]['score']:.2f}" if a["task"] in finals[m] else "—" for m in methods]
+            + [f"{a['train_s']:.0f}"] for a in d["adapters"]]
+    return md(["task", "metric", "zero-shot", "own LoRA", *[f"folded: {m}" for m in methods], "LoRA training (s)"], body) + (
+        "\n\n" + bench_source("lm-adapters.json", LM_ADAPTERS_COMMAND))
+
+
 @table("speed-train-step")
 def _train_step() -> str:
     d = load("train_step.json")
@@ -139,9 +194,8 @@ def _serve() -> str:
             + bench_source("serve.json", "python benchmarks/bench_serve.py"))
 
 
-@table("generate-decode")
-def _generate_decode() -> str:
-    rel = "generate-fp32.json"
+def generate_decode_table(rel: str, command: str) -> str:
+    """Decoding tokens/s per backend and load (``bench_generate.py``, part 1)."""
     d = load(rel)
     cells = {(r["backend"], r["tasks"], r["load"]): r for r in d["decode"]}
     body = []
@@ -155,12 +209,11 @@ def _generate_decode() -> str:
                 "Share mixed ÷ Share one task (target ≥ 0.9)", "Share mixed ÷ PEFT mixed (target ≥ 1.5 at 50)"], body)
             + f"\n\nGenerated tokens/s (× the base model's time), {d['rows']} prompts, {d['new_tokens']} new tokens, precision {d['precision']}; "
             f"tasks: {d['tasks']}. "
-            + bench_source(rel, f"python benchmarks/bench_generate.py --threads {d['threads']} --rows {d['rows']}"))
+            + bench_source(rel, command.format(**d)))
 
 
-@table("generate-http")
-def _generate_http() -> str:
-    rel = "generate-fp32.json"
+def generate_http_table(rel: str, command: str) -> str:
+    """``sharecl serve`` tokens/s and latency per backend and load (``bench_generate.py``, part 2)."""
     d = load(rel)
     cells = {(r["backend"], r["tasks"], r["load"]): r for r in d["http"]}
     body = []
@@ -171,7 +224,17 @@ def _generate_http() -> str:
     return (md(["tasks", "Share, one task", "Share, mixed", "PEFT, one task", "PEFT, mixed", "Share mixed ÷ Share one task",
                 "Share mixed ÷ PEFT mixed"], body)
             + f"\n\n`sharecl serve` over loopback, {d['clients']} closed-loop clients, {d['http_new_tokens']} new tokens, {d['requests']} "
-            "requests per cell; generated tokens/s (p50 / p99 latency). " + bench_source(rel, "python benchmarks/bench_generate.py"))
+            "requests per cell; generated tokens/s (p50 / p99 latency). " + bench_source(rel, command.format(**d)))
+
+
+@table("generate-decode")
+def _generate_decode() -> str:
+    return generate_decode_table("generate-fp32.json", "python benchmarks/bench_generate.py --threads {threads} --rows {rows}")
+
+
+@table("generate-http")
+def _generate_http() -> str:
+    return generate_http_table("generate-fp32.json", "python benchmarks/bench_generate.py")
 
 
 @table("faults")

@@ -1,0 +1,103 @@
+"""The gen5 tables (generation on the packaged SmolLM2) of the docs site: Share's option ablation,
+the validation-tuned comparison, Share on all linear layers and the comparison before issue 30.
+
+Registered in :data:`results_tables.TABLES` on import (``results_pages.py`` imports this module).
+"""
+
+from __future__ import annotations
+
+import json
+
+from results_tables import RESULTS, all_rows, compare_json, compare_table, label, load, machine, md, num, pct_of, run, table
+
+
+@table("gen5-tuned")
+def _gen5_tuned() -> str:
+    c = compare_json("compare-gen5-tuned")
+    rows = all_rows("compare-gen5-tuned")
+    tasks = [t["name"] for t in json.loads((RESULTS / "compare-gen5-tuned" / f"seed-{c['methods'][rows[0][2]]['seeds'][0]}" / "manifest.json")
+                                          .read_text())["tasks"]]
+    per_task = md(["method (first seed)", *tasks], [[lab, *(f"{100 * v:.1f}" for v in run(f, compare_json(f)["methods"][m]["seeds"][0], m)
+                                                            ["accuracy_matrix"][-1])] for lab, f, m in rows])
+    grid = "; ".join(f"{label(m)} **{t['lr']:g}** (" + ", ".join(f"{k}: {100 * v:.1f}" for k, v in t["validation_final_accuracy"].items()) + ")"
+                     for m, t in c.get("tuned_lr", {}).items())
+    seeds = {tuple(c["methods"][m]["seeds"]) for _, _, m in rows}
+    one_seed = next(iter(seeds))[0] if seeds == {next(iter(seeds))} and len(next(iter(seeds))) == 1 else None
+    return (compare_table(rows, lora_ref=("compare-gen5-tuned", "lora-per-task"), seed=one_seed) + "\n\nEach task's score after the last task:\n\n"
+            + per_task + f"\n\nLearning rates chosen on the validation split of seed 0 (validation score %): {grid}."
+            + untested_trials("compare-gen5-tuned", set(c.get("tuned_lr", {}))))
+
+
+def validation_trials(folder: str) -> dict[str, dict[float, float]]:
+    """``{method: {lr: validation final score}}`` of the AdamW trials under ``folder/tune/``."""
+    trials: dict[str, dict[float, float]] = {}
+    for f in sorted((RESULTS / folder / "tune").glob("lr-*/*/results.json")):
+        method, lr = f.parent.name, f.parent.parent.name.removeprefix("lr-")
+        if "-" not in lr:  # an SGD trial's folder is lr-X-sgd
+            trials.setdefault(method, {})[float(lr)] = json.loads(f.read_text())["final_average_accuracy"]
+    return trials
+
+
+def untested_trials(folder: str, tested: set[str]) -> str:
+    """A sentence listing the validation trials under ``folder/tune/`` of methods not yet run on the
+    test split (their rows come when they are), or "" when there are none."""
+    trials = {m: t for m, t in validation_trials(folder).items() if m not in tested}
+    if not trials:
+        return ""
+    said = "; ".join(f"{label(m)} " + ", ".join(f"{lr:g}: {100 * v:.1f}" for lr, v in sorted(t.items())) for m, t in trials.items())
+    return f" Validation trials of methods not yet run on the test split (seed 0, validation score %): {said}."
+
+
+def last_row_means(folder: str, method: str) -> list[float]:
+    """Each task's score after the last task, mean over the folder's seeds (fractions)."""
+    seeds = compare_json(folder)["methods"][method]["seeds"]
+    rows = [run(folder, s, method)["accuracy_matrix"][-1] for s in seeds]
+    return [sum(col) / len(col) for col in zip(*rows)]
+
+
+@table("gen5-untuned")
+def _gen5_untuned() -> str:
+    order = ["zero-shot", "share", "inflora", "sd-lora", "dual-lora", "lora-per-task", "seq-lora", "joint-lora"]
+    return compare_table([(label(m), "compare-gen5", m) for m in order], lora_ref=("compare-gen5", "lora-per-task"))
+
+
+
+# --------------------------------------------------------------------- Share on a causal LM
+#: what each ablation trial changes, in words (trials not listed show their option values)
+TRIAL_WORDS = {"base": "today's setting before issue 30 (k 10, p 2, φ 2, lr 1e-3, q/v)", "lora-per-task": "LoRA per task (the target)"}
+
+
+def _changes(row: dict, base: dict, budget: dict) -> str:
+    cfg, tc = row["config"], row["train_config"]
+    keys = ("r", "p", "k", "phi", "init", "phi_init", "merge_finetune_steps", "coeff_lr_ratio", "phi_lr_ratio", "target_modules")
+    parts = []
+    for k in keys:
+        if k not in cfg:
+            continue
+        v, b = cfg[k], base.get(k, {"coeff_lr_ratio": 1.0, "phi_lr_ratio": 1.0, "init": "zero", "phi_init": "complement",
+                                    "merge_finetune_steps": 0, "target_modules": ["q_proj", "v_proj"]}.get(k))
+        if v != b and v is not None:
+            parts.append(f"{k} {v if not isinstance(v, list) else '/'.join(x.split('_')[0] for x in v)}")
+    for k in ("lr", "steps"):
+        if tc.get(k) != budget.get(k):
+            parts.append(f"{k} {tc[k]:g}")
+    return ", ".join(parts) or "—"
+
+
+@table("gen5-share-ablation")
+def _gen5_ablation() -> str:
+    d = load("share_lm_ablation.json")
+    rows = d["rows"]
+    ref = next((r["bytes_per_task"] for r in rows if r["method"] == "lora-per-task" and r["trial"] == "lora-per-task"), None)
+    tasks = list(rows[0]["per_task"])
+    body = []
+    for r in rows:
+        what = TRIAL_WORDS.get(r["trial"]) or ((label(r["method"]) + ": " if r["method"] != "share" else "")
+                                              + _changes(r, d["base"], d["budget"]))
+        body.append([r["trial"], what, f"{100 * r['validation_score']:.2f}", *(f"{100 * v:.1f}" for v in r["per_task"].values()),
+                     num(r["bytes_per_task"]), pct_of(r["bytes_per_task"], ref) if ref else "—", f"{r['train_seconds']:.0f}"])
+    header = ["trial", "change from today's setting", "validation score %", *tasks, "bytes / task", "of LoRA's", "train s"]
+    env = rows[0]["environment"]
+    return (md(header, body) + f"\n\nSeed 0, gen5's validation split (200 pairs per task), {d['budget']['steps']} steps of "
+            f"{d['budget']['batch_size']} per task, precision {rows[0]['precision']}, one thread per trial. Source: "
+            f"`benchmarks/results/share_lm_ablation.json` (`python benchmarks/bench_share_lm.py --queue FILE`; {machine(env)}).")
