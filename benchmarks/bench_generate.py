@@ -294,7 +294,7 @@ def main():
     if rows:
         print(table(rows, ["backend", "tasks", "load", "tokens_per_s", "requests_per_s", "p50_ms", "p99_ms", "vs_own_single",
                            "share_over_peft", "errors"]))
-    tasks = (f"the tasks of {a.store}" + (f"; PEFT serves the original adapters of {a.peft_adapters}" if a.peft_adapters else "")
+    tasks = (f"the tasks of the store {a.store.name}" + ("; PEFT serves their original adapters" if a.peft_adapters else "")
              if a.store else "adapter-only, random rank-8 LoRA factors (none trained)")
     print(write(a.out or f"generate-{a.precision}", {"threads": a.threads, "precision": a.precision, "rows": a.rows,
                                             "new_tokens": a.new_tokens, "reps": a.reps, "requests": a.requests,

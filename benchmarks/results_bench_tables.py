@@ -212,13 +212,15 @@ def generate_decode_table(rel: str, command: str) -> str:
             + bench_source(rel, command.format(**d)))
 
 
-def generate_http_table(rel: str, command: str) -> str:
-    """``sharecl serve`` tokens/s and latency per backend and load (``bench_generate.py``, part 2)."""
+def generate_http_table(rel: str, command: str, per_request: bool = False) -> str:
+    """``sharecl serve`` tokens/s and latency per backend and load (``bench_generate.py``, part 2);
+    ``per_request``: also requests/s and tokens per request (trained tasks stop at their own length)."""
     d = load(rel)
     cells = {(r["backend"], r["tasks"], r["load"]): r for r in d["http"]}
     body = []
     for n in sorted({r["tasks"] for r in d["http"]}):
-        f = lambda r: f"{r['tokens_per_s']:.1f} ({r['p50_ms'] / 1000:.1f} / {r['p99_ms'] / 1000:.1f} s)"  # noqa: E731
+        f = lambda r: (f"{r['tokens_per_s']:.1f} ({r['p50_ms'] / 1000:.1f} / {r['p99_ms'] / 1000:.1f} s)"  # noqa: E731
+                       + (f"; {r['requests_per_s']:.2f} req/s, {r['tokens'] / r['requests']:.1f} tokens each" if per_request else ""))
         s1, sm, p1, pm_ = (cells[(b, n, lo)] for b, lo in (("share", "single"), ("share", "mixed"), ("peft", "single"), ("peft", "mixed")))
         body.append([n, f(s1), f(sm), f(p1), f(pm_), x(sm["tokens_per_s"] / s1["tokens_per_s"]), x(sm["tokens_per_s"] / pm_["tokens_per_s"])])
     return (md(["tasks", "Share, one task", "Share, mixed", "PEFT, one task", "PEFT, mixed", "Share mixed ÷ Share one task",
@@ -235,6 +237,20 @@ def _generate_decode() -> str:
 @table("generate-http")
 def _generate_http() -> str:
     return generate_http_table("generate-fp32.json", "python benchmarks/bench_generate.py")
+
+
+LM_SERVE_COMMAND = ("python benchmarks/bench_generate.py --threads 1 --rows 16 --store WORKDIR/share-store-k24-p4-n50 "
+                    "--peft-adapters WORKDIR --out generate-lm-adapters")
+
+
+@table("generate-lm-adapters-decode")
+def _generate_lm_adapters_decode() -> str:
+    return generate_decode_table("generate-lm-adapters.json", LM_SERVE_COMMAND)
+
+
+@table("generate-lm-adapters-http")
+def _generate_lm_adapters_http() -> str:
+    return generate_http_table("generate-lm-adapters.json", LM_SERVE_COMMAND, per_request=True)
 
 
 @table("faults")
