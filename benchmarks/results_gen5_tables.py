@@ -55,6 +55,22 @@ def last_row_means(folder: str, method: str) -> list[float]:
     return [sum(col) / len(col) for col in zip(*rows)]
 
 
+@table("gen5-all-linear")
+def _gen5_all_linear() -> str:
+    folder = "compare-gen5-all-linear"
+    rows = [("Share, all linear layers (k 10, p 2)", folder, "share"), ("Share, q_proj/v_proj (k 10, p 4)", "compare-gen5-tuned", "share"),
+            ("LoRA per task, q_proj/v_proj", "compare-gen5-tuned", "lora-per-task")]
+    tasks = [t["name"] for t in json.loads((RESULTS / folder / f"seed-{compare_json(folder)['methods']['share']['seeds'][0]}"
+                                            / "manifest.json").read_text())["tasks"]]
+    per_task = md(["method (mean over seeds)", *tasks], [[lab, *(f"{100 * v:.1f}" for v in last_row_means(f, m))] for lab, f, m in rows])
+    trials = validation_trials(folder).get("share", {})
+    said = ", ".join(f"{lr:g}: {100 * v:.2f}" for lr, v in sorted(trials.items()))
+    lr = compare_json(folder).get("tuned_lr", {}).get("share", {}).get("lr")
+    return (compare_table(rows, lora_ref=("compare-gen5-tuned", "lora-per-task")) + "\n\nEach task's score after the last task:\n\n"
+            + per_task + f"\n\nShare on all linear layers: validation trials (seed 0, validation score %) {said}; rate run on the "
+            f"test split {lr:g}.")
+
+
 @table("gen5-untuned")
 def _gen5_untuned() -> str:
     order = ["zero-shot", "share", "inflora", "sd-lora", "dual-lora", "lora-per-task", "seq-lora", "joint-lora"]

@@ -470,7 +470,7 @@ SUMMARY = {
     "text20 (seed 0)": (["compare-text20"], "lora-per-task"),
     "images20 (seed 0)": (["compare-images20"], "lora-per-task"),
     # the tuned comparison replaces the untuned one: its splits differ (200 test pairs per task, not 40)
-    "gen5 (causal LM)": (["compare-gen5-tuned|compare-gen5"], "lora-per-task"),
+    "gen5 (causal LM)": (["compare-gen5-tuned|compare-gen5", "compare-gen5-all-linear"], "lora-per-task"),
     "wordnet-cil": (["compare-wordnet-cil-tuned", "compare-wordnet-cil-share-prototype", "compare-wordnet-cil", "compare-wordnet-cil-align"],
                     "joint-lora"),
     "fmnist-cil": (["compare-fmnist-cil-tuned", "compare-fmnist-cil", "compare-fmnist-cil-align", "compare-fmnist-cil-share-align"],
@@ -480,6 +480,8 @@ SUMMARY = {
 
 
 def _variant(folder: str) -> str:
+    if "all-linear" in folder:
+        return "all linear layers"
     return "aligned" if "align" in folder else "tuned" if "tuned" in folder else "untuned"
 
 
