@@ -77,14 +77,15 @@ class PeftGenerator:
         p, s = share.config.p, share.config.scaling
         cfg = LoraConfig(r=p, lora_alpha=s * p, target_modules=list(share.layers), lora_dropout=0.0)
         model = None
-        for t in share.task_names if adapters is not None else ():  # the original adapters, one folder per task
-            if not (adapters / t / "adapter_config.json").exists():
-                raise SystemExit(f"--peft-adapters {adapters}: no PEFT adapter for task {t!r} ({adapters / t})")
-            if model is None:
-                model = PeftModel.from_pretrained(lm.model, str(adapters / t), adapter_name=t)
-            else:
-                model.load_adapter(str(adapters / t), adapter_name=t)
-        for t in share.task_names if adapters is None else ():
+        for t in share.task_names:
+            if adapters is not None:  # the original adapter, one folder per task
+                if not (adapters / t / "adapter_config.json").exists():
+                    raise SystemExit(f"--peft-adapters {adapters}: no PEFT adapter for task {t!r} ({adapters / t})")
+                if model is None:
+                    model = PeftModel.from_pretrained(lm.model, str(adapters / t), adapter_name=t)
+                else:
+                    model.load_adapter(str(adapters / t), adapter_name=t)
+                continue
             if model is None:
                 model = get_peft_model(lm.model, cfg, adapter_name=t)
             else:

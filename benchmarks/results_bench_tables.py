@@ -7,6 +7,8 @@ every table ends with the line naming its file, the command that wrote it and th
 
 from __future__ import annotations
 
+import statistics
+
 from results_tables import label, load, machine, md, num, table
 
 
@@ -76,7 +78,7 @@ def _lm_adapters() -> str:
         good = [t for t in per if orig[t] >= LEARNED]
         kept = sum(per[t]["score"] / orig[t] for t in good) / len(good)
         body.append([r["method"], r["k"], f"{num(r['stored_numbers'])} ({100 * r['bytes_vs_loras']:.1f} %)", _ratio(r["retention"]),
-                     f"{kept:.3f} (median {_median([per[t]['score'] / orig[t] for t in good]):.3f})",
+                     f"{kept:.3f} (median {statistics.median(per[t]['score'] / orig[t] for t in good):.3f})",
                      f"{r['worst_task']} ({_ratio(r['worst'])})" if r.get("worst_task") else "—", _ratio(r["gain_kept"]),
                      f"{r['dW_rel_error']:.3f}", secs(r["add_s_last"])])
     n05 = sum(v >= 0.05 for v in orig.values())
@@ -86,11 +88,6 @@ def _lm_adapters() -> str:
     return (md(header, body) + f"\n\n{c['tasks']} rank-{c['rank']} LoRAs ({num(c['lora_numbers'])} numbers), mean score {mean:.3f} "
             f"with their own LoRA and {zero:.3f} zero-shot; score retained = mean over tasks of folded ÷ original, over the {n05} "
             f"tasks whose own LoRA scores ≥ 0.05 and the {n_good} that score ≥ {LEARNED}. " + bench_source("lm-adapters.json", LM_ADAPTERS_COMMAND))
-
-
-def _median(v: list[float]) -> float:
-    v = sorted(v)
-    return (v[len(v) // 2] + v[(len(v) - 1) // 2]) / 2
 
 
 @table("lm-adapters-per-task")

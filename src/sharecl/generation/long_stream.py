@@ -357,8 +357,6 @@ GEN30_EXTRA_TASKS: tuple[TaskSource, ...] = (
 )
 
 
-
-
 def _html_entity_table() -> list[tuple[str, str]]:
     return [(name, ch) for name, ch in html.entities.html5.items()
             if name.endswith(";") and len(ch) == 1 and ch.isalpha() and 0x80 <= ord(ch) < 0x400]
