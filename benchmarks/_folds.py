@@ -60,6 +60,31 @@ class ShareFold:
         return {n: layer.delta_weight(i) for n, layer in self.m.layers.items()}
 
 
+class ShareBatchFold(ShareFold):
+    """Share folding the adapters in batches of ``size`` (the paper's batch arrival): ``add`` buffers,
+    and every ``size``-th call folds the buffer with ``ShareMethod.add_adapters`` (one truncation)."""
+
+    def __init__(self, backbone, r: int, alpha: float, k: int, p: int, size: int, **share_kw):
+        super().__init__(backbone, r, alpha, k, p, **share_kw)
+        self.size, self.pending = size, []
+        self.name = f"Share, batches of {size}"
+
+    def add(self, name, lora, state_dict):
+        self.pending.append((name, lora.factors, lora.scaling))
+        if len(self.pending) == self.size:
+            self.flush()
+
+    def flush(self):
+        if self.pending:
+            self.m.add_adapters(self.pending)
+            self.pending = []
+
+    def delta(self, name):
+        if any(name == n for n, _, _ in self.pending):
+            raise RuntimeError(f"{name} is still waiting for its batch; score after a multiple of {self.size} adapters")
+        return super().delta(name)
+
+
 def lorashare_compress(sd: dict, k: int):
     """lorashare's recompression of all adapters' state dicts at once: ``(components, loadings per adapter)``."""
     from lorashare.compression import combine_adapter_weights, compute_adapter_loadings, compute_shared_components

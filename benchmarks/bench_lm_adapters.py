@@ -48,7 +48,7 @@ import torch
 
 import _folds
 from _common import RESULTS, table, write
-from _folds import LorashareFold, ShareFold, VloraFold, plot, regauge_file, rel_error
+from _folds import LorashareFold, ShareBatchFold, ShareFold, VloraFold, plot, regauge_file, rel_error
 
 TARGETS = ["q_proj", "v_proj"]
 MIN_ORIGINAL = 0.05  # retention is a ratio: tasks whose own LoRA scores below this are left out of it
@@ -120,6 +120,18 @@ class Scorer:
                 self.lin[n].weight.copy_(w)
 
 
+def reused_scores(path: Path, workdir: Path, args, precision: str) -> dict[str, tuple[float, float]]:
+    """``{task: (original, zero-shot)}`` from an earlier run's JSON, refused unless it scored the same
+    adapters (work directory) on the same test split and precision."""
+    d = json.loads(path.read_text())
+    c = d["config"]
+    same = {"adapters_dir": str(workdir), "test_size": args.test_size, "seed": args.seed, "precision": precision, "train_size": args.train_size}
+    differ = {key: (c.get(key), v) for key, v in same.items() if c.get(key) != v}
+    if differ:
+        raise SystemExit(f"--reuse-scores {path}: scored other adapters or another split ({differ}); rescore instead")
+    return {a["task"]: (a["original"], a["zero_shot"]) for a in d["adapters"]}
+
+
 def summarize(acc: dict, orig: dict, zero: dict, errs: list[float]) -> dict:
     names = list(acc)
     ratios = {x: acc[x] / orig[x] for x in names if orig[x] >= MIN_ORIGINAL}
@@ -145,7 +157,10 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=24)
     ap.add_argument("--p", type=int, default=4)
     ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--methods", default="share,lorashare,vlora")
+    ap.add_argument("--methods", default="share,lorashare,vlora", help="any of share, lorashare, vlora, share-batches")
+    ap.add_argument("--batch-size-fold", type=int, default=10, help="share-batches: adapters per batch (the paper's batch arrival)")
+    ap.add_argument("--reuse-scores", type=Path, default=None,
+                    help="an earlier run's JSON on the same adapters: take its original and zero-shot scores instead of rescoring")
     ap.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -176,9 +191,13 @@ def main() -> None:
     exact = {n: {layer: lo.scaling * B @ A for layer, (B, A) in lo.factors.items()} for n, lo in loras.items()}
     scorer = Scorer(lm, next(iter(exact.values())))
     orig, zero = {}, {}
+    earlier = reused_scores(args.reuse_scores, workdir, args, precision) if args.reuse_scores else {}
     for row, t in zip(info, tqdm(tasks, desc="scoring the original LoRAs and zero-shot")):
-        row["original"] = orig[t.name] = scorer.score(t, exact[t.name])
-        row["zero_shot"] = zero[t.name] = scorer.score(t, None)
+        if t.name in earlier:
+            row["original"], row["zero_shot"] = earlier[t.name]
+        else:
+            row["original"], row["zero_shot"] = scorer.score(t, exact[t.name]), scorer.score(t, None)
+        orig[t.name], zero[t.name] = row["original"], row["zero_shot"]
 
     r, scaling = args.rank, next(iter(loras.values())).scaling  # lora_alpha / r, as the adapters' configs say
     share = ShareFold(load_causal_lm(args.model, max_length=192, precision=precision), r, 2 * r, args.k, args.p,
@@ -189,8 +208,12 @@ def main() -> None:
     lora_total = N * r * sum(o + i for o, i in shapes)
     k_ls, k_vl = _folds.equal_bytes(share_total, shapes, N, r)
     chosen = args.methods.split(",")
-    folds = [f for key, f in (("share", share), ("lorashare", LorashareFold(k_ls, scaling)), ("vlora", VloraFold(k_vl, scaling)))
-             if key in chosen]
+    makers = {"share": lambda: share, "lorashare": lambda: LorashareFold(k_ls, scaling), "vlora": lambda: VloraFold(k_vl, scaling),
+              "share-batches": lambda: ShareBatchFold(load_causal_lm(args.model, max_length=192, precision=precision), r, 2 * r,
+                                                      args.k, args.p, args.batch_size_fold, target_modules=TARGETS)}
+    if "share-batches" in chosen and args.eval_every % args.batch_size_fold:
+        raise SystemExit(f"--eval-every {args.eval_every} must be a multiple of --batch-size-fold {args.batch_size_fold}")
+    folds = [makers[key]() for key in makers if key in chosen]
     curves: dict[str, list[dict]] = {f.name: [] for f in folds}
     for f in folds:
         for n, t in enumerate(tqdm(tasks, desc=f"folding · {f.name}"), 1):
@@ -216,8 +239,8 @@ def main() -> None:
     rows = []
     for f in folds:
         last = curves[f.name][-1]
-        k = args.k if f is share else (k_ls if isinstance(f, LorashareFold) else k_vl)
-        stored = share_total if f is share else _folds.stored_numbers("lorashare" if isinstance(f, LorashareFold) else "vlora",
+        k = args.k if isinstance(f, ShareFold) else (k_ls if isinstance(f, LorashareFold) else k_vl)
+        stored = share_total if isinstance(f, ShareFold) else _folds.stored_numbers("lorashare" if isinstance(f, LorashareFold) else "vlora",
                                                                        k, shapes, N, r)
         rows.append({"method": f.name, "k": k, "stored_numbers": stored, "bytes_vs_loras": stored / lora_total,
                      **{c: last[c] for c in ("retention", "worst", "worst_task", "gain_kept", "score", "dW_rel_error")},

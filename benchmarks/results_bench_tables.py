@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 
+from _common import RESULTS
 from results_tables import label, load, machine, md, num, table
 
 
@@ -63,31 +64,47 @@ def _ratio(v: float | None) -> str:
 LEARNED = 0.2  # a task its own LoRA clearly learned (24 test prompts: 0.05 is one or two right answers)
 
 
+def _lm_adapter_row(d: dict, r: dict, orig: dict[str, float]) -> list:
+    """One method's row after the last fold; retention on the well-learned tasks computed from its per-task scores."""
+    per = d["curves"][r["method"]][-1]["per_task"]
+    good = [t for t in per if orig[t] >= LEARNED]
+    kept = sum(per[t]["score"] / orig[t] for t in good) / len(good)
+    return [r["method"], r["k"], f"{num(r['stored_numbers'])} ({100 * r['bytes_vs_loras']:.1f} %)", _ratio(r["retention"]),
+            f"{kept:.3f} (median {statistics.median(per[t]['score'] / orig[t] for t in good):.3f})",
+            f"{r['worst_task']} ({_ratio(r['worst'])})" if r.get("worst_task") else "—", _ratio(r["gain_kept"]),
+            f"{r['dW_rel_error']:.3f}", secs(r["add_s_last"])]
+
+
+LM_ADAPTERS_BATCHES = "lm-adapters-batches.json"
+LM_ADAPTERS_BATCHES_COMMAND = (LM_ADAPTERS_COMMAND + " --methods share-batches --batch-size-fold 10 "
+                               "--reuse-scores results/lm-adapters.json --out lm-adapters-batches")
+
+
 @table("lm-adapters")
 def _lm_adapters() -> str:
     """Fifty PEFT LoRAs of SmolLM2 folded without data (``bench_lm_adapters.py``): one row per method,
-    after the last fold. Retention on the well-learned tasks is computed here from the per-task scores."""
+    after the last fold, and Share's batch-arrival row when ``lm-adapters-batches.json`` exists."""
     d = load("lm-adapters.json")
     c = d["config"]
     orig = {a["task"]: a["original"] for a in d["adapters"]}
     header = ["after the last fold", "k", "numbers stored (÷ the LoRAs')", "score retained, tasks ≥ 0.05", f"score retained, tasks ≥ {LEARNED}",
               "worst task (ratio)", "gain over zero-shot kept", "ΔW rel. error", "add the last adapter (s)"]
-    body = []
-    for r in d["summary"]:
-        per = d["curves"][r["method"]][-1]["per_task"]
-        good = [t for t in per if orig[t] >= LEARNED]
-        kept = sum(per[t]["score"] / orig[t] for t in good) / len(good)
-        body.append([r["method"], r["k"], f"{num(r['stored_numbers'])} ({100 * r['bytes_vs_loras']:.1f} %)", _ratio(r["retention"]),
-                     f"{kept:.3f} (median {statistics.median(per[t]['score'] / orig[t] for t in good):.3f})",
-                     f"{r['worst_task']} ({_ratio(r['worst'])})" if r.get("worst_task") else "—", _ratio(r["gain_kept"]),
-                     f"{r['dW_rel_error']:.3f}", secs(r["add_s_last"])])
+    body = [_lm_adapter_row(d, r, orig) for r in d["summary"]]
+    batches = ""
+    if (RESULTS / LM_ADAPTERS_BATCHES).exists():
+        b = load(LM_ADAPTERS_BATCHES)
+        body += [_lm_adapter_row(b, r, orig) for r in b["summary"]]
+        batches = (f" Batch arrival (the paper's protocol): {b['config']['batch_size_fold']} adapters at a time, one truncation "
+                   f"per batch (`ShareMethod.add_adapters`); its add time is the whole batch's. "
+                   + bench_source(LM_ADAPTERS_BATCHES, LM_ADAPTERS_BATCHES_COMMAND))
     n05 = sum(v >= 0.05 for v in orig.values())
     n_good = sum(v >= LEARNED for v in orig.values())
     mean = sum(orig.values()) / len(orig)
     zero = sum(a["zero_shot"] for a in d["adapters"]) / len(d["adapters"])
     return (md(header, body) + f"\n\n{c['tasks']} rank-{c['rank']} LoRAs ({num(c['lora_numbers'])} numbers), mean score {mean:.3f} "
             f"with their own LoRA and {zero:.3f} zero-shot; score retained = mean over tasks of folded ÷ original, over the {n05} "
-            f"tasks whose own LoRA scores ≥ 0.05 and the {n_good} that score ≥ {LEARNED}. " + bench_source("lm-adapters.json", LM_ADAPTERS_COMMAND))
+            f"tasks whose own LoRA scores ≥ 0.05 and the {n_good} that score ≥ {LEARNED}. " + bench_source("lm-adapters.json", LM_ADAPTERS_COMMAND)
+            + batches)
 
 
 @table("lm-adapters-per-task")

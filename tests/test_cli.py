@@ -34,6 +34,13 @@ def test_learn_predict_info_export(cli_store, tmp_path):
     folded = sharecl_in_process("add-adapter", store, tmp_path / "exp", "--task", "a2", "--any-rank").stdout
     assert "its own truncation to p" in folded
     assert [t["kind"] for t in store_tasks(store)] == ["data", "data", "adapter"]
+    sharecl_in_process("export", store, tmp_path / "exp-b", "--task", "b")
+    mismatched = sharecl_in_process("add-adapter", store, tmp_path / "exp", tmp_path / "exp-b", "--task", "a3", check=False)
+    assert mismatched.returncode == 1 and "one --task per adapter" in mismatched.stderr
+    batch = sharecl_in_process("add-adapter", store, tmp_path / "exp", tmp_path / "exp-b", "--task", "a3", "--task", "b3",
+                               "--any-rank").stdout  # two adapters, one batch: one truncation
+    assert batch.count("its own truncation to p") == 2 and "largest drift of an old task" in batch
+    assert [t["kind"] for t in store_tasks(store)] == ["data", "data", "adapter", "adapter", "adapter"]
     asked = ("predict", store, "--task", "b", "--json", "the apple", "a violin")
     before, version = sharecl_in_process(*asked).stdout, read_manifest(store)["version"]
     out = sharecl_in_process("compact", store).stdout

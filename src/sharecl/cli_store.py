@@ -221,21 +221,25 @@ def _held_out(method, task) -> tuple[float, str]:
 @user_errors
 def add_adapter(
     store: Annotated[Path, typer.Argument(help="Existing store directory.")],
-    adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.")],
-    task: Annotated[str, typer.Option(help="New task name.")],
+    adapters: Annotated[list[Path], typer.Argument(help="PEFT LoRA adapter directories; several are folded as one batch.")],
+    task: Annotated[list[str], typer.Option(help="New task name, once per adapter, in the same order.")],
     any_rank: Annotated[bool, typer.Option(help="Accept an adapter whose rank differs from the store's r.")] = False,
     trust_base: Annotated[bool, typer.Option(help="Fold an adapter whose base model cannot be verified (it names a hub id, "
                                                   "or nothing) as if trained on the store's base model.")] = False,
 ):
-    """Fold a PEFT LoRA adapter trained elsewhere into the store, without data.
+    """Fold PEFT LoRA adapters trained elsewhere into the store, without data.
 
-    The adapter may cover any subset of the store's target layers (the others get no update)
+    Each adapter may cover any subset of the store's target layers (the others get no update)
     and use any lora_alpha or rsLoRA scaling. Its base model must be the store's: a local
-    directory or .gguf file it names is checked by sha256; a hub id needs --trust-base."""
+    directory or .gguf file it names is checked by sha256; a hub id needs --trust-base. Several
+    adapters are one batch (the paper's batch arrival): every one is checked first, and the basis
+    is truncated once, after the last."""
     setup_torch(None)
     from sharecl.interop.peft import AdapterError, check_adapter_base, read_lora_adapter
     from sharecl.store import load_store, read_manifest, save_store, store_lock
 
+    if len(task) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapter(s) but {len(task)} --task name(s): give one --task per adapter, in order")
     with store_lock(store):
         manifest = read_manifest(store)
         from sharecl.methods.registry import methods_where
@@ -243,18 +247,23 @@ def add_adapter(
         folding = methods_where(folds_adapters=True)
         if manifest.get("method") not in folding:
             raise ValueError(f"{store} holds method {manifest.get('method')!r}; only {', '.join(folding)} stores fold adapters without data")
-        lora = read_lora_adapter(adapter)
-        check_adapter_base(lora, manifest["base_model"], trust=trust_base)
-        if lora.rank != manifest["config"]["r"] and not any_rank:
-            raise AdapterError(f"{adapter} has rank {lora.rank}, the store was built for rank {manifest['config']['r']}; "
-                               f"pass --any-rank to fold it anyway (it is truncated to p={manifest['config']['p']})")
+        loras = []
+        for adapter in adapters:
+            lora = read_lora_adapter(adapter)
+            check_adapter_base(lora, manifest["base_model"], trust=trust_base)
+            if lora.rank != manifest["config"]["r"] and not any_rank:
+                raise AdapterError(f"{adapter} has rank {lora.rank}, the store was built for rank {manifest['config']['r']}; "
+                                   f"pass --any-rank to fold it anyway (it is truncated to p={manifest['config']['p']})")
+            loras.append(lora)
         method = load_store(store)
-        rec = method.add_adapter(task, lora.factors, lora.scaling)
+        records = method.add_adapters([(name, lora.factors, lora.scaling) for name, lora in zip(task, loras)])
         manifest = save_store(method, store)
-    worst = max((v["max"] for v in rec["per_task"].values()), default=0.0)
-    skipped = f"; {rec['layers_without_update']} target layer(s) not in the adapter get no update" if rec.get("layers_without_update") else ""
-    console.print(f"folded {adapter} as task [bold]{task}[/]; largest drift of an old task {100 * worst:.3f}%; "
-                  f"its own truncation to p {100 * rec['new_task']['truncation_max']:.2f}%{skipped}; store version {manifest['version']}")
+    worst = max((v["max"] for v in records[-1]["per_task"].values()), default=0.0)
+    for adapter, name, rec in zip(adapters, task, records):
+        skipped = f"; {rec['layers_without_update']} target layer(s) not in the adapter get no update" if rec.get("layers_without_update") else ""
+        console.print(f"folded {adapter} as task [bold]{name}[/]; its own truncation to p "
+                      f"{100 * rec['new_task']['truncation_max']:.2f}%{skipped}")
+    console.print(f"largest drift of an old task {100 * worst:.3f}%; store version {manifest['version']}")
 
 
 @user_errors

@@ -41,6 +41,7 @@ SHARE_DEFAULTS: dict[str, dict] = {
 #: Merges kept in the coefficient logs before they are folded into a checkpoint
 #: (:mod:`sharecl.coeff_log`): bounds the work of materialising coefficients after a merge.
 LOG_STEPS_MAX = 256
+UNBOUNDED_K = 1 << 30  # a merge that keeps every direction (numerical rank caps it): a batch's members before its last
 DRIFT_ENTRIES_MAX = 100_000  # per-task drift entries kept in memory before older merges keep only their summary
 
 
@@ -161,24 +162,6 @@ class ShareConfig:
         return asdict(self)
 
 
-def _align_to_layers(factors: dict, layers: list[str]) -> dict:
-    """Rename adapter modules to this model's layer names when they differ only by a prefix.
-
-    An adapter trained on, say, ``BertForSequenceClassification`` names its layers
-    ``bert.encoder.layer.0…`` where the bare encoder has ``encoder.layer.0…``. Each adapter
-    module is matched to the one layer equal to it or that it ends with (``"." + layer``);
-    a module that matches none or several, or two modules matching one layer, keep their
-    names, so the caller's check reports them.
-    """
-    out, taken = {}, set()
-    for key, value in factors.items():
-        hits = [layer for layer in layers if key == layer or key.endswith("." + layer)]
-        name = hits[0] if len(hits) == 1 and hits[0] not in taken else key
-        taken.add(name)
-        out[name] = value
-    return out
-
-
 @register
 class ShareMethod(ShareClassIncremental):
     """Share on any transformers encoder: coefficients chosen by task id (TIL), or by the most
@@ -259,8 +242,10 @@ class ShareMethod(ShareClassIncremental):
             raise ValueError("no learning rate: give ShareConfig.lr or TrainConfig.lr (ContinualMethod.learn resolves the run's)")
         return lr * self.config.coeff_lr_ratio if coefficients else lr
 
-    def _merge_new(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], task_name: str) -> dict:
-        """Merge one new task's factors ``{layer: (B, A)}`` into every layer; record drift."""
+    def _merge_new(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], task_name: str,
+                   truncate: bool = True) -> dict:
+        """Merge one new task's factors ``{layer: (B, A)}`` into every layer; record drift.
+        ``truncate=False``: keep every direction (a batch's members before its last)."""
         old = list(self.task_names[:-1])
         energies, cuts, own, drifts = [], [], [], []
         cfg = self.config
@@ -269,7 +254,8 @@ class ShareMethod(ShareClassIncremental):
             has = layer.num_tasks > 0
             res = merge_subspace(layer.U if has else None, layer.V if has else None,
                                  layer.log_B if has else None, layer.log_A if has else None,
-                                 B, A, p=cfg.p, k=cfg.k, energy=cfg.energy, k_max=cfg.k_max,
+                                 B, A, p=cfg.p, k=cfg.k if truncate else UNBOUNDED_K, energy=cfg.energy if truncate else None,
+                                 k_max=cfg.k_max if truncate else None,
                                  grams=layer.merge_grams() if has else None, reproject=False, center=cfg.center)
             layer.apply_merge(res)
             energies.append((res.energy_B, res.energy_A))
@@ -349,31 +335,51 @@ class ShareMethod(ShareClassIncremental):
             ValueError: on a name clash, layers this model does not adapt, no layer in common,
                 or shape mismatches.
         """
-        check_task_name(name)
-        if name in self.task_classes:
-            raise ValueError(f"task {name!r} already exists; choose another name")
-        factors = _align_to_layers(factors, list(self.layers))
-        extra = sorted(set(factors) - set(self.layers))
-        if extra or not factors:
-            raise ValueError(f"adapter targets do not match this store's: unexpected {extra[:4]} (this store adapts "
-                             f"{list(self.layers)[:4]}{' …' if len(self.layers) > 4 else ''})")
-        missing = [n for n in self.layers if n not in factors]
-        w = next(iter(self.layers.values())).base.weight
-        factors = {**factors, **{n: (w.new_zeros(self.layers[n].out_features, 1), w.new_zeros(1, self.layers[n].in_features))
-                                 for n in missing}}
-        ratio = scaling / self.config.scaling
-        scaled = {}
-        for lname, (B, A) in factors.items():
-            layer = self.layers[lname]
-            if B.shape[0] != layer.out_features or A.shape[1] != layer.in_features or B.shape[1] != A.shape[0]:
-                raise ValueError(f"adapter layer {lname}: lora_B {tuple(B.shape)} / lora_A {tuple(A.shape)} do not fit "
-                                 f"a ({layer.out_features}, {layer.in_features}) weight")
-            w = layer.base.weight
-            scaled[lname] = (B.to(w) * ratio, A.to(w))
-        self.task_names.append(name)
-        self.task_classes[name] = list(classes or [])
-        self.kinds[name] = "adapter"
-        return {**self._merge_new(scaled, name), "layers_without_update": len(missing)}
+        return self.add_adapters([(name, factors, scaling)], classes=[classes or []])[0]
+
+    def add_adapters(self, adapters: list[tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor]], float]],
+                     classes: list[list[str]] | None = None) -> list[dict]:
+        """Fold a batch of trained LoRAs at once, with **one** truncation of the basis (the paper's
+        batch arrival, Lots-of-LoRAs: adapters come in groups, not one by one).
+
+        Every adapter is checked before anything changes. The batch's members are merged in turn
+        with no truncation (the basis keeps every stored direction, so each member's rank-p
+        coefficients stay exact), and the last one with the configured rank rule (``k`` or
+        ``energy``): the basis is then the top-k of the stack of every task's stored factors and
+        the last member's full factors, one truncation for the whole batch, as a joint SVD of the
+        batch would give [ours: the paper states the batch protocol, not its merge order]. A batch
+        of one is :meth:`add_adapter`. Intermediate bases are ``k + Σ r`` wide per side.
+
+        Args:
+            adapters: ``[(name, factors, scaling), …]`` as :meth:`add_adapter` takes them.
+            classes: per adapter, class names (optional).
+
+        Returns:
+            One merge record per adapter (the truncation's drift is in the last one's).
+
+        Raises:
+            ValueError: as :meth:`add_adapter`, for any member, or a name repeated in the batch.
+        """
+        from sharecl.methods.share_adapters import check_adapter_factors
+
+        names = [a[0] for a in adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the batch names a task twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        if not adapters:
+            return []
+        for n in names:
+            check_task_name(n)
+            if n in self.task_classes:
+                raise ValueError(f"task {n!r} already exists; choose another name")
+        prepared = [check_adapter_factors(self, f, s) for _, f, s in adapters]
+        records = []
+        for i, ((name, _, _), (scaled, missing)) in enumerate(zip(adapters, prepared)):
+            self.task_names.append(name)
+            self.task_classes[name] = list((classes or [[]] * len(adapters))[i] or [])
+            self.kinds[name] = "adapter"
+            last = i == len(adapters) - 1
+            records.append({**self._merge_new(scaled, name, truncate=last), "layers_without_update": missing})
+        return records
 
     def task_origin(self, task_name: str) -> str:
         return self.kinds.get(task_name, "data")
