@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from conftest import write_jsonl
+from conftest import sharecl_in_process, write_jsonl
 from sharecl.data.streams import get_stream
 from sharecl.data.tasks import validation_stream
 
@@ -88,3 +89,21 @@ def test_compare_tunes_and_runs_every_method_on_a_stream_file(tmp_path, tiny_lm_
     run = json.loads((tmp_path / "out" / "seed-0" / "share" / "results.json").read_text())
     assert run["metrics"] == {"ask": "exact-match", "tell": "exact-match"} and run["stream"] == "mine"
     assert run["train_config"]["lr"] == tuned["share"]["lr"] and "| share |" in md
+
+
+def test_compare_target_modules_reach_every_method(tmp_path, tiny_lm_dir):
+    """`--target-modules all-linear` adapts every linear layer but the output head, for each method alike."""
+    from transformers import AutoModelForCausalLM
+
+    path = _write_stream(tmp_path, metric="exact-match", max_new_tokens=4)
+    sharecl_in_process("compare", "--stream", path, "--methods", "lora-per-task,share", "--seeds", "0", "--steps", "2",
+                       "--batch-size", "4", "-r", "4", "--k", "8", "--p", "2", "--model", tiny_lm_dir,
+                       "--target-modules", "all-linear", "--no-progress", "--out", tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    linear = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    runs = {m: json.loads((tmp_path / "out" / "seed-0" / m / "results.json").read_text()) for m in ("lora-per-task", "share")}
+    assert all(r["config"]["target_modules"] == "all-linear" for r in runs.values())
+    assert runs["lora-per-task"]["params_per_task"] == 4 * sum(m.in_features + m.out_features for m in linear)
+    r = sharecl_in_process("compare", "--stream", path, "--methods", "share", "--target-modules", " , ", "--out", tmp_path / "x",
+                           check=False)
+    assert r.returncode == 1 and "--target-modules" in r.stderr

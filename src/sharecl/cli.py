@@ -40,6 +40,7 @@ from sharecl.cli_common import (
     setup_torch,
     share_options,
     takes_share_options,
+    target_options,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -138,6 +139,9 @@ def compare(
     train_per_class: Annotated[Optional[int], typer.Option(help="Training examples per class (default: the stream's).")] = None,
     test_per_class: Annotated[Optional[int], typer.Option(help="Test examples per class (default: the stream's).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Image streams: pixels per side (default 56).")] = None,
+    target_modules: Annotated[Optional[str], typer.Option(help="Adapted layers of every method: 'all-linear' (PEFT's spelling) or "
+                                                               "comma-separated module names (default: the model family's, "
+                                                               "q/v projections).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option METHOD.KEY=VALUE (repeatable), e.g. sd-lora.lr=0.001.")] = None,
     augment: AugmentOpt = False, warmup_steps: WarmupOpt = 0, max_grad_norm: ClipOpt = None, align: AlignOpt = False,
     align_rank: AlignRankOpt = None,
@@ -184,7 +188,7 @@ def compare(
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
-    configs = {m: rank_options(m, rank) for m in names}
+    configs = {m: {**rank_options(m, rank), **target_options(m, target_modules)} for m in names}
     for name in names:
         if takes_share_options(name):
             configs[name].update(share_options(k, p, None, rank, None, "zero", 0))

@@ -68,6 +68,24 @@ def rank_options(method: str, rank: int) -> dict:
     return {"r": rank} if cfg is not None and "r" in {f.name for f in dataclasses.fields(cfg)} else {}
 
 
+def target_options(method: str, targets: str | None) -> dict:
+    """``{"target_modules": …}`` for a method whose config has targets, from ``--target-modules``:
+    ``"all-linear"`` (PEFT's spelling) or comma-separated module names; ``{}`` when not given."""
+    import dataclasses
+
+    from sharecl.methods import METHODS
+
+    if not targets:
+        return {}
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"--target-modules {targets!r}: give 'all-linear' or comma-separated module names, e.g. q_proj,v_proj")
+    cfg = METHODS[method].config_class
+    if cfg is None or "target_modules" not in {f.name for f in dataclasses.fields(cfg)}:
+        return {}
+    return {"target_modules": "all-linear" if names == ["all-linear"] else names}
+
+
 def default_lr(modality: str) -> float:
     """The learning rate by modality (:data:`sharecl.train.DEFAULT_LR`; imported late: torch loads slowly)."""
     from sharecl.train import DEFAULT_LR
