@@ -91,19 +91,25 @@ def test_compare_tunes_and_runs_every_method_on_a_stream_file(tmp_path, tiny_lm_
     assert run["train_config"]["lr"] == tuned["share"]["lr"] and "| share |" in md
 
 
-def test_compare_target_modules_reach_every_method(tmp_path, tiny_lm_dir):
-    """`--target-modules all-linear` adapts every linear layer but the output head, for each method alike."""
+def test_compare_target_modules_and_method_rates(tmp_path, tiny_lm_dir):
+    """`--target-modules all-linear` adapts every linear layer but the output head, for each method alike;
+    `--method-lr` sets one method's rate and the report says so."""
     from transformers import AutoModelForCausalLM
 
     path = _write_stream(tmp_path, metric="exact-match", max_new_tokens=4)
     sharecl_in_process("compare", "--stream", path, "--methods", "lora-per-task,share", "--seeds", "0", "--steps", "2",
                        "--batch-size", "4", "-r", "4", "--k", "8", "--p", "2", "--model", tiny_lm_dir,
-                       "--target-modules", "all-linear", "--no-progress", "--out", tmp_path / "out")
+                       "--target-modules", "all-linear", "--method-lr", "share=0.02", "--no-progress", "--out", tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     linear = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
     runs = {m: json.loads((tmp_path / "out" / "seed-0" / m / "results.json").read_text()) for m in ("lora-per-task", "share")}
     assert all(r["config"]["target_modules"] == "all-linear" for r in runs.values())
     assert runs["lora-per-task"]["params_per_task"] == 4 * sum(m.in_features + m.out_features for m in linear)
-    r = sharecl_in_process("compare", "--stream", path, "--methods", "share", "--target-modules", " , ", "--out", tmp_path / "x",
-                           check=False)
-    assert r.returncode == 1 and "--target-modules" in r.stderr
+    assert runs["share"]["train_config"]["lr"] == 0.02 and runs["lora-per-task"]["train_config"]["lr"] == 1e-3  # --lr's default
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["method_lr"] == {"share": 0.02}
+    assert "share **0.02**" in (tmp_path / "out" / "compare.md").read_text()
+    for bad, expect in ((["--target-modules", " , "], "--target-modules"), (["--method-lr", "share:0.1"], "METHOD=RATE"),
+                        (["--method-lr", "inflora=0.1"], "not among the methods run"),
+                        (["--method-lr", "share=0.1", "--tune-lr", "0.1"], "give one of them")):
+        r = sharecl_in_process("compare", "--stream", path, "--methods", "share", *bad, "--out", tmp_path / "x", check=False)
+        assert r.returncode == 1 and expect in r.stderr, (bad, r.stderr)

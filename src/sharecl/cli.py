@@ -152,6 +152,9 @@ def compare(
                                                         "validation split of the first seed and keeps its best.")] = None,
     tune_sgd_lr: Annotated[Optional[str], typer.Option(help="With --tune-lr: the rates tried with SGD for a method whose official "
                                                             "code uses it (SD-LoRA); default: the --tune-lr grid x 10.")] = None,
+    method_lr: Annotated[Optional[list[str]], typer.Option(help="METHOD=RATE (repeatable): that method's learning rate, chosen "
+                                                                "elsewhere (e.g. on another stream's validation split); the "
+                                                                "others run at --lr. Not with --tune-lr.")] = None,
     resume: Annotated[bool, typer.Option(help="Reuse results.json files already in OUT.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -203,10 +206,25 @@ def compare(
     if sgd_grid is not None and grid is None:
         raise ValueError("--tune-sgd-lr only adds SGD rates to a --tune-lr search; pass --tune-lr too")
     summary, md = run_compare(stream, names, seed_list, cfg, out, model_path=model, method_configs=configs,
-                              stream_options=caps, tune_lrs=grid, tune_sgd_lrs=sgd_grid,
+                              stream_options=caps, tune_lrs=grid, tune_sgd_lrs=sgd_grid, method_lrs=_parse_method_lrs(method_lr),
                               resume=resume, progress=progress, log=console.print, device=dev, precision=precision)
     console.print(md, highlight=False, markup=False)
     console.print(f"written: {out}/compare.md, compare.json, accuracy_curve.png, bytes.png, seed-*/<method>/results.json")
+
+
+def _parse_method_lrs(items: list[str] | None) -> dict[str, float]:
+    """``["share=1e-3", …]`` → ``{"share": 0.001, …}``; which methods are run is checked by ``compare``."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        method, eq, raw = item.partition("=")
+        try:
+            rate = float(raw)
+        except ValueError:
+            rate = -1.0
+        if not eq or not method.strip() or not rate > 0:
+            raise ValueError(f"--method-lr {item!r}: expected METHOD=RATE with a positive rate, for example share=0.001")
+        out[method.strip()] = rate
+    return out
 
 
 def _parse_set(item: str, methods: list[str]) -> tuple[str, str, object]:

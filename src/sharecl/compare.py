@@ -84,7 +84,8 @@ def _cell(v: dict, scale: float) -> str:
     return f"{v['mean']:,.0f}" if v["std"] == 0 or v["std"] is None else f"{v['mean']:,.0f} ± {v['std']:,.0f}"
 
 
-def write_report(summary: dict, out: Path, stream: str, scenario: str, skipped: dict[str, str], tuned: dict | None = None) -> str:
+def write_report(summary: dict, out: Path, stream: str, scenario: str, skipped: dict[str, str], tuned: dict | None = None,
+                 method_lrs: dict[str, float] | None = None) -> str:
     """Write ``compare.md``, ``compare.json`` and the two plots; returns the markdown."""
     kind = "class-incremental (no task id)" if scenario == "cil" else "task-incremental"
     generation = any(e.get("fwt", {}).get("mean") is not None for e in summary.values())
@@ -113,10 +114,14 @@ def write_report(summary: dict, out: Path, stream: str, scenario: str, skipped: 
         if any(t.get("at_grid_edge") for t in tuned.values()):
             lines.append("\n(grid edge): the best rate of its optimiser's grid is its smallest or largest; a wider grid "
                          "may find a better one.")
+    if method_lrs:
+        lines.append("\nLearning rates set per method (`--method-lr`, not tuned on this stream): "
+                     + "; ".join(f"{m} **{lr:g}**" for m, lr in method_lrs.items()))
     md = "\n".join(lines) + "\n"
     (out / "compare.md").write_text(md)
     (out / "compare.json").write_text(json.dumps({"stream": stream, "scenario": scenario, "methods": summary,
-                                                  "skipped": skipped, **({"tuned_lr": tuned} if tuned else {})}, indent=2))
+                                                  "skipped": skipped, **({"tuned_lr": tuned} if tuned else {}),
+                                                  **({"method_lr": method_lrs} if method_lrs else {})}, indent=2))
     _plots(summary, out, stream, kind)
     return md
 
@@ -188,7 +193,7 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
             model_path: str | None = None, method_configs: dict[str, dict] | None = None, stream_options: dict | None = None,
             resume: bool = True, progress: bool = True, log=print, device: str | None = "cpu",
             precision: str = "fp32", tune_lrs: list[float] | None = None,
-            tune_sgd_lrs: list[float] | None = None) -> tuple[dict, str]:
+            tune_sgd_lrs: list[float] | None = None, method_lrs: dict[str, float] | None = None) -> tuple[dict, str]:
     """Run ``methods`` on ``stream`` for every seed; returns ``(summary, markdown)``.
 
     With ``tune_lrs`` every trained method first runs each learning rate of the grid (adapters
@@ -199,7 +204,9 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
     another optimiser (SD-LoRA: SGD with momentum 0.9) also runs ``tune_sgd_lrs`` with it (default:
     the grid × 10, since SGD's useful rates sit about an order of magnitude above AdamW's) and keeps
     the best pair; the grid's scores and the choice are in ``compare.json`` under ``tuned_lr``.
-    Otherwise every method runs at ``cfg.lr``.
+    Otherwise every method runs at ``cfg.lr``, or at its rate in ``method_lrs`` (rates chosen
+    elsewhere, e.g. on another stream's validation split: ``compare.json`` records them under
+    ``method_lr``, the report names them).
 
     Methods that do not support the stream's scenario are skipped with the reason recorded.
     Under ``torchrun`` rank 0 decides what to resume and writes the report; the other ranks
@@ -213,6 +220,12 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
 
     if not methods or not seeds:
         raise ValueError("give at least one method and one seed")
+    method_lrs = dict(method_lrs or {})
+    if method_lrs and tune_lrs:
+        raise ValueError("per-method rates and --tune-lr both choose the learning rate; give one of them")
+    stray = sorted(set(method_lrs) - set(methods))
+    if stray:
+        raise ValueError(f"a learning rate is given for {stray}, which are not among the methods run ({', '.join(methods)})")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise KeyError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
@@ -226,8 +239,8 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
                                     model_path=model_path,
                                     method_configs=method_configs, stream_options=stream_options, resume=resume,
                                     progress=progress, log=log, device=device, precision=precision)
-    cfgs = {m: replace(cfg, lr=tuned[m]["lr"], head_lr=tuned[m]["lr"], optimizer=tuned[m]["optimizer"]) if m in tuned else cfg
-            for m in methods}
+    cfgs = {m: replace(cfg, lr=tuned[m]["lr"], head_lr=tuned[m]["lr"], optimizer=tuned[m]["optimizer"]) if m in tuned
+            else replace(cfg, lr=method_lrs[m], head_lr=method_lrs[m]) if m in method_lrs else cfg for m in methods}
     for seed in seeds:
         s = get_stream(stream, seed=seed, **(stream_options or {}))
         scenario = s.scenario
@@ -260,7 +273,7 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
     summary = aggregate({m: r for m, r in per_seed.items() if r})
     if not dist.is_main():
         return summary, ""
-    return summary, write_report(summary, out, stream, scenario, skipped, tuned)
+    return summary, write_report(summary, out, stream, scenario, skipped, tuned, method_lrs)
 
 
 def _same_config_groups(methods: list[str], cfgs: dict[str, TrainConfig]) -> list[list[str]]:
