@@ -100,6 +100,28 @@ def test_evaluating_after_the_last_task_only_gives_the_same_final_row(tiny_model
         run_stream(stream, ["head-only"], fast_cfg, tmp_path / "bad", evaluate="never", **quiet)
 
 
+def test_isolated_tasks_are_scored_once_and_give_the_full_matrix(tiny_model_dir, fast_cfg, tmp_path, monkeypatch):
+    """LoRA per task and head-only score each task once, when learned; the matrix equals the one
+    re-evaluated after every task (which it would not if learning touched an old task's adapter or head)."""
+    import sharecl.runner as runner
+
+    stream = Stream("tiny3", [make_task("a"), make_task("b", seed=1), make_task("c", seed=2)], seed=0)
+    names = ["lora-per-task", "head-only"]
+    quiet = dict(model_path=tiny_model_dir, progress=False, log=lambda *a: None)
+    calls: list[str] = []
+    score = runner._score
+    monkeypatch.setattr(runner, "_score", lambda m, t, *a, **k: calls.append(t.name) or score(m, t, *a, **k))
+    once = run_stream(stream, names, fast_cfg, tmp_path / "once", **quiet)
+    assert calls == ["a", "b", "c"] * 2  # per method: the new task only
+    for m in names:
+        monkeypatch.setattr(METHODS[m], "isolated_tasks", False)
+    calls.clear()
+    every = run_stream(stream, names, fast_cfg, tmp_path / "every", **quiet)
+    assert len(calls) == 2 * 6
+    for m in names:
+        assert once[m]["accuracy_matrix"] == every[m]["accuracy_matrix"], m
+
+
 def test_one_forward_scores_both_til_and_cil_where_the_backbone_ignores_the_task(tiny_model_dir, fast_cfg, tmp_path,
                                                                                    monkeypatch):
     """InfLoRA, SD-LoRA, SeqLoRA and head-only compute the same features for every task: the runner takes

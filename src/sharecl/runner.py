@@ -46,9 +46,14 @@ def _score(method, task, cfg: TrainConfig, samples: dict | None = None) -> float
     return objective_of(task).score(method, task, cfg.eval_batch_size, samples)
 
 
-def _rows(method, stream: Stream, upto: int, cfg: TrainConfig, samples: dict | None = None) -> tuple[list[float], list[float] | None]:
-    """TIL scores of tasks ``0..upto``, and CIL accuracies on a class-incremental stream."""
+def _rows(method, stream: Stream, upto: int, cfg: TrainConfig, samples: dict | None = None,
+          previous: list[float | None] | None = None) -> tuple[list[float], list[float] | None]:
+    """TIL scores of tasks ``0..upto``, and CIL accuracies on a class-incremental stream. On a
+    task-incremental stream a method with :attr:`~sharecl.methods.base.ContinualMethod.isolated_tasks`
+    scores only the new task and keeps the ``previous`` row's scores of the others."""
     seen = stream.tasks[: upto + 1]
+    if stream.scenario != "cil" and method.isolated_tasks and previous is not None and None not in previous[:upto]:
+        return [*previous[:upto], _score(method, seen[-1], cfg, samples)], None
     if stream.scenario == "cil" and method.one_forward_til_and_cil:
         offsets = method.class_offsets()  # one backbone forward gives both scores
         both = [evaluate_many(functools.partial(method.til_and_cil_logits, task_name=t.name), t, cfg.eval_batch_size,
@@ -131,7 +136,7 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
             rss.sample()
             log(f"{method_name} · after {label}: (evaluated after the last task only)   ({seconds[-1]:.0f} s)")
             continue
-        til, cil = _rows(method, stream, i, cfg, samples)
+        til, cil = _rows(method, stream, i, cfg, samples, previous=R_til[i - 1] if i > 0 else None)
         rss.sample()
         R_til[i][: i + 1] = til
         R[i][: i + 1] = cil if cil is not None else til

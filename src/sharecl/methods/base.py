@@ -59,6 +59,10 @@ class ContinualMethod(MixedTaskInference, ABC):
     #: the backbone computes the same features whatever the task (InfLoRA, SD-LoRA after merging):
     #: a batch mixing tasks needs one forward and per-row heads.
     task_independent_backbone: ClassVar[bool] = False
+    #: learning a task changes nothing an earlier task's task-incremental score reads (its own adapter
+    #: and head are frozen once learned): the runner scores each task once, when it is learned, and
+    #: carries that score down the accuracy matrix instead of re-evaluating it after every later task.
+    isolated_tasks: ClassVar[bool] = False
     #: the dataclass holding the method's options (``self.config``)
     config_class: ClassVar[type | None] = None
     #: the kinds of task the method learns: ``classification`` (a head) and/or ``generation`` (a causal LM)

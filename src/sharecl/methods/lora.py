@@ -122,6 +122,7 @@ class LoRAPerTaskMethod(_PeftLoRA):
     name = "lora-per-task"
     label = "LoRA per task"
     all_order = 4
+    isolated_tasks = True  # each task trains only its own adapter (and head)
 
     def _adapter_of(self, task_name: str) -> str:
         return f"task-{task_name}"  # a bare name like "a" would clash with PEFT's "lora_" prefix check

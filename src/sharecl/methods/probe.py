@@ -38,6 +38,7 @@ class HeadOnlyMethod(ContinualMethod):
     scenarios: ClassVar[tuple[str, ...]] = ("til", "cil")
     task_kinds: ClassVar[tuple[str, ...]] = ("classification",)  # without a head it is the zero-shot model: see ZeroShotMethod
     task_independent_backbone = True  # the backbone never changes
+    isolated_tasks = True  # each task trains only its own head
 
     def __init__(self, encoder, seed: int = 0, **overrides):
         super().__init__(encoder, seed)
