@@ -52,8 +52,9 @@ def _rows(method, stream: Stream, upto: int, cfg: TrainConfig, samples: dict | N
     task-incremental stream a method with :attr:`~sharecl.methods.base.ContinualMethod.isolated_tasks`
     scores only the new task and keeps the ``previous`` row's scores of the others."""
     seen = stream.tasks[: upto + 1]
-    if stream.scenario != "cil" and method.isolated_tasks and previous is not None and None not in previous[:upto]:
-        return [*previous[:upto], _score(method, seen[-1], cfg, samples)], None
+    kept = [x for x in (previous or [])[:upto] if x is not None]
+    if stream.scenario != "cil" and method.isolated_tasks and len(kept) == upto:
+        return [*kept, _score(method, seen[-1], cfg, samples)], None
     if stream.scenario == "cil" and method.one_forward_til_and_cil:
         offsets = method.class_offsets()  # one backbone forward gives both scores
         both = [evaluate_many(functools.partial(method.til_and_cil_logits, task_name=t.name), t, cfg.eval_batch_size,
