@@ -10,6 +10,7 @@
 3. Peak resident memory of the process (``ru_maxrss``) and RSS after each model is built.
 
     python benchmarks/bench_lm.py [--rounds 5] [--new-tokens 32] [--targets all-linear] [--precision auto]
+                                  [--share-option p=2 ...] [--threads 1] [--out lm]
 
 Every method runs at its defaults for a causal LM (Share: ``SHARE_DEFAULTS["lm"]``) on the same
 targets; ``--out`` names the JSON (default ``lm``).
@@ -18,6 +19,7 @@ targets; ``--out`` names the JSON (default ``lm``).
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
 import time
@@ -39,9 +41,9 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def prepare(name: str, tasks, cfg, targets=None, precision: str = "fp32"):
+def prepare(name: str, tasks, cfg, targets=None, precision: str = "fp32", options: dict | None = None):
     lm = load_causal_lm(max_length=LENGTH, precision=precision)
-    m = build_method(name, lm, seed=0, **({"target_modules": targets} if targets else {}))
+    m = build_method(name, lm, seed=0, **({"target_modules": targets} if targets else {}), **(options or {}))
     m.begin_stream(2)
     m.learn(tasks[0], TrainConfig(steps=1, batch_size=8, lr=1e-3), progress=False)
     groups = m.begin_task(tasks[1], cfg)
@@ -83,8 +85,22 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--targets", default=None, help="target modules of every method (default: the family's q_proj/v_proj; all-linear)")
     ap.add_argument("--precision", default="fp32", help="fp32, bf16 or auto")
+    ap.add_argument("--share-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Share option over its causal-LM default (repeatable), e.g. p=2 or coeff_lr_ratio=10")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default="lm")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    share_options = {}
+    for item in a.share_option:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            ap.error(f"--share-option {item!r}: expected KEY=VALUE")
+        try:
+            share_options[key] = json.loads(raw)
+        except ValueError:
+            share_options[key] = raw  # a word such as "top"
     torch.manual_seed(0)
     s = get_stream("gen5", train_size=16, test_size=8)
     long = s.tasks[0]  # BBC stories: long enough that every example fills 128 tokens once truncated
@@ -95,7 +111,7 @@ def main():
     cfg = TrainConfig(steps=1, batch_size=8, lr=1e-3).resolved("lm")
     built, rss = {}, {}
     for n in METHODS:
-        built[n] = prepare(n, tasks, cfg, a.targets, a.precision)
+        built[n] = prepare(n, tasks, cfg, a.targets, a.precision, share_options if n == "share" else None)
         rss[n] = _rss_mb()
     times = {n: [] for n in METHODS}
     for _, step in built.values():  # warm-up

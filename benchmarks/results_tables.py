@@ -103,6 +103,11 @@ def compare_command(folder: str) -> str:
         grid = sorted({float(k.split()[0]) for t in tuned.values() for k in t["validation_final_accuracy"] if " " not in k})
         sgd = sorted({float(k.split()[0]) for t in tuned.values() for k in t["validation_final_accuracy"] if k.endswith("sgd")})
         parts.append(f"--tune-lr {','.join(map(_fmt_lr, grid))}" + (f" --tune-sgd-lr {','.join(map(_fmt_lr, sgd))}" if sgd else ""))
+    elif c.get("method_lr"):
+        parts += [f"--method-lr {m}={_fmt_lr(lr)}" for m, lr in c["method_lr"].items()]
+        rest = [m for m in c["methods"] if m not in c["method_lr"]]
+        if rest:  # the others ran at --lr
+            parts.append(f"--lr {_fmt_lr(run(folder, c['methods'][rest[0]]['seeds'][0], rest[0])['train_config']['lr'])}")
     else:
         parts.append(f"--lr {_fmt_lr(tc['lr'])}")
     for m in c["methods"]:
