@@ -76,8 +76,8 @@ def _lm_adapter_row(d: dict, r: dict, orig: dict[str, float]) -> list:
 
 
 LM_ADAPTERS_BATCHES = "lm-adapters-batches.json"
-LM_ADAPTERS_BATCHES_COMMAND = (LM_ADAPTERS_COMMAND + " --methods share-batches --batch-size-fold 10 "
-                               "--reuse-scores results/lm-adapters.json --out lm-adapters-batches")
+LM_ADAPTERS_BATCHES_COMMAND = ("python benchmarks/bench_lm_adapters.py --tasks 50 --k 24 --p 4 --eval-every 50 --methods share-batches "
+                               "--batch-size-fold 10 --reuse-scores results/lm-adapters.json --out lm-adapters-batches")
 
 
 @table("lm-adapters")
@@ -178,14 +178,28 @@ def _images() -> str:
             + bench_source("images.json", "python benchmarks/bench_images.py"))
 
 
-@table("lm-train-step")
-def _lm_step() -> str:
-    d = load("lm.json")
+def lm_step_table(rel: str, command: str) -> str:
+    """Causal-LM training step and generation speed of every method against PEFT LoRA (``bench_lm.py``)."""
+    d = load(rel)
     body = [[label(r["method"]), secs(r["train_step_s"], 1), x(r["ratio_to_peft"])] for r in d["train"]]
     gen = [[r["setting"], f"{r['tokens_per_s']:.1f}", x(r["ratio_to_base"])] for r in d["generation"]]
+    targets = d["targets"] if isinstance(d["targets"], str) else ", ".join(d["targets"])
+    sc = d.get("share_config", {})
+    share = f"Share k {sc['k']}, p {sc['p']}, φ {sc['phi']}; " if sc.get("k") is not None else ""
     return (md(["method", "training step (s)", "÷ PEFT LoRA"], body) + "\n\n" + md(["generation", "tokens / s", "÷ base"], gen)
-            + f"\n\n{d['model']}, batch {d['batch']} × {d['tokens']} tokens, targets {', '.join(d['targets'])}, rank {d['rank']}, "
-            f"precision {d.get('precision', 'fp32')}. " + bench_source("lm.json", "python benchmarks/bench_lm.py --rounds 5"))
+            + f"\n\n{d['model']}, batch {d['batch']} × {d['tokens']} tokens, targets {targets}, rank {d['rank']}, {share}"
+            f"precision {d.get('precision', 'fp32')}. " + bench_source(rel, command))
+
+
+@table("lm-train-step")
+def _lm_step() -> str:
+    return lm_step_table("lm.json", "python benchmarks/bench_lm.py --rounds 5")
+
+
+@table("lm-train-step-all-linear")
+def _lm_step_all_linear() -> str:
+    return lm_step_table("lm-all-linear.json", "python benchmarks/bench_lm.py --targets all-linear --precision bf16 --share-option p=2 "
+                                               "--threads 1 --rounds 5 --out lm-all-linear")
 
 
 @table("serve-throughput")
