@@ -251,7 +251,8 @@ def main() -> None:
     print(table(info, ["task", "metric", "zero_shot", "original", "train_s"]))
     print()
     print(table(rows, list(rows[0])))
-    path = write(args.out, {"config": {**vars(args), "workdir": str(args.workdir), "reuse_scores": str(args.reuse_scores or "") or None, "lora_alpha": 2 * r, "targets": TARGETS,
+    reused = str(args.reuse_scores) if args.reuse_scores else None
+    path = write(args.out, {"config": {**vars(args), "workdir": str(args.workdir), "reuse_scores": reused, "lora_alpha": 2 * r, "targets": TARGETS,
                                        "precision": precision, "k_lorashare": k_ls, "k_vlora": k_vl, "model": lm.path,
                                        "share_numbers": share_total, "lora_numbers": lora_total,
                                        "share_store": str(store) if store else None, "adapters_dir": str(workdir)},

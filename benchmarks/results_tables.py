@@ -476,6 +476,7 @@ SUMMARY = {
     "images20 (seed 0)": (["compare-images20"], "lora-per-task"),
     # the tuned comparison replaces the untuned one: its splits differ (200 test pairs per task, not 40)
     "gen5 (causal LM)": (["compare-gen5-tuned|compare-gen5", "compare-gen5-all-linear"], "lora-per-task"),
+    "gen30 (causal LM, 36 tasks, seed 0)": (["compare-gen30"], "lora-per-task"),
     "wordnet-cil": (["compare-wordnet-cil-tuned", "compare-wordnet-cil-share-prototype", "compare-wordnet-cil", "compare-wordnet-cil-align"],
                     "joint-lora"),
     "fmnist-cil": (["compare-fmnist-cil-tuned", "compare-fmnist-cil", "compare-fmnist-cil-align", "compare-fmnist-cil-share-align"],
@@ -485,6 +486,8 @@ SUMMARY = {
 
 
 def _variant(folder: str) -> str:
+    if compare_json(folder).get("method_lr"):
+        return "rates from gen5's tuning" if "gen30" in folder else "rates set per method"
     if "all-linear" in folder:
         return "all linear layers"
     return "aligned" if "align" in folder else "tuned" if "tuned" in folder else "untuned"
@@ -512,6 +515,8 @@ def _summary() -> str:
     body = []
     for stream, (folders, ref_name) in SUMMARY.items():
         share, peer, ref = _best(folders, ("share",)), _best(folders, PEERS), _best(folders, (ref_name,))
+        if share is None or ref is None:  # a comparison not run (or not finished) yet
+            continue
         lora = _best(folders, ("lora-per-task",)) or ref
         sb, lb = mean(share[2]["bytes_per_task"]), mean(lora[2]["bytes_per_task"]) if lora else None
         cell = lambda t: (f"{pm(t[2]['final_average_accuracy']) if len(t[2]['seeds']) > 1 else one(t[2]['final_average_accuracy'])}"  # noqa: E731
