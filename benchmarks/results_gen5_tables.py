@@ -63,12 +63,18 @@ def _gen5_all_linear() -> str:
     tasks = [t["name"] for t in json.loads((RESULTS / folder / f"seed-{compare_json(folder)['methods']['share']['seeds'][0]}"
                                             / "manifest.json").read_text())["tasks"]]
     per_task = md(["method (mean over seeds)", *tasks], [[lab, *(f"{100 * v:.1f}" for v in last_row_means(f, m))] for lab, f, m in rows])
-    trials = validation_trials(folder).get("share", {})
+    all_trials = validation_trials(folder)
+    trials = all_trials.get("share", {})
     said = ", ".join(f"{lr:g}: {100 * v:.2f}" for lr, v in sorted(trials.items()))
     lr = compare_json(folder).get("tuned_lr", {}).get("share", {}).get("lr")
+    lora = all_trials.get("lora-per-task", {})
+    same_layers = ("" if not lora else " LoRA per task on the same (all linear) layers, validation trial (seed 0, validation score %): "
+                   + ", ".join(f"{r:g}: {100 * v:.2f}" for r, v in sorted(lora.items()))
+                   + f" ({num(load(f'{folder}/tune/lr-{next(iter(lora)):g}/lora-per-task/results.json')['bytes_per_task'])} "
+                   "bytes a task); not run on the test split yet.")
     return (compare_table(rows, lora_ref=("compare-gen5-tuned", "lora-per-task")) + "\n\nEach task's score after the last task:\n\n"
             + per_task + f"\n\nShare on all linear layers: validation trials (seed 0, validation score %) {said}; rate run on the "
-            f"test split {lr:g}.")
+            f"test split {lr:g}." + same_layers)
 
 
 @table("gen5-untuned")
