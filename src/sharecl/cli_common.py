@@ -58,30 +58,30 @@ def takes_share_options(method: str) -> bool:
     return cls is not None and cls.config_class is not None and issubclass(cls.config_class, ShareConfig)
 
 
-def rank_options(method: str, rank: int) -> dict:
-    """``{"r": rank}`` for a method whose config has a rank, else ``{}`` (head-only, zero-shot)."""
+def _config_has(method: str, field: str) -> bool:
+    """Whether ``method``'s config dataclass has ``field`` (read from the registry; imports the methods late)."""
     import dataclasses
 
     from sharecl.methods import METHODS
 
     cfg = METHODS[method].config_class
-    return {"r": rank} if cfg is not None and "r" in {f.name for f in dataclasses.fields(cfg)} else {}
+    return cfg is not None and field in {f.name for f in dataclasses.fields(cfg)}
+
+
+def rank_options(method: str, rank: int) -> dict:
+    """``{"r": rank}`` for a method whose config has a rank, else ``{}`` (head-only, zero-shot)."""
+    return {"r": rank} if _config_has(method, "r") else {}
 
 
 def target_options(method: str, targets: str | None) -> dict:
     """``{"target_modules": …}`` for a method whose config has targets, from ``--target-modules``:
     ``"all-linear"`` (PEFT's spelling) or comma-separated module names; ``{}`` when not given."""
-    import dataclasses
-
-    from sharecl.methods import METHODS
-
     if not targets:
         return {}
     names = [t.strip() for t in targets.split(",") if t.strip()]
     if not names:
         raise ValueError(f"--target-modules {targets!r}: give 'all-linear' or comma-separated module names, e.g. q_proj,v_proj")
-    cfg = METHODS[method].config_class
-    if cfg is None or "target_modules" not in {f.name for f in dataclasses.fields(cfg)}:
+    if not _config_has(method, "target_modules"):
         return {}
     return {"target_modules": "all-linear" if names == ["all-linear"] else names}
 
