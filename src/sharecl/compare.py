@@ -2,7 +2,8 @@
 
 Runs each (seed, method) with :func:`sharecl.runner.run_method` into
 ``OUT/seed-<s>/<method>/results.json`` (skipped when present and ``resume`` is set, so an
-interrupted comparison continues where it stopped), then writes ``OUT/compare.json`` and
+interrupted comparison continues where it stopped; a storable method also continues after the
+last task it finished, :mod:`sharecl.resume`), then writes ``OUT/compare.json`` and
 ``OUT/compare.md`` (mean ± sample std over seeds) and two plots: ``accuracy_curve.png``
 (average accuracy over the tasks seen so far, after each task, one line per method) and
 ``bytes.png`` (adapter bytes stored against the number of tasks).
@@ -267,7 +268,8 @@ def compare(stream: str, methods: list[str], seeds: list[int], cfg: TrainConfig,
         todo = dist.broadcast_object(todo)
         for group in _same_config_groups(todo, cfgs):
             res = run_stream(s, group, replace(cfgs[group[0]], seed=seed), out / f"seed-{seed}", model_path=model_path,
-                             method_configs=method_configs, progress=progress, log=log, device=device, precision=precision)
+                             method_configs=method_configs, progress=progress, log=log, device=device, precision=precision,
+                             resume=resume)
             for m in group:
                 per_seed[m].append(res[m])
     summary = aggregate({m: r for m, r in per_seed.items() if r})
@@ -342,7 +344,7 @@ def tune_learning_rates(stream: str, methods: list[str], seed: int, cfg: TrainCo
                 _check_same_settings(f, res, c, m, (method_configs or {}).get(m, {}))
             else:
                 res = run_stream(s, [m], c, d, model_path=model_path, method_configs=method_configs, progress=progress,
-                                 log=log, device=device, precision=precision, evaluate="last")[m]
+                                 log=log, device=device, precision=precision, evaluate="last", resume=resume)[m]
             scores[(lr, optimizer)] = res["final_average_accuracy"]
             log(f"tuning {m}: {optimizer} lr {lr:g} → validation final accuracy {100 * res['final_average_accuracy']:.2f}")
         best = max(trials, key=lambda t: (scores[t], -trials.index(t)))

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from sharecl import distributed as dist
+from sharecl import resume as resume_mod
 from sharecl.backbone import load_encoder
 from sharecl.data.tasks import Stream, Task
-from sharecl.methods.registry import build_method
+from sharecl.methods.registry import METHODS, build_method
 from sharecl.metrics import forward_transfer, summarize
 from sharecl.objectives import objective_of
 from sharecl.plots import accuracy_heatmap
@@ -83,7 +84,7 @@ EVALUATE = ("each", "last")
 
 def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path, *, model_path: str | None = None,
                method_config: dict | None = None, progress: bool = True, log=print, device: str | None = "cpu",
-               precision: str = "fp32", evaluate: str = "each") -> dict:
+               precision: str = "fp32", evaluate: str = "each", resume: bool = False) -> dict:
     """Learn ``stream`` with one method; returns the results dict (also written to JSON).
 
     On a class-incremental stream ``accuracy_matrix`` holds class-incremental accuracies (no
@@ -97,13 +98,18 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
     saves the ``T(T+1)/2 − T`` earlier task evaluations (``compare``'s learning-rate tuning, which
     reads only the final accuracy, uses it).
 
+    A storable method saves a checkpoint after every task but the last (:mod:`sharecl.resume`,
+    ``OUT/<method>/checkpoint``, removed at the end); with ``resume`` a run that was stopped
+    continues after the last task its checkpoint holds, else an old checkpoint is discarded.
+
     Under ``torchrun`` every rank trains and evaluates its shard (:mod:`sharecl.distributed`);
     only rank 0 logs and writes files. ``device`` and ``precision`` are
     :func:`sharecl.backbone.load_encoder`'s.
 
     Raises:
         UnsupportedScenarioError: if the method does not support the stream's scenario.
-        ValueError: ``evaluate`` not in :data:`EVALUATE`.
+        ValueError: ``evaluate`` not in :data:`EVALUATE`; a checkpoint to resume made with other
+            settings (:func:`sharecl.resume.load_checkpoint`).
     """
     if evaluate not in EVALUATE:
         raise ValueError(f"evaluate must be one of {EVALUATE}, got {evaluate!r}")
@@ -111,9 +117,17 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
     encoder = load_backbone(stream, model_path, cfg, device=device, precision=precision)
     if not dist.is_main():
         log = _quiet
-    method = build_method(method_name, encoder, seed=cfg.seed, **(method_config or {}))
+    ckpt = out_dir / method_name / resume_mod.CHECKPOINT_DIR
+    checkpoint = resume_mod.can_checkpoint(METHODS[method_name])
+    found = resume_mod.load_checkpoint(ckpt, encoder, method_name, stream, cfg, method_config or {}) \
+        if checkpoint and resume else None
+    if found is None:
+        if checkpoint:
+            resume_mod.discard_checkpoint(ckpt)
+        method = build_method(method_name, encoder, seed=cfg.seed, **(method_config or {}))
+    else:
+        method, run = found
     method.check_scenario(stream.scenario)
-    method.begin_stream(len(stream))
     rss = PeakRSS()
     T = len(stream)
     R: list[list[float | None]] = [[None] * T for _ in range(T)]
@@ -123,6 +137,13 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
     stored: list[float] = []
     samples: dict[str, list] = {}
     steps = [(T - 1, None)] if getattr(method, "joint", False) else [(i, t) for i, t in enumerate(stream)]
+    if found is not None:
+        R, R_til, seconds, infos = run["accuracy_matrix"], run["til_accuracy_matrix"], run["train_seconds"], run["task_info"]
+        stored, samples, rss.peak = run["adapter_bytes_after_task"], run["sample_answers"], max(rss.peak, run["peak_rss_bytes"])
+        steps = steps[run["done"]:]
+        method.restore_report(run["report"])
+        log(f"{method_name} · resuming after task {run['done']} of {T} ({stream.tasks[run['done'] - 1].name}) from {ckpt}")
+    method.begin_stream(len(stream))
     for i, task in steps:
         t0 = time.perf_counter()
         if task is None:
@@ -136,12 +157,16 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
         if evaluate == "last" and i < T - 1:
             rss.sample()
             log(f"{method_name} · after {label}: (evaluated after the last task only)   ({seconds[-1]:.0f} s)")
+            if checkpoint:
+                _checkpoint(ckpt, method, method_name, stream, cfg, i + 1, R, R_til, seconds, infos, stored, samples, rss)
             continue
         til, cil = _rows(method, stream, i, cfg, samples, previous=R_til[i - 1] if i > 0 else None)
         rss.sample()
         R_til[i][: i + 1] = til
         R[i][: i + 1] = cil if cil is not None else til
         log(f"{method_name} · after {label}: " + "  ".join(f"{100 * (a or 0):.1f}" for a in R[i][: i + 1]) + f"   ({seconds[-1]:.0f} s)")
+        if checkpoint and i < T - 1:
+            _checkpoint(ckpt, method, method_name, stream, cfg, i + 1, R, R_til, seconds, infos, stored, samples, rss)
     results: dict[str, Any] = {
         "method": method_name, "stream": stream.name, "scenario": stream.scenario,
         "tasks": [t.name for t in stream], "accuracy_matrix": R, **summarize(R),
@@ -180,7 +205,19 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
         from sharecl.store import save_store
 
         save_store(method, d / "store", extra={"stream": stream.name})
+    if checkpoint:
+        resume_mod.discard_checkpoint(ckpt)
     return results
+
+
+def _checkpoint(path: Path, method, method_name: str, stream: Stream, cfg: TrainConfig, done: int, R, R_til, seconds,
+                infos, stored, samples, rss) -> None:
+    """Save the run after ``done`` tasks (rank 0; :func:`sharecl.resume.save_checkpoint`)."""
+    if dist.is_main():
+        state = {"accuracy_matrix": R, "til_accuracy_matrix": R_til, "train_seconds": seconds, "adapter_bytes_after_task": stored,
+                 "task_info": [{k: v for k, v in inf.items() if k != "merge"} for inf in infos], "sample_answers": samples,
+                 "peak_rss_bytes": rss.peak, "report": method.report()}
+        resume_mod.save_checkpoint(path, method, method_name, stream, cfg, done, _json_safe(state))
 
 
 def load_backbone(stream: Stream, model_path: str | None, cfg: TrainConfig, *, device: str | None = "cpu",
@@ -201,10 +238,11 @@ def load_backbone(stream: Stream, model_path: str | None, cfg: TrainConfig, *, d
 
 def run_stream(stream: Stream, methods: list[str], cfg: TrainConfig, out_dir: str | Path, *, model_path: str | None = None,
                method_configs: dict[str, dict] | None = None, progress: bool = True, log=print, device: str | None = "cpu",
-               precision: str = "fp32", evaluate: str = "each") -> dict[str, dict]:
+               precision: str = "fp32", evaluate: str = "each", resume: bool = False) -> dict[str, dict]:
     """Run every method on ``stream``; writes ``OUT/manifest.json`` and per-method results (rank 0 only).
 
-    ``evaluate``: ``"each"`` (the accuracy matrix) or ``"last"`` (final accuracy only), see :func:`run_method`."""
+    ``evaluate``: ``"each"`` (the accuracy matrix) or ``"last"`` (final accuracy only); ``resume``:
+    continue a stopped method from its per-task checkpoint; see :func:`run_method`."""
     from sharecl.provenance import library_versions
 
     out = Path(out_dir)
@@ -227,7 +265,8 @@ def run_stream(stream: Stream, methods: list[str], cfg: TrainConfig, out_dir: st
             "environment": environment(),
         }, indent=2))
     return {m: run_method(m, stream, cfg, out, model_path=model_path, method_config=(method_configs or {}).get(m),
-                          progress=progress, log=log, device=device, precision=precision, evaluate=evaluate) for m in methods}
+                          progress=progress, log=log, device=device, precision=precision, evaluate=evaluate,
+                          resume=resume) for m in methods}
 
 
 def _quiet(*args, **kwargs) -> None:

@@ -325,6 +325,10 @@ class ContinualMethod(MixedTaskInference, ABC):
         """Method-specific, JSON-ready entries for ``results.json`` (e.g. Share's merges)."""
         return {}
 
+    def restore_report(self, report: dict) -> None:
+        """Take back what :meth:`report` returned when a run was checkpointed, where the store keeps
+        less (:mod:`sharecl.resume`), so a resumed run reports the whole stream. Default: nothing."""
+
     def head_numbers_per_task(self) -> float:
         """Numbers stored per task outside the adapter: its head (Share adds its class prototypes)."""
         sizes = [(sum(p.numel() for p in self.heads.heads[n].parameters()) if n in self.heads else 0)

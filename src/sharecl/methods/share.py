@@ -414,6 +414,11 @@ class ShareMethod(ShareClassIncremental):
     def report(self) -> dict:
         return {"merges": self.drift}
 
+    def restore_report(self, report: dict) -> None:
+        """The merges with every task's drift (a store keeps the last merge's, and summaries of the others)."""
+        self.drift = list(report.get("merges", self.drift))
+        self._drift_entries = sum(len(r.get("per_task") or {}) for r in self.drift)
+
     def shared_numbers(self) -> int:
         return sum(layer.U.numel() + layer.V.numel() for layer in self.layers.values())
 

@@ -1,0 +1,94 @@
+"""Per-task checkpoints of a method's run over a stream, so a stopped run resumes after its last
+finished task instead of from the first.
+
+A storable method (:func:`sharecl.store.storable_methods`) learning a stream with
+:func:`sharecl.runner.run_method` saves itself after every task but the last as a store in
+``OUT/<method>/checkpoint``; the store's manifest also carries the run so far under ``"run"``
+(the score matrices' rows, seconds, task infos, sample answers, peak RSS and the global torch RNG
+state), written atomically with the store version, so the checkpoint is never half-written: a
+run killed while saving resumes from the previous task. The checkpoint is removed once
+``results.json`` is written.
+
+Resuming restores the method from the store (:func:`sharecl.store.restore`, the exact tensors)
+on the backbone already loaded, sets the RNG state back and continues with the next task: the
+resumed run learns and scores the remaining tasks as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sharecl import distributed as dist
+
+__all__ = ["CHECKPOINT_DIR", "can_checkpoint", "save_checkpoint", "load_checkpoint", "discard_checkpoint"]
+
+CHECKPOINT_DIR = "checkpoint"  # under OUT/<method>/
+
+
+def can_checkpoint(method) -> bool:
+    """Whether a run of ``method`` (a method class or instance) can be checkpointed per task: a
+    storable method, not a joint one, in a single process (under ``torchrun`` a stopped run
+    restarts its method)."""
+    return bool(method.storable) and not getattr(method, "joint", False) and dist.world_size() == 1
+
+
+def _identity(method_name: str, stream, cfg) -> dict:
+    """What a checkpoint must match to be resumed: the method, the stream's tasks and seed, the
+    training budget."""
+    return {"method": method_name, "stream": stream.name, "stream_seed": stream.seed,
+            "tasks": [t.name for t in stream], "train_config": json.loads(json.dumps(vars(cfg)))}
+
+
+def save_checkpoint(path: Path, method, method_name: str, stream, cfg, done: int, state: dict[str, Any]) -> None:
+    """Save ``method`` after ``done`` tasks and the run so far (``state``: JSON-ready lists and
+    dicts) as the next version of the checkpoint store at ``path``.
+
+    Raises:
+        StoreError: see :func:`sharecl.store.save_store`.
+    """
+    from sharecl.store import save_store
+
+    rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")
+    run = {**_identity(method_name, stream, cfg), "done": done, "torch_rng": rng, **state}
+    save_store(method, path, extra={"run": run})
+
+
+def load_checkpoint(path: Path, encoder, method_name: str, stream, cfg, method_config: dict) -> tuple[Any, dict] | None:
+    """The method restored from the checkpoint at ``path`` on ``encoder`` and the run's state, or
+    None where there is no checkpoint. Sets the global torch RNG state to the one saved.
+
+    Raises:
+        ValueError: the checkpoint was made with another method, stream, seed, training budget or
+            method option: pass another ``--out`` or ``--no-resume``.
+        StoreError: a damaged checkpoint (see :func:`sharecl.store.restore`).
+    """
+    from sharecl.methods.registry import METHODS
+    from sharecl.store import read_manifest, restore
+
+    if not (path / "manifest.json").exists():
+        return None
+    manifest = read_manifest(path)
+    run = manifest.get("run") or {}
+    want = _identity(method_name, stream, cfg)
+    diff = [k for k, v in want.items() if run.get(k) != v]
+    config = METHODS[method_name].default_config(**method_config)
+    done = manifest.get("config", {})
+    diff += [f"{method_name}.{k}" for k, v in config.items() if v is not None and k in done and done[k] != v]
+    if diff:
+        raise ValueError(f"the checkpoint {path} was made with other settings ({', '.join(diff)}); pass another --out, "
+                         f"or --no-resume to start this method again")
+    method = restore(path, encoder, manifest)
+    state = torch.frombuffer(bytearray(base64.b64decode(run["torch_rng"])), dtype=torch.uint8)
+    torch.set_rng_state(state)
+    return method, run
+
+
+def discard_checkpoint(path: Path) -> None:
+    """Remove the checkpoint at ``path`` (the run finished, or is started again)."""
+    shutil.rmtree(path, ignore_errors=True)
