@@ -33,8 +33,8 @@ def test_every_field_is_the_one_given_and_the_given_config_is_untouched(name):
     preset = getattr(cls, "_variant", {})
     for f in dataclasses.fields(given):
         want = preset.get(f.name, before[f.name])
-        if f.name == "target_modules":
-            assert m.config.target_modules == ["q_proj", "v_proj"]  # None: the family default, in the copy only
+        if f.name == "target_modules":  # None: the family default, in the copy only (Share on a causal LM: all linear)
+            assert m.config.target_modules == ("all-linear" if name.startswith("share") else ["q_proj", "v_proj"])
         elif want is None:
             continue  # None means "the documented default" (Share's family defaults, the run's lr)
         else:
@@ -73,4 +73,4 @@ def test_one_config_wraps_two_models_without_carrying_targets_over():
     a = sharecl.wrap(tiny_lm().model, cfg)
     b = sharecl.wrap(tiny_lm(layers=3).model, cfg)
     assert cfg.target_modules is None
-    assert len(a.method.layers) == 4 and len(b.method.layers) == 6
+    assert len(a.method.layers) == 2 * 7 and len(b.method.layers) == 3 * 7  # every linear layer of 2 and 3 blocks

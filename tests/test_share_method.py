@@ -219,6 +219,8 @@ def test_config_left_none_takes_the_family_default_in_a_copy(tiny_model_dir):
     lm = ShareMethod(tiny_lm(), seed=0, config=given)
     assert lm.config.p == min(SHARE_DEFAULTS["lm"]["p"], 4) and lm.config.target_modules != ["query", "value"]
     assert lm.config.coeff_lr_ratio == SHARE_DEFAULTS["lm"]["coeff_lr_ratio"]
+    blocks = lm.encoder.model.config.num_hidden_layers  # every linear layer of every block but the LM head:
+    assert len(lm.layers) == 7 * blocks and not any("lm_head" in n for n in lm.layers)  # q, k, v, o, gate, up, down
     set_k = ShareMethod(load_encoder(tiny_model_dir), seed=0, r=4, k=3, p=1)
     assert (set_k.config.k, set_k.config.p, set_k.config.energy) == (3, 1, None)  # what is given is kept
     with pytest.raises(ValueError, match="energy must be a fraction"):

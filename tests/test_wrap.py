@@ -31,7 +31,8 @@ def _answers(lm, prompts):
     return lm.generate(prompts, max_new_tokens=5)
 
 
-@pytest.mark.parametrize("config", [ShareConfig(k=8, p=2, r=2), InfLoRAConfig(), SDLoRAConfig(), LoRAConfig()],
+@pytest.mark.parametrize("config", [ShareConfig(k=8, p=2, r=2, target_modules=["q_proj", "v_proj"]), InfLoRAConfig(), SDLoRAConfig(),
+                                    LoRAConfig()],
                          ids=["share", "inflora", "sd-lora", "lora-per-task"])
 def test_wrap_with_own_loop_learns_two_tasks(config):
     lm = tiny_lm()
@@ -266,7 +267,7 @@ def test_a_store_saved_from_the_users_loop_answers_from_the_shell(llama_dir, tmp
 
 def test_wrap_takes_a_local_path(llama_dir, tiny_model_dir):
     cl = sharecl.wrap(str(llama_dir), ShareConfig(k=8, p=2, r=2))
-    assert cl.method.modality == "lm" and len(cl.method.layers) == 4 and cl.model is cl.method.encoder.model
+    assert cl.method.modality == "lm" and len(cl.method.layers) == 2 * 7 and cl.model is cl.method.encoder.model  # all linear
     enc = sharecl.wrap(tiny_model_dir, InfLoRAConfig(r=2))
     assert enc.method.modality == "text" and enc.method.encoder.tokenizer is not None
 

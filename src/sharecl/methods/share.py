@@ -31,11 +31,12 @@ __all__ = ["ShareConfig", "ShareMethod", "SHARE_DEFAULTS", "LOG_STEPS_MAX", "DRI
 
 #: Share's settings per backbone family, for the :class:`ShareConfig` fields left None.
 #: ``encoder`` (text encoders, ViTs): the settings every encoder table was measured with.
-#: ``lm`` (causal LMs): chosen on gen5's validation split (issue 30; ``benchmarks/bench_share_lm.py``,
-#: METHODS.md §1 "Defaults").
+#: ``lm`` (causal LMs): the best setting within 2 % of a rank-8 q/v LoRA's bytes per task on gen5's
+#: validation split (issue 30; ``benchmarks/bench_share_lm.py``, trial ``r10-all-linear``; docs
+#: "Share on a causal LM"): every linear layer but the head (PEFT's ``"all-linear"``), k 10, p 2.
 SHARE_DEFAULTS: dict[str, dict] = {
     "encoder": {"k": 10, "p": 2, "phi": 2, "coeff_lr_ratio": 1.0},
-    "lm": {"k": 10, "p": 4, "phi": 2, "coeff_lr_ratio": 10.0},
+    "lm": {"k": 10, "p": 2, "phi": 2, "coeff_lr_ratio": 10.0, "target_modules": "all-linear"},
 }
 
 #: Merges kept in the coefficient logs before they are folded into a checkpoint
