@@ -65,6 +65,12 @@ def _gen30_per_task() -> str:
         f"(the merges' records in `results.json`). Seed {seed}.")
 
 
+def _targets(config: dict) -> str:
+    """The adapted layers of a run's config, in words."""
+    t = config.get("target_modules")
+    return "all linear layers" if t == "all-linear" else "/".join(t) if isinstance(t, list) else str(t)
+
+
 @table("gen30-share-merges")
 def _gen30_merges() -> str:
     """Share's merges along the stream: basis size, the least energy kept, old tasks' drift and scores."""
@@ -85,6 +91,7 @@ def _gen30_merges() -> str:
                      f"{100 * rec['new_task']['truncation_mean']:.1f}", f"{100 * statistics.mean(seen):.1f}" if seen else "—"])
     return md(["merge", "after task", "k (B/A, first layer)", "least energy kept %", "old tasks' drift, mean %", "max %",
                "new task's cut to p %", "mean score of the tasks so far %"], body) + (
-        f"\n\nShare k {share['config']['k']}, p {share['config']['p']}: after task t the basis of each layer and side keeps the top k of "
+        f"\n\nShare k {share['config']['k']}, p {share['config']['p']}, φ {share['config']['phi']} on "
+        f"{_targets(share['config'])}: after task t the basis of each layer and side keeps the top k of "
         f"the t tasks' rank-p factors; energy kept = the fraction of the stack's squared norm the k directions hold (least over "
         f"layers and sides). Seed {seed}.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from results_tables import RESULTS, all_rows, compare_json, compare_table, label, load, machine, md, num, pct_of, run, table
+from sharecl.compare import at_grid_edge
 
 
 @table("gen5-tuned")
@@ -68,10 +69,12 @@ def _gen5_all_linear() -> str:
     said = ", ".join(f"{lr:g}: {100 * v:.2f}" for lr, v in sorted(trials.items()))
     lr = compare_json(folder).get("tuned_lr", {}).get("share", {}).get("lr")
     lora = all_trials.get("lora-per-task", {})
-    same_layers = ("" if not lora else " LoRA per task on the same (all linear) layers, validation trial (seed 0, validation score %): "
+    best = max(lora, key=lora.get) if lora else None
+    edge = " — the best rate at the grid's edge" if best is not None and at_grid_edge(best, list(lora)) else ""
+    same_layers = ("" if not lora else " LoRA per task on the same (all linear) layers, validation trials (seed 0, validation score %): "
                    + ", ".join(f"{r:g}: {100 * v:.2f}" for r, v in sorted(lora.items()))
-                   + f" ({num(load(f'{folder}/tune/lr-{next(iter(lora)):g}/lora-per-task/results.json')['bytes_per_task'])} "
-                   "bytes a task); not run on the test split yet.")
+                   + f" ({num(load(f'{folder}/tune/lr-{best:g}/lora-per-task/results.json')['bytes_per_task'])} "
+                   f"bytes a task{edge}); not run on the test split yet.")
     return (compare_table(rows, lora_ref=("compare-gen5-tuned", "lora-per-task")) + "\n\nEach task's score after the last task:\n\n"
             + per_task + f"\n\nShare on all linear layers: validation trials (seed 0, validation score %) {said}; rate run on the "
             f"test split {lr:g}." + same_layers)
