@@ -11,22 +11,32 @@ import json
 from results_tables import RESULTS, all_rows, compare_json, compare_table, label, load, machine, md, num, pct_of, run, table
 from sharecl.compare import at_grid_edge
 
+#: peers run on the test split after the tuned comparison, at the rate its validation trials chose
+#: (``--method-lr``: the trials live in compare-gen5-tuned/tune/)
+LATER = "compare-gen5-tuned-peers"
+
 
 @table("gen5-tuned")
 def _gen5_tuned() -> str:
     c = compare_json("compare-gen5-tuned")
-    rows = all_rows("compare-gen5-tuned")
+    later = (RESULTS / LATER / "compare.json").exists()
+    rows = all_rows("compare-gen5-tuned") + (all_rows(LATER) if later else [])
     tasks = [t["name"] for t in json.loads((RESULTS / "compare-gen5-tuned" / f"seed-{c['methods'][rows[0][2]]['seeds'][0]}" / "manifest.json")
                                           .read_text())["tasks"]]
     per_task = md(["method (first seed)", *tasks], [[lab, *(f"{100 * v:.1f}" for v in run(f, compare_json(f)["methods"][m]["seeds"][0], m)
                                                             ["accuracy_matrix"][-1])] for lab, f, m in rows])
     grid = "; ".join(f"{label(m)} **{t['lr']:g}** (" + ", ".join(f"{k}: {100 * v:.1f}" for k, v in t["validation_final_accuracy"].items()) + ")"
                      for m, t in c.get("tuned_lr", {}).items())
-    seeds = {tuple(c["methods"][m]["seeds"]) for _, _, m in rows}
+    trials = validation_trials("compare-gen5-tuned")
+    for m, lr in (compare_json(LATER).get("method_lr", {}) if later else {}).items():
+        grid += (f"; {label(m)} **{lr:g}** (" + ", ".join(f"{r:g}: {100 * v:.1f}" for r, v in sorted(trials.get(m, {}).items()))
+                 + ": run on the test split later, at this rate)")
+    seeds = {tuple(compare_json(f)["methods"][m]["seeds"]) for _, f, m in rows}
     one_seed = next(iter(seeds))[0] if seeds == {next(iter(seeds))} and len(next(iter(seeds))) == 1 else None
+    tested = set(c.get("tuned_lr", {})) | ({m for _, _, m in all_rows(LATER)} if later else set())
     return (compare_table(rows, lora_ref=("compare-gen5-tuned", "lora-per-task"), seed=one_seed) + "\n\nEach task's score after the last task:\n\n"
             + per_task + f"\n\nLearning rates chosen on the validation split of seed 0 (validation score %): {grid}."
-            + untested_trials("compare-gen5-tuned", set(c.get("tuned_lr", {}))))
+            + untested_trials("compare-gen5-tuned", tested))
 
 
 def validation_trials(folder: str) -> dict[str, dict[float, float]]:

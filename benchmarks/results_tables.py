@@ -475,7 +475,7 @@ SUMMARY = {
     "text20 (seed 0)": (["compare-text20"], "lora-per-task"),
     "images20 (seed 0)": (["compare-images20"], "lora-per-task"),
     # the tuned comparison replaces the untuned one: its splits differ (200 test pairs per task, not 40)
-    "gen5 (causal LM)": (["compare-gen5-tuned|compare-gen5", "compare-gen5-all-linear"], "lora-per-task"),
+    "gen5 (causal LM)": (["compare-gen5-tuned|compare-gen5", "compare-gen5-all-linear", "compare-gen5-tuned-peers"], "lora-per-task"),
     "gen30 (causal LM, 36 tasks, seed 0)": (["compare-gen30"], "lora-per-task"),
     "wordnet-cil": (["compare-wordnet-cil-tuned", "compare-wordnet-cil-share-prototype", "compare-wordnet-cil", "compare-wordnet-cil-align"],
                     "joint-lora"),
@@ -486,8 +486,8 @@ SUMMARY = {
 
 
 def _variant(folder: str) -> str:
-    if compare_json(folder).get("method_lr"):
-        return "rates from gen5's tuning" if "gen30" in folder else "rates set per method"
+    if compare_json(folder).get("method_lr"):  # rates chosen on another run's validation trials
+        return "rates from gen5's tuning" if "gen30" in folder else "tuned" if "tuned" in folder else "rates set per method"
     if "all-linear" in folder:
         return "all linear layers"
     return "aligned" if "align" in folder else "tuned" if "tuned" in folder else "untuned"
