@@ -1,5 +1,6 @@
 """A stopped run resumes after its last finished task (sharecl.resume): the resumed run's results
-equal an uninterrupted run's, on classification and generation streams, and the global torch RNG
+equal an uninterrupted run's, for methods saved as stores and the LoRA baselines' state files, on
+classification and generation streams, and the global torch RNG
 continues where it stood; a checkpoint made with other settings is refused, not silently mixed in."""
 
 import json
@@ -67,29 +68,29 @@ def _same(a: dict, b: dict, keys=("accuracy_matrix", "til_accuracy_matrix", "ada
 
 def test_a_stopped_classification_run_resumes_where_it_stopped(tiny_model_dir, fast_cfg, tmp_path, monkeypatch):
     stream = Stream("tiny4", [make_task(n, seed=i) for i, n in enumerate("abcd")], seed=0, scenario="cil")
-    names = ["share", "inflora", "sd-lora", "dual-lora"]
+    names = ["share", "inflora", "sd-lora", "dual-lora", "seq-lora"]
     quiet = dict(model_path=tiny_model_dir, method_configs={"share": {"r": 4, "k": 4, "p": 2}}, progress=False,
                  log=lambda *a: None)
     whole = run_stream(stream, names, fast_cfg, tmp_path / "whole", **quiet)
     assert not any((tmp_path / "whole" / m / "checkpoint").exists() for m in names)  # removed at the end
 
-    with monkeypatch.context() as mp:
-        _stop_before(mp, names[:1], "c")
-        with pytest.raises(Stop):
-            run_stream(stream, names[:1], fast_cfg, tmp_path / "cut", **quiet)
-    ckpt = tmp_path / "cut" / "share" / "checkpoint"
-    assert json.loads((ckpt / "manifest.json").read_text())["run"]["done"] == 2
+    for m in names:  # every method stopped before its third task
+        with monkeypatch.context() as mp:
+            _stop_before(mp, [m], "c")
+            with pytest.raises(Stop):
+                run_stream(stream, [m], fast_cfg, tmp_path / "cut", **quiet)
+        assert json.loads((tmp_path / "cut" / m / "checkpoint" / "manifest.json").read_text())["run"]["done"] == 2
     logs: list[str] = []
     resumed = run_stream(stream, names, fast_cfg, tmp_path / "cut", resume=True, **{**quiet, "log": logs.append})
-    assert any("share · resuming after task 2 of 4 (b)" in line for line in logs)
-    assert not any(line.startswith("share · after a") or line.startswith("share · after b") for line in logs)
     for m in names:
+        assert any(f"{m} · resuming after task 2 of 4 (b)" in line for line in logs), m
+        assert not any(line.startswith(f"{m} · after a") or line.startswith(f"{m} · after b") for line in logs)
         _same(resumed[m], whole[m])
         assert len(resumed[m]["train_seconds"]) == 4
+        assert not (tmp_path / "cut" / m / "checkpoint").exists()
     for m, keys in (("share", ["merges"]), ("inflora", ["memory_dims", "thresholds"]), ("dual-lora", ["memory_dims"]),
                     ("sd-lora", ["magnitudes", "kd_fits"])):
         _same(resumed[m], whole[m], keys)  # what report() says of the whole stream
-    assert not ckpt.exists()
 
 
 def test_a_stopped_generation_run_resumes_with_its_answers(tiny_lm_dir, tmp_path, monkeypatch):
@@ -101,18 +102,25 @@ def test_a_stopped_generation_run_resumes_with_its_answers(tiny_lm_dir, tmp_path
     draws: list[torch.Tensor] = []
     with monkeypatch.context() as mp:
         _stop_before(mp, ["share"], "say", draws, stop=False)
-        whole = run_stream(stream, ["share"], cfg, tmp_path / "whole", **quiet)["share"]
+        names = ["share", "lora-per-task", "seq-lora"]  # a store; the LoRA baselines' state file
     with monkeypatch.context() as mp:
-        _stop_before(mp, ["share"], "say")
-        with pytest.raises(Stop):
-            run_stream(stream, ["share"], cfg, tmp_path / "cut", **quiet)
+        _stop_before(mp, ["share"], "say", draws, stop=False)
+        whole = run_stream(stream, names, cfg, tmp_path / "whole", **quiet)
+    for m in names:
+        with monkeypatch.context() as mp:
+            _stop_before(mp, [m], "say")
+            with pytest.raises(Stop):
+                run_stream(stream, [m], cfg, tmp_path / "cut", **quiet)
     torch.manual_seed(12345)  # whatever the process did in between
     with monkeypatch.context() as mp:
         _stop_before(mp, ["share"], "say", draws, stop=False)
-        resumed = run_stream(stream, ["share"], cfg, tmp_path / "cut", resume=True, **quiet)["share"]
-    _same(resumed, whole)
+        logs: list[str] = []
+        resumed = run_stream(stream, names, cfg, tmp_path / "cut", resume=True, **{**quiet, "log": logs.append})
+    for m in names:
+        assert any(f"{m} · resuming after task 2 of 3 (tell)" in line for line in logs), m
+        _same(resumed[m], whole[m])
+        assert resumed[m]["sample_answers"]  # the first answers of every task, kept across the stop
     assert torch.equal(draws[0], draws[1])  # the RNG continues as in the uninterrupted run
-    assert resumed["sample_answers"]  # the first answers of every task, kept across the stop
 
 
 def test_a_checkpoint_made_with_other_settings_is_refused_and_no_resume_discards_it(tiny_model_dir, fast_cfg, tmp_path,

@@ -45,6 +45,9 @@ class ContinualMethod(MixedTaskInference, ABC):
         name: registry name (``share``, ``lora-per-task``, …; :func:`~sharecl.methods.registry.register`).
         scenarios: supported scenarios, a subset of ``("til", "cil")``.
         storable: whether :mod:`sharecl.store` can save this method.
+        resumable: whether a stopped run can continue after its last finished task
+            (:mod:`sharecl.resume`): every storable method, and methods with the state hooks
+            (:meth:`state_tensors`, :meth:`load_state`) but no store format (the LoRA baselines).
     """
 
     name: ClassVar[str]
@@ -56,6 +59,7 @@ class ContinualMethod(MixedTaskInference, ABC):
     #: whether the method trains anything (a learning rate matters; ``compare --tune-lr`` tunes it)
     trains: ClassVar[bool] = True
     storable: ClassVar[bool] = False
+    resumable: ClassVar[bool] = False
     #: the backbone computes the same features whatever the task (InfLoRA, SD-LoRA after merging):
     #: a batch mixing tasks needs one forward and per-row heads.
     task_independent_backbone: ClassVar[bool] = False

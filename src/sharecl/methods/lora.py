@@ -53,6 +53,7 @@ class _PeftLoRA(ContinualMethod):
     """Common PEFT plumbing: one ``PeftModel`` around the backbone, adapters by name."""
 
     config_class = LoRAConfig
+    resumable = True  # state hooks for per-task checkpoints (sharecl.resume); no store format
 
     def __init__(self, encoder: Backbone, seed: int = 0, config: LoRAConfig | None = None, **overrides):
         super().__init__(encoder, seed)
@@ -113,6 +114,36 @@ class _PeftLoRA(ContinualMethod):
 
     def trainable_numbers_last_task(self) -> int:
         return self._adapter_numbers
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Heads and every PEFT adapter's LoRA factors (``peft.<PEFT parameter name>``)."""
+        out = self.head_tensors()
+        if self.peft_model is not None:
+            out.update({f"peft.{n}": p.detach().contiguous() for n, p in self.peft_model.named_parameters() if "lora_" in n})
+        return out
+
+    def state_meta(self) -> dict:
+        return {"adapters": list(self.peft_model.peft_config) if self.peft_model is not None else []}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], tasks: list[dict], meta: dict) -> None:
+        """Inverse of :meth:`state_tensors`: the tasks and heads, then each adapter created (in its
+        original order) and its factors copied in.
+
+        Raises:
+            ValueError: a saved factor that the rebuilt adapters do not have, or one missing.
+        """
+        self.load_tasks_and_heads(tensors, tasks)
+        for adapter in meta.get("adapters", []):
+            self._ensure_adapter(adapter)
+        saved = {k.removeprefix("peft."): v for k, v in tensors.items() if k.startswith("peft.")}
+        params = dict(self.peft_model.named_parameters()) if self.peft_model is not None else {}
+        mine = {n for n in params if "lora_" in n}
+        if set(saved) != mine:
+            raise ValueError(f"the saved LoRA factors do not match the rebuilt adapters ({len(saved)} saved, {len(mine)} built)")
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
+                params[n].requires_grad_(False)
 
 
 @register
