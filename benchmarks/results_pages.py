@@ -26,6 +26,7 @@ from pathlib import Path
 import results_bench_tables  # noqa: F401  (registers the benchmark tables)
 import results_gen5_tables  # noqa: F401  (registers the gen5 tables)
 import results_gen30_tables  # noqa: F401  (registers the gen30 tables)
+import results_summary  # noqa: F401  (registers the README summary)
 from results_tables import TABLES
 
 ROOT = Path(__file__).resolve().parent.parent
