@@ -110,14 +110,20 @@ def compare_command(folder: str) -> str:
             parts.append(f"--lr {_fmt_lr(run(folder, c['methods'][rest[0]]['seeds'][0], rest[0])['train_config']['lr'])}")
     else:
         parts.append(f"--lr {_fmt_lr(tc['lr'])}")
+    lm = "metrics" in first  # a generation stream: Share's default layers there are all linear ones
     for m in c["methods"]:
         cfg = run(folder, c["methods"][m]["seeds"][0], m).get("config", {})
+        if lm and m == "share" and isinstance(cfg.get("target_modules"), list):  # not the default: name them for every method
+            parts.append(f"--target-modules {','.join(cfg['target_modules'])}")
+        if lm and m == "share" and "coeff_lr_ratio" not in cfg:  # a run from before the option: one rate for all
+            parts.append(f"--set {m}.coeff_lr_ratio=1.0")
         if m in ("share", "share-full") and cfg.get("k") is not None:
             parts.append(f"--k {cfg['k']} --p {cfg['p']}")
         for key in ("lr", "coeff_lr_ratio", "orthogonal"):
-            if cfg.get(key) is not None and not (key == "coeff_lr_ratio" and cfg[key] == 1.0) and not (key == "orthogonal" and cfg[key]):
+            default_ratio = 10.0 if lm else 1.0  # SHARE_DEFAULTS' coeff_lr_ratio per family
+            if cfg.get(key) is not None and not (key == "coeff_lr_ratio" and cfg[key] == default_ratio) and not (key == "orthogonal" and cfg[key]):
                 parts.append(f"--set {m}.{key}={cfg[key]}")
-        if isinstance(cfg.get("target_modules"), str):  # "all-linear" (a list is the family default's resolution)
+        if isinstance(cfg.get("target_modules"), str):  # "all-linear" (a list is the family default's resolution, but Share's on an LM)
             parts.append(f"--set {m}.target_modules={cfg['target_modules']}")
     if tc.get("align"):
         parts.append("--align" + (f" --align-rank {tc['align_rank']}" if tc.get("align_rank") else ""))
