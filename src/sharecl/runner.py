@@ -98,9 +98,10 @@ def run_method(method_name: str, stream: Stream, cfg: TrainConfig, out_dir: Path
     saves the ``T(T+1)/2 − T`` earlier task evaluations (``compare``'s learning-rate tuning, which
     reads only the final accuracy, uses it).
 
-    A storable method saves a checkpoint after every task but the last (:mod:`sharecl.resume`,
-    ``OUT/<method>/checkpoint``, removed at the end); with ``resume`` a run that was stopped
-    continues after the last task its checkpoint holds, else an old checkpoint is discarded.
+    A storable or resumable method (``ContinualMethod.resumable``: the LoRA baselines) saves a
+    checkpoint after every task but the last (:mod:`sharecl.resume`, ``OUT/<method>/checkpoint``,
+    removed at the end); with ``resume`` a run that was stopped continues after the last task its
+    checkpoint holds, else an old checkpoint is discarded.
 
     Under ``torchrun`` every rank trains and evaluates its shard (:mod:`sharecl.distributed`);
     only rank 0 logs and writes files. ``device`` and ``precision`` are
