@@ -132,7 +132,7 @@ def test_a_checkpoint_made_with_other_settings_is_refused_and_no_resume_discards
         _stop_before(mp, ["share"], "c")
         with pytest.raises(Stop):
             run_stream(stream, ["share"], fast_cfg, tmp_path, method_configs=share, **quiet)
-    with pytest.raises(ValueError, match=r"other settings \(train_config\).*--no-resume"):
+    with pytest.raises(ValueError, match=r"other settings: lr=0\.01 \(now 0\.03\).*--no-resume"):
         run_stream(stream, ["share"], TrainConfig(**{**vars(fast_cfg), "lr": 3e-2}), tmp_path, method_configs=share,
                    resume=True, **quiet)
     with pytest.raises(ValueError, match=r"share\.p"):

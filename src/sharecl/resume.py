@@ -43,11 +43,10 @@ def can_checkpoint(method) -> bool:
     return bool(method.storable or method.resumable) and not getattr(method, "joint", False) and dist.world_size() == 1
 
 
-def _identity(method_name: str, stream, cfg) -> dict:
-    """What a checkpoint must match to be resumed: the method, the stream's tasks and seed, the
-    training budget."""
-    return {"method": method_name, "stream": stream.name, "stream_seed": stream.seed,
-            "tasks": [t.name for t in stream], "train_config": json.loads(json.dumps(vars(cfg)))}
+def _identity(method_name: str, stream) -> dict:
+    """The run a checkpoint belongs to: the method, the stream's tasks and seed (the budget and
+    options are checked as ``compare`` checks a finished run's)."""
+    return {"method": method_name, "stream": stream.name, "stream_seed": stream.seed, "tasks": [t.name for t in stream]}
 
 
 def save_checkpoint(path: Path, method, method_name: str, stream, cfg, done: int, state: dict[str, Any]) -> None:
@@ -60,7 +59,8 @@ def save_checkpoint(path: Path, method, method_name: str, stream, cfg, done: int
     from sharecl.store import save_store
 
     rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")
-    run = {**_identity(method_name, stream, cfg), "done": done, "torch_rng": rng, **state}
+    run = {**_identity(method_name, stream), "train_config": json.loads(json.dumps(vars(cfg))), "done": done, "torch_rng": rng,
+           **state}
     if method.storable:
         save_store(method, path, extra={"run": run})
     else:
@@ -111,22 +111,22 @@ def load_checkpoint(path: Path, encoder, method_name: str, stream, cfg, method_c
             method option: pass another ``--out`` or ``--no-resume``.
         StoreError: a damaged store checkpoint (see :func:`sharecl.store.restore`).
     """
-    from sharecl.methods.registry import METHODS
+    from sharecl.compare import _check_same_settings
     from sharecl.store import read_manifest, restore
 
     if not (path / "manifest.json").exists():
         return None
-    plain = json.loads((path / "manifest.json").read_text()).get("format") == FORMAT
-    manifest = json.loads((path / "manifest.json").read_text()) if plain else read_manifest(path)
+    raw = json.loads((path / "manifest.json").read_text())
+    plain = raw.get("format") == FORMAT
+    manifest = raw if plain else read_manifest(path)  # a store's manifest is validated as a store
     run = manifest.get("run") or {}
-    want = _identity(method_name, stream, cfg)
-    diff = [k for k, v in want.items() if run.get(k) != v]
-    config = METHODS[method_name].default_config(**method_config)
-    done = manifest.get("config", {})
-    diff += [f"{method_name}.{k}" for k, v in config.items() if v is not None and k in done and done[k] != v]
+    diff = [k for k, v in _identity(method_name, stream).items() if run.get(k) != v]
     if diff:
         raise ValueError(f"the checkpoint {path} was made with other settings ({', '.join(diff)}); pass another --out, "
                          f"or --no-resume to start this method again")
+    # the budget and the method's options, checked as compare checks a finished run's (--align, changed defaults)
+    _check_same_settings(path, {"train_config": run.get("train_config", {}), "config": manifest.get("config", {}),
+                                "scenario": stream.scenario}, cfg, method_name, method_config)
     method = _load_state(path, manifest, encoder) if plain else restore(path, encoder, manifest)
     state = torch.frombuffer(bytearray(base64.b64decode(run["torch_rng"])), dtype=torch.uint8)
     torch.set_rng_state(state)
