@@ -55,6 +55,13 @@ def signed_pm(stat: dict | None) -> str:
     return pm(stat).replace("-", "−")
 
 
+def pm_seeds(stat: dict | None, n: int, signed: bool = False) -> str:
+    """:func:`pm` (or :func:`signed_pm`) for a row over ``n`` seeds, without the "± 0.00" of a
+    single seed (one run has no spread)."""
+    s = signed_pm(stat) if signed else pm(stat)
+    return s.partition(" ± ")[0] if n == 1 else s
+
+
 def num(x: float | int | None) -> str:
     return "—" if x is None else f"{x:,.0f}"
 
@@ -169,15 +176,16 @@ def compare_table(rows: list[tuple[str, str, str]], *, kind: str | None = None, 
         b = mean(r["bytes_per_task"])
         bytes_ = num(b) + (f" ({pct_of(b, ref)} of LoRA)" if ref and b and method != "lora-per-task" else "")
         seeds = ", ".join(map(str, r["seeds"]))
+        n = len(r["seeds"])
+        final, incr, forg = (pm_seeds(r[k], n) for k in ("final_average_accuracy", "average_incremental_accuracy", "forgetting"))
         if kind == "cil":
-            body.append([label, pm(r["final_average_accuracy"]), pm(r["average_incremental_accuracy"]), pm(r["forgetting"]),
-                         pm(r.get("til_final_average_accuracy")), bytes_, seeds])
+            body.append([label, final, incr, forg, pm_seeds(r.get("til_final_average_accuracy"), n), bytes_, seeds])
         elif kind == "lm":
-            body.append([label, pm(r["final_average_accuracy"]), pm(r["average_incremental_accuracy"]), pm(r["forgetting"]),
-                         signed_pm(r["bwt"]), pm(r.get("fwt")), bytes_, num(mean(r["bytes_shared"])), seeds])
+            body.append([label, final, incr, forg, pm_seeds(r["bwt"], n, signed=True), pm_seeds(r.get("fwt"), n), bytes_,
+                         num(mean(r["bytes_shared"])), seeds])
         else:
-            body.append([label, pm(r["final_average_accuracy"]), pm(r["average_incremental_accuracy"]), pm(r["forgetting"]),
-                         signed_pm(r["bwt"]), num(mean(r["trainable_params_last_task"])), bytes_, num(mean(r["bytes_shared"])), seeds])
+            body.append([label, final, incr, forg, pm_seeds(r["bwt"], n, signed=True), num(mean(r["trainable_params_last_task"])),
+                         bytes_, num(mean(r["bytes_shared"])), seeds])
     return md(header, body) + "\n\n" + compare_source(*(f for _, f, _ in rows))
 
 
