@@ -11,8 +11,8 @@ import json
 from results_tables import RESULTS, all_rows, compare_json, compare_table, label, load, machine, md, num, pct_of, run, table
 from sharecl.compare import at_grid_edge
 
-#: peers run on the test split after the tuned comparison, at the rate its validation trials chose
-#: (``--method-lr``: the trials live in compare-gen5-tuned/tune/)
+#: peers run on the test split after the tuned comparison, at the rate their validation trials chose
+#: (``--method-lr``: the trials live in compare-gen5-tuned/tune/ or, for peers tuned later, in this folder's tune/)
 LATER = "compare-gen5-tuned-peers"
 
 
@@ -27,7 +27,7 @@ def _gen5_tuned() -> str:
                                                             ["accuracy_matrix"][-1])] for lab, f, m in rows])
     grid = "; ".join(f"{label(m)} **{t['lr']:g}** (" + ", ".join(f"{k}: {100 * v:.1f}" for k, v in t["validation_final_accuracy"].items()) + ")"
                      for m, t in c.get("tuned_lr", {}).items())
-    trials = validation_trials("compare-gen5-tuned")
+    trials = validation_trials("compare-gen5-tuned", LATER)
     for m, lr in (compare_json(LATER).get("method_lr", {}) if later else {}).items():
         grid += (f"; {label(m)} **{lr:g}** (" + ", ".join(f"{r:g}: {100 * v:.1f}" for r, v in sorted(trials.get(m, {}).items()))
                  + ": run on the test split later, at this rate)")
@@ -39,10 +39,10 @@ def _gen5_tuned() -> str:
             + untested_trials("compare-gen5-tuned", tested))
 
 
-def validation_trials(folder: str) -> dict[str, dict[float, float]]:
-    """``{method: {lr: validation final score}}`` of the AdamW trials under ``folder/tune/``."""
+def validation_trials(*folders: str) -> dict[str, dict[float, float]]:
+    """``{method: {lr: validation final score}}`` of the AdamW trials under each ``folder/tune/``."""
     trials: dict[str, dict[float, float]] = {}
-    for f in sorted((RESULTS / folder / "tune").glob("lr-*/*/results.json")):
+    for f in sorted(f for folder in folders for f in (RESULTS / folder / "tune").glob("lr-*/*/results.json")):
         method, lr = f.parent.name, f.parent.parent.name.removeprefix("lr-")
         if "-" not in lr:  # an SGD trial's folder is lr-X-sgd
             trials.setdefault(method, {})[float(lr)] = json.loads(f.read_text())["final_average_accuracy"]
