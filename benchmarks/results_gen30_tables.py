@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 
-from results_tables import all_rows, compare_json, compare_table, md, run, table
+from results_tables import all_rows, compare_json, compare_table, label, md, run, table
 
 FOLDER = "compare-gen30"
 MERGE_ROWS = 9  # merges shown in the merge table (evenly spaced, the last included)
@@ -34,7 +34,24 @@ def _present() -> list[str]:
 def _gen30() -> str:
     """Every method run on gen30 (one seed): final score, forgetting, BWT and bytes."""
     rows = all_rows(FOLDER)
-    return compare_table(rows, lora_ref=(FOLDER, "lora-per-task"), seed=_seed()) + " " + _rates()
+    return compare_table(rows, lora_ref=(FOLDER, "lora-per-task"), seed=_seed()) + " " + _rates() + _learnable()
+
+
+def _learnable() -> str:
+    """Each method's final mean over only the tasks its own LoRA learns (LoRA per task above
+    zero-shot after the last task): tasks no method learns pull every final score toward zero-shot
+    and shrink the gaps between methods."""
+    present = _present()
+    if not {"zero-shot", "lora-per-task"} <= set(present):
+        return ""
+    seed = _seed()
+    last = {m: run(FOLDER, seed, m)["accuracy_matrix"][-1] for m in present}
+    names = run(FOLDER, seed, "lora-per-task")["tasks"]
+    keep = [i for i, (lo, z) in enumerate(zip(last["lora-per-task"], last["zero-shot"])) if lo > z]
+    dropped = [names[i] for i in range(len(names)) if i not in keep]
+    means = ", ".join(f"{label(m)} {100 * statistics.mean(last[m][i] for i in keep):.2f}" for m in present)
+    return (f"\n\nOn the {len(keep)} tasks a LoRA per task learns (scores above zero-shot after the last task; without "
+            f"{', '.join(dropped)}), final mean %: {means}.")
 
 
 @table("gen30-per-task")
