@@ -11,7 +11,9 @@ each task's score, adapter bytes per task, trainable numbers and training second
     python benchmarks/bench_share_lm.py --table                        # print and write the table from what has run
     python benchmarks/bench_share_lm.py --queue queue.txt              # run trials named in a file, one per line, as
                                                                        # they are added; several processes share it; a line
-                                                                       # "name {"options": {...}, "train": {...}}" defines one
+                                                                       # "name {"options": {...}, "train": {...}}" defines one;
+                                                                       # a trial stopped with its process resumes after its
+                                                                       # last finished task
 
 Runs live under ``runs/share-lm-ablation/<trial>/`` (``--runs``); the table and every trial's row
 go to ``results/share_lm_ablation.json``. Trials are independent: split them over processes with
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -57,13 +60,31 @@ TRIALS: dict[str, tuple[str, dict, dict]] = {
 
 
 def claim(runs: Path, name: str) -> bool:
-    """Atomically claim a trial for this process (a ``.claimed`` directory); False when another has it."""
+    """Atomically claim a trial for this process (a ``.claimed`` directory holding a file named by
+    its pid); False when a live process has it. A claim whose process is gone (a stopped session)
+    is taken over: the trial resumes from its per-task checkpoint."""
+    d = runs / name / ".claimed"
+    (runs / name).mkdir(parents=True, exist_ok=True)
     try:
-        (runs / name).mkdir(parents=True, exist_ok=True)
-        (runs / name / ".claimed").mkdir()
-        return True
+        d.mkdir()
     except FileExistsError:
+        owners = [int(f.name) for f in d.iterdir() if f.name.isdigit()]
+        if any(_alive(pid) for pid in owners):
+            return False
+        for f in d.iterdir():
+            f.unlink()
+    (d / str(os.getpid())).touch()
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return True
+    return True
 
 
 def run_queue(queue: Path, runs: Path, threads: int, precision: str) -> None:
@@ -77,15 +98,16 @@ def run_queue(queue: Path, runs: Path, threads: int, precision: str) -> None:
                 d = json.loads(spec)
                 TRIALS[name] = (d.get("method", "share"), d.get("options", {}), d.get("train", {}))
             names.append(name)
-        todo = [n for n in names if n and not (runs / n / TRIALS.get(n, ("?",))[0] / "results.json").exists()
-                and not (runs / n / ".claimed").exists()]
+        todo = [n for n in names if n and not (runs / n / TRIALS.get(n, ("?",))[0] / "results.json").exists()]
         unknown = [n for n in todo if n not in TRIALS]
         if unknown:
             raise SystemExit(f"unknown trial(s) {unknown} in {queue}; --list shows them")
         if not todo:
             return
-        if claim(runs, todo[0]):
-            run_trial(todo[0], runs, threads, precision)
+        mine = next((n for n in todo if claim(runs, n)), None)
+        if mine is None:  # every trial left is another live process's
+            return
+        run_trial(mine, runs, threads, precision)
 
 
 def run_trial(name: str, runs: Path, threads: int, precision: str) -> dict:
@@ -108,7 +130,7 @@ def run_trial(name: str, runs: Path, threads: int, precision: str) -> dict:
         stream = validation_stream(get_stream("gen5", seed=0))
         t0 = time.perf_counter()
         run_stream(stream, [method], cfg, out, method_configs={method: config}, progress=False, precision=precision,
-                   evaluate="last", log=lambda *a, **k: print(f"[{name}]", *a, flush=True))
+                   evaluate="last", resume=True, log=lambda *a, **k: print(f"[{name}]", *a, flush=True))
         print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
     return row(name, json.loads(f.read_text()))
 
