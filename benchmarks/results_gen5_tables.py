@@ -100,6 +100,8 @@ def _gen5_untuned() -> str:
 # --------------------------------------------------------------------- Share on a causal LM
 #: what each ablation trial changes, in words (trials not listed show their option values)
 TRIAL_WORDS = {"base": "today's setting before issue 30 (k 10, p 2, φ 2, lr 1e-3, q/v)", "lora-per-task": "LoRA per task (the target)"}
+#: trials named ``al-…`` start from the causal-LM default chosen by the first round (``r10-all-linear``)
+DEFAULT_LM = {"coeff_lr_ratio": 10.0, "target_modules": "all-linear"}
 
 
 def _changes(row: dict, base: dict, budget: dict) -> str:
@@ -127,8 +129,11 @@ def _gen5_ablation() -> str:
     tasks = list(rows[0]["per_task"])
     body = []
     for r in rows:
-        what = TRIAL_WORDS.get(r["trial"]) or ((label(r["method"]) + ": " if r["method"] != "share" else "")
-                                              + _changes(r, d["base"], d["budget"]))
+        if r["trial"].startswith("al-"):  # one change from the causal-LM default
+            what = "the default (all linear layers, k 10, p 2, 10×): " + _changes(r, {**d["base"], **DEFAULT_LM}, d["budget"])
+        else:
+            what = TRIAL_WORDS.get(r["trial"]) or ((label(r["method"]) + ": " if r["method"] != "share" else "")
+                                                  + _changes(r, d["base"], d["budget"]))
         body.append([r["trial"], what, f"{100 * r['validation_score']:.2f}", *(f"{100 * v:.1f}" for v in r["per_task"].values()),
                      num(r["bytes_per_task"]), pct_of(r["bytes_per_task"], ref) if ref else "—", f"{r['train_seconds']:.0f}"])
     header = ["trial", "change from today's setting", "validation score %", *tasks, "bytes / task", "of LoRA's", "train s"]
