@@ -71,6 +71,8 @@ def _gen5_all_linear() -> str:
     folder = "compare-gen5-all-linear"
     rows = [("Share, all linear layers (k 10, p 2)", folder, "share"), ("Share, q_proj/v_proj (k 10, p 4)", "compare-gen5-tuned", "share"),
             ("LoRA per task, q_proj/v_proj", "compare-gen5-tuned", "lora-per-task")]
+    if (RESULTS / LATER / "compare.json").exists():  # the continual peers run on these splits, at their own tuned rates
+        rows += [(f"{lab}, q_proj/v_proj", f, m) for lab, f, m in all_rows(LATER) if len(compare_json(f)["methods"][m]["seeds"]) > 1]
     tasks = [t["name"] for t in json.loads((RESULTS / folder / f"seed-{compare_json(folder)['methods']['share']['seeds'][0]}"
                                             / "manifest.json").read_text())["tasks"]]
     per_task = md(["method (mean over seeds)", *tasks], [[lab, *(f"{100 * v:.1f}" for v in last_row_means(f, m))] for lab, f, m in rows])
